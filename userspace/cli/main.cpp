@@ -1,0 +1,56 @@
+// hotfix-ctl: fix a bug in a running native process, and prove the fix takes the traffic.
+#include <fmt/core.h>
+
+#include <cstring>
+#include <functional>
+#include <map>
+
+#include "cli/cli.hpp"
+
+namespace {
+
+struct Verb {
+  int (*run)(const hotfix::cli::Args&);
+  const char* summary;
+};
+
+const std::map<std::string, Verb>& verbs() {
+  using namespace hotfix::cli;
+  static const std::map<std::string, Verb> table = {
+      {"symbols", {verb_symbols, "list the functions of a running process that match patterns"}},
+      {"watch", {verb_watch, "count calls, in-flight threads and latency of functions, live (uprobes)"}},
+      {"patch", {verb_patch, "inject fix.so into a running process and jump the old functions to the new ones"}},
+      {"list", {verb_list, "show the patches applied to a process"}},
+      {"revert", {verb_revert, "restore the original code of one patch or of all"}},
+      {"stats", {verb_stats, "hits on patched code, new versus old, from BPF maps"}},
+      {"gc", {verb_gc, "remove pinned maps and files left by processes that are gone"}},
+  };
+  return table;
+}
+
+void print_usage(FILE* out) {
+  fmt::print(out, "usage: hotfix-ctl VERB [options]   (hotfix-ctl VERB --help for a verb's options)\n\nverbs:\n");
+  for (auto& [name, v] : verbs()) fmt::print(out, "  {:<8} {}\n", name, v.summary);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_usage(stderr);
+    return 2;
+  }
+  std::string verb = argv[1];
+  if (verb == "--help" || verb == "-h" || verb == "help") {
+    print_usage(stdout);
+    return 0;
+  }
+  auto it = verbs().find(verb);
+  if (it == verbs().end()) {
+    std::string names;
+    for (auto& [name, v] : verbs()) names += (names.empty() ? "" : ", ") + name;
+    fmt::print(stderr, "hotfix-ctl: unknown verb '{}'; the verbs are: {}\n", verb, names);
+    return 2;
+  }
+  return it->second.run(hotfix::cli::Args(argv + 2, argv + argc));
+}
