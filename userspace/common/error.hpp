@@ -33,11 +33,19 @@ std::string errno_text(int err);
 
 }  // namespace hotfix
 
-// Propagate an error from an expression returning Result<...>:
-//   auto v = TRY(load(x));
+// Propagate an error from an expression returning Result<T> and yield its value:
+//   auto v = HOTFIX_TRY(load(x));
 #define HOTFIX_TRY(expr)                                        \
   ({                                                            \
     auto _r = (expr);                                           \
     if (!_r) return std::unexpected(std::move(_r.error()));     \
     std::move(*_r);                                             \
   })
+
+// Propagate an error from an expression returning Result<void> (a statement):
+//   HOTFIX_CHECK(write(x));
+#define HOTFIX_CHECK(expr)                                      \
+  do {                                                          \
+    auto _r = (expr);                                           \
+    if (!_r) return std::unexpected(std::move(_r.error()));     \
+  } while (0)

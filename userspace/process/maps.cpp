@@ -46,7 +46,7 @@ std::string process__comm(pid_t pid) {
 }
 
 Result<std::vector<Mapping>> process__read_maps(pid_t pid) {
-  HOTFIX_TRY(process__check_alive(pid));
+  HOTFIX_CHECK(process__check_alive(pid));
   FILE* f = std::fopen(proc_path(pid, "maps").c_str(), "re");
   if (!f) {
     auto r = pid_error(pid, errno);
