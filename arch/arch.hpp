@@ -32,16 +32,36 @@ void regs__set_pc(RegsBuffer& r, uint64_t pc);
 
 // Was the thread stopped inside an interrupted system call that the kernel would restart?
 bool regs__in_restartable_syscall(const RegsBuffer& r);
+// Do by hand what the kernel does to restart the interrupted system call in `r`: put the pc
+// back on the syscall instruction and reload the syscall number, and disarm the kernel's own
+// restart logic. Only for a thread that resumes from a stop where the kernel would not restart
+// (a syscall-exit stop). At a signal, group or event stop -- where PTRACE_SEIZE/INTERRUPT and
+// the trap after a remote call leave the thread -- writing back the saved registers is enough:
+// the kernel restarts the call itself. No-op unless regs__in_restartable_syscall(r).
+void regs__restart_syscall(RegsBuffer& r);
+
+// ---- FP/vector register state (x86_64: the whole XSAVE area) ----
+// A remote function call (dlopen, a fix's constructor) may clobber FP/SIMD registers the
+// interrupted thread was using; save them before and restore them after, with the general
+// registers. The bytes are the kernel's regset layout; treat them as opaque.
+struct ExtendedRegs {
+  std::vector<uint8_t> bytes;
+};
+Result<ExtendedRegs> regs__read_extended(pid_t tid);                // PTRACE_GETREGSET
+Result<void> regs__write_extended(pid_t tid, const ExtendedRegs& in);  // PTRACE_SETREGSET
 
 // ---- remote system calls and function calls (register conventions) ----
 // Set up `r` to execute system call `nr` with `args` at `gadget` (the address of a
 // syscall instruction in the target). Also disarms syscall restart for the injected regs.
+// At most max_syscall_args() args (more is a programming error: the process aborts).
+size_t max_syscall_args();  // 6
 void regs__prepare_syscall(RegsBuffer& r, uint64_t gadget, long nr, std::span<const uint64_t> args);
 long regs__syscall_result(const RegsBuffer& r);  // negative errno on failure
 
 // Set up `r` to call `fn(args...)` and return to `return_trap` (an address holding a trap
 // instruction). Keeps the red zone intact and the stack ABI-aligned. Returns the new stack
-// pointer and the bytes the caller must write at it (the return address).
+// pointer and the bytes the caller must write at it (the return address, then any arguments
+// that do not fit in registers -- integer/pointer arguments only). Disarms syscall restart.
 struct CallFrame {
   uint64_t sp = 0;
   std::vector<uint8_t> stack_bytes;
@@ -57,7 +77,7 @@ uint64_t pc_after_trap(uint64_t trap_addr);
 // ---- jumps written over a function entry ----
 size_t entry_jump_size();                                // x86_64: 5 (jmp rel32)
 size_t island_jump_size();                               // x86_64: 14 (jmp [rip+0]; .quad to)
-int64_t near_jump_reach();                               // x86_64: ±2 GiB
+int64_t near_jump_reach();                               // x86_64: 2^31-1 (largest |displacement| both ways)
 std::optional<std::vector<uint8_t>> encode_entry_jump(uint64_t from, uint64_t to);  // nullopt if out of reach
 std::vector<uint8_t> encode_island_jump(uint64_t island, uint64_t to);
 
@@ -67,9 +87,15 @@ struct EntryCheck {
   std::string reason;      // why not, one line
   std::string disasm;      // the instructions the jump covers, "push rbp; mov rbp, rsp"
   size_t covered = 0;      // bytes of whole instructions covered by the jump
+  // Informational, does not block a patch (we never execute the old bytes elsewhere):
+  bool rip_relative = false;      // a covered instruction addresses memory relative to the pc
+  bool indirect_branches = false; // the function has branches whose targets cannot be checked
+  std::string note;               // one line about the above, empty if nothing to say
 };
 // `code` is the whole function (its bytes at `address`). Refuses a function shorter than the
-// jump, and one with a branch into the overwritten bytes other than to the entry itself.
+// jump, undecodable or truncated instructions under the jump, and a direct branch anywhere in
+// `code` into the overwritten bytes other than to the entry itself. Cannot see: indirect
+// branches (jump tables) and branches from outside `code` (e.g. a compiler's .cold part).
 EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address);
 
 // Disassemble `code` at `address` into one line per instruction (for plans and diagnostics).
@@ -80,5 +106,21 @@ std::string disassemble(std::span<const uint8_t> code, uint64_t address, size_t 
 // Returns the registers in DWARF order starting at DWARF register 0.
 std::vector<uint64_t> regs__dwarf(const RegsBuffer& r);
 uint64_t regs__dwarf_pc_register();  // unused by libdw when set with dwfl_thread_state_register_pc
+
+// ---- stack layout (the consistency scan; arch/<arch>/stack.cpp) ----
+// Does every call leave its return address in memory on the stack (x86_64: yes, `call` pushes
+// it)? Where not (a link register), a stack scan cannot prove a thread clear of a function.
+bool return_addresses_on_stack();
+size_t stack_slot_size();         // size and alignment of a saved return address; x86_64: 8
+unsigned dwarf_sp_register();     // DWARF number of the stack pointer; x86_64: 7 (rsp)
+
+// ---- dynamic relocations (the binder patches a fix library's GOT / data words) ----
+// What a dynamic relocation type asks the loader to store at r_offset, for the ones the
+// binder knows how to redo by hand: `got` = the symbol's address S (GOT and PLT slots),
+// `absolute64` = S + r_addend as 8 bytes. Anything else (TLS, PC-relative, copy) is
+// `unsupported`.
+enum class RelocKind { got, absolute64, unsupported };
+RelocKind reloc_kind(uint32_t type);
+std::string reloc_name(uint32_t type);  // "R_X86_64_GLOB_DAT", or "relocation type N"
 
 }  // namespace hotfix::arch

@@ -3,6 +3,7 @@
 // and an optional --object filter.
 #pragma once
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/error.hpp"
@@ -10,15 +11,39 @@
 
 namespace hotfix {
 
+// How a pattern compares (see symbols__select):
+//  - exact: the mangled name, or the base name (demangled, without return type, parameter
+//    list and cv/ref qualifiers: "Order::total() const" -> "Order::total"), so it matches
+//    every overload; with a parameter list ("Order::add(int)") only that signature
+//    (spaces are not significant; trailing qualifiers may be left out).
+//  - glob (`*`, `?`): against the base name; also against the signature when the glob has a
+//    '(' and against the mangled name when it starts with "_Z" (parameter types inside
+//    those would otherwise make `*parse*` select every function taking a Parser).
+//  Aliases (other names at the function's address) count too.
+//  Clones keep their suffix in the base name ("f [clone .cold]"): `f` never selects them.
 struct Pattern {
   std::string text;
   static Pattern parse(std::string text) { return Pattern{std::move(text)}; }
+  bool is_glob() const;
   bool matches(const Function& f) const;
 };
 
 struct SelectOptions {
-  std::string object;        // basename or path; empty = every object
+  // Basename ("libfoo.so.1"), basename up to a '.' ("libfoo.so", "libfoo" match
+  // "libfoo.so.1"), or full path; empty = every object.
+  std::string object;
 };
+
+// A demangled name split the way patterns see it.
+struct NameParts {
+  std::string base;       // "max_of<int>" for "int max_of<int>(int, int)"
+  std::string signature;  // "max_of<int>(int, int)": the name without the return type
+};
+NameParts symbols__split_name(std::string_view demangled);
+inline std::string symbols__base_name(std::string_view demangled) { return symbols__split_name(demangled).base; }
+
+// Does the object at `path` answer to `wanted` (see SelectOptions::object)?
+bool symbols__object_matches(const std::string& path, const std::string& wanted);
 
 // The functions matching any of `patterns` (in address order, each once).
 // A pattern that matches nothing is an error whose hint suggests the nearest names.

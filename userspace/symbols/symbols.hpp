@@ -15,16 +15,20 @@ namespace hotfix {
 
 enum class Binding { global, weak, local };
 const char* binding__name(Binding b);
+// The demangled form of a C++ symbol ("_ZN7pricing8discountEd" -> "pricing::discount(double)");
+// other names unchanged.
+std::string symbols__demangle(const std::string& symbol);
 
 struct Function {
   std::string name;                  // demangled (C++), or the plain C name
   std::string mangled;               // the symbol as in the ELF file (== name for C)
-  std::vector<std::string> aliases;  // other symbol names at the same address
+  std::vector<std::string> aliases;  // other symbol names at the same address, as in the ELF file (mangled)
   std::string object;                // path of the ELF object (as mapped)
-  uint64_t address = 0;              // runtime address in the target (0 for a file not loaded)
+  uint64_t address = 0;              // runtime address in the target (st_value for a file not loaded)
   uint64_t offset = 0;               // file offset of the entry: what uprobes need
-  uint64_t size = 0;
+  uint64_t size = 0;                 // 0 only for asm symbols without .size (kept when nothing else is there)
   Binding binding = Binding::global;
+  bool exported = false;             // defined in .dynsym: the dynamic linker can bind to it
 };
 
 struct ObjectInfo {
@@ -35,21 +39,42 @@ struct ObjectInfo {
   size_t function_count = 0;
 };
 
+struct SymbolOptions {
+  // Where separate debug files live (DIR/.build-id/xx/yyyy.debug, DIR/<dir of object>/<debuglink>).
+  // Empty: $HOTFIX_DEBUG_ROOT if set, else /usr/lib/debug.
+  std::string debug_root;
+};
+
 class SymbolTable {
  public:
-  // Every mapped ELF object of `pid`: the executable and its shared libraries.
-  static Result<SymbolTable> for_pid(pid_t pid);
+  // Every mapped ELF object of `pid`: the executable and its shared libraries ([vdso] and
+  // non-ELF or never-executable mappings are skipped). A library loaded twice (dlmopen)
+  // appears once per load.
+  static Result<SymbolTable> for_pid(pid_t pid, const SymbolOptions& opts = {});
   // One ELF file on disk, not loaded anywhere (addresses are st_value, load_bias 0).
-  static Result<SymbolTable> for_file(const std::string& path);
+  static Result<SymbolTable> for_file(const std::string& path, const SymbolOptions& opts = {});
+
+  // A table of given records (sorted here; one ObjectInfo per distinct object): for tests
+  // and for callers that already hold Function records.
+  static SymbolTable from_records(std::vector<Function> functions, std::vector<Function> variables = {});
+
+  pid_t pid() const { return pid_; }  // 0 for for_file and from_records
+  // "pid 1234" or "file /path": where the symbols came from, for messages.
+  std::string where() const;
 
   const std::vector<Function>& functions() const { return functions_; }
+  // Data symbols (STT_OBJECT), same fields; a fix library binds to these (file statics too).
+  const std::vector<Function>& variables() const { return variables_; }
   const std::vector<ObjectInfo>& objects() const { return objects_; }
   // The function containing `addr` (runtime address), or nullptr.
   const Function* function_at(uint64_t addr) const;
 
  private:
   std::vector<Function> functions_;  // sorted by address
+  std::vector<Function> variables_;  // sorted by address
   std::vector<ObjectInfo> objects_;
+  pid_t pid_ = 0;
+  std::string file_;
   friend struct SymbolTableBuilder;
 };
 

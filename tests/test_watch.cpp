@@ -1,0 +1,308 @@
+// hotfix-ctl watch and the uprobe attach layer, against the real `calls` fixture, real BPF.
+#include <bpf/bpf.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include <catch2/catch.hpp>
+#include <map>
+#include <set>
+
+#include "observe/watch.hpp"
+#include "support/harness.hpp"
+#include "symbols/pattern.hpp"
+
+using namespace hotfix;
+using namespace hotfix::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Row {
+  long calls = -1, total = -1;
+  std::string inflight;  // a number, or "null" without return probes
+};
+
+// The value after "key": in a flat JSON object text, up to the next ',' or '}'.
+std::string field(const std::string& obj, const std::string& key) {
+  auto at = obj.find("\"" + key + "\":");
+  if (at == std::string::npos) return {};
+  at += key.size() + 3;
+  auto end = obj.find_first_of(",}", at);
+  std::string v = obj.substr(at, end - at);
+  if (v.size() >= 2 && v.front() == '"') v = v.substr(1, v.size() - 2);
+  return v;
+}
+
+// Rows of one JSON report line, by mangled name.
+std::map<std::string, Row> rows_of(const std::string& line) {
+  std::map<std::string, Row> rows;
+  for (size_t at = line.find("{\"name\""); at != std::string::npos; at = line.find("{\"name\"", at + 1)) {
+    std::string obj = line.substr(at, line.find('}', at) - at + 1);
+    rows[field(obj, "mangled")] = Row{std::stol(field(obj, "calls")), std::stol(field(obj, "total")), field(obj, "inflight")};
+  }
+  return rows;
+}
+
+std::string final_line(const std::string& out) {
+  std::string last;
+  size_t start = 0;
+  for (size_t nl; (nl = out.find('\n', start)) != std::string::npos; start = nl + 1) {
+    std::string line = out.substr(start, nl - start);
+    if (line.find("\"final\":true") != std::string::npos) last = line;
+  }
+  return last;
+}
+
+// The fixture, started and answering.
+struct Calls {
+  Child child{{fixture("calls")}};
+  pid_t pid() { return child.pid(); }
+  Calls() { REQUIRE(child.request("ready").rfind("ok", 0) == 0); }
+  void call(const std::string& name, long n) { REQUIRE(child.request(fmt::format("call {} {}", name, n)).rfind("ok", 0) == 0); }
+};
+
+// hotfix-ctl watch as a child; constructed once it has said "watching ...".
+struct WatchCtl {
+  Child child;
+  std::string banner;
+  WatchCtl(pid_t pid, std::vector<std::string> extra)
+      : child([&] {
+          std::vector<std::string> argv{ctl(), "watch", "--pid", std::to_string(pid), "--json", "--interval", "0.2"};
+          argv.insert(argv.end(), extra.begin(), extra.end());
+          return argv;
+        }()) {
+    auto line = child.read_stderr_line(30s);
+    REQUIRE(line);
+    banner = *line;
+    INFO(banner << child.drain_stderr());
+    REQUIRE(banner.find("watching") != std::string::npos);
+  }
+  // Stop with SIGINT; returns the rows of the final report.
+  std::map<std::string, Row> stop() {
+    child.signal(SIGINT);
+    std::string out;
+    for (int i = 0; i < 200 && child.running(); ++i) out += child.drain_stdout();
+    auto code = child.wait(20s);
+    out += child.drain_stdout();
+    REQUIRE(code == 0);
+    auto last = final_line(out);
+    INFO(out);
+    REQUIRE(!last.empty());
+    return rows_of(last);
+  }
+};
+
+// Links of our own watch programs that exist now.
+std::set<uint32_t> watch_links() {
+  std::set<uint32_t> ours;
+  for (uint32_t id : bpf__link_ids()) {
+    int fd = bpf_link_get_fd_by_id(id);
+    if (fd < 0) continue;
+    bpf_link_info link{};
+    uint32_t len = sizeof link;
+    if (bpf_obj_get_info_by_fd(fd, &link, &len) == 0) {
+      int prog = bpf_prog_get_fd_by_id(link.prog_id);
+      bpf_prog_info info{};
+      uint32_t plen = sizeof info;
+      if (prog >= 0 && bpf_obj_get_info_by_fd(prog, &info, &plen) == 0 && std::string(info.name).rfind("watch_", 0) == 0)
+        ours.insert(id);
+      if (prog >= 0) ::close(prog);
+    }
+    ::close(fd);
+  }
+  return ours;
+}
+
+}  // namespace
+
+TEST_CASE("watch counts exactly N calls of every kind of function") {
+  require_root();
+  Calls calls;
+  calls.call("c_add", 0);
+  REQUIRE(calls.child.request("load") == "ok");
+  WatchCtl watch(calls.pid(), {"c_add", "static_helper", "pricing::discount", "Order::add", "Order::total",
+                               "scale(int)", "scale(double)", "max_of<int>", "callee_work"});
+  CHECK(watch.banner.find("9 functions") != std::string::npos);
+  CHECK(watch.banner.find("uprobe_multi") != std::string::npos);
+  // Distinct counts, so a probe attached to the wrong function shows.
+  const std::vector<std::pair<std::string, std::pair<std::string, long>>> expected = {
+      {"c_add", {"c_add", 1001}},
+      {"static_helper", {"_ZL13static_helperi", 7}},
+      {"pricing::discount", {"_ZN7pricing8discountEdi", 13}},
+      {"Order::add", {"_ZN5Order3addEi", 21}},
+      {"Order::total", {"_ZNK5Order5totalEv", 4}},
+      {"scale(int)", {"_Z5scalei", 33}},
+      {"scale(double)", {"_Z5scaled", 55}},
+      {"max_of<int>", {"_Z6max_ofIiET_S0_S0_", 89}},
+      {"callee_work", {"callee_work", 144}},
+  };
+  for (auto& [name, want] : expected) calls.call(name, want.second);
+  auto rows = watch.stop();
+  for (auto& [name, want] : expected) {
+    INFO(name);
+    REQUIRE(rows.count(want.first));
+    CHECK(rows[want.first].calls == want.second);
+    CHECK(rows[want.first].total == want.second);
+    CHECK(rows[want.first].inflight == "0");
+  }
+}
+
+TEST_CASE("watch shows K threads in flight inside a function, then none") {
+  require_root();
+  Calls calls;
+  WatchCtl watch(calls.pid(), {"slow_request"});
+  REQUIRE(calls.child.request("block slow_request 3") == "ok");
+  // Every report taken after the 3 entries must say 3 in flight: none can return yet.
+  std::optional<Row> seen;
+  for (int i = 0; i < 100 && !seen; ++i) {
+    auto line = watch.child.read_line(10s);
+    REQUIRE(line);
+    auto rows = rows_of(*line);
+    if (rows["slow_request"].total == 3) seen = rows["slow_request"];
+  }
+  REQUIRE(seen);
+  CHECK(seen->inflight == "3");
+  REQUIRE(calls.child.request("release slow_request") == "ok");
+  auto rows = watch.stop();
+  CHECK(rows["slow_request"].total == 3);
+  CHECK(rows["slow_request"].inflight == "0");
+}
+
+TEST_CASE("watch --no-inflight counts entries only") {
+  require_root();
+  Calls calls;
+  WatchCtl watch(calls.pid(), {"c_add", "--no-inflight"});
+  calls.call("c_add", 250);
+  auto rows = watch.stop();
+  CHECK(rows["c_add"].total == 250);
+  CHECK(rows["c_add"].inflight == "null");
+}
+
+TEST_CASE("the perf-uprobe fallback counts exactly too") {
+  require_root();
+  Calls calls;
+  REQUIRE(calls.child.request("load") == "ok");
+  ::setenv("HOTFIX_FORCE_PERF_UPROBES", "1", 1);
+  WatchCtl watch(calls.pid(), {"c_add", "scale(double)", "callee_work"});
+  ::unsetenv("HOTFIX_FORCE_PERF_UPROBES");
+  CHECK(watch.banner.find("via perf uprobes") != std::string::npos);
+  calls.call("c_add", 300);
+  calls.call("scale(double)", 17);
+  calls.call("callee_work", 9);
+  calls.call("scale(int)", 5);  // not watched
+  auto rows = watch.stop();
+  CHECK(rows["c_add"].total == 300);
+  CHECK(rows["_Z5scaled"].total == 17);
+  CHECK(rows["callee_work"].total == 9);
+  CHECK(rows.count("_Z5scalei") == 0);
+}
+
+TEST_CASE("watch ends with a final report when the target exits") {
+  require_root();
+  Calls calls;
+  WatchCtl watch(calls.pid(), {"c_add"});
+  calls.call("c_add", 42);
+  REQUIRE(calls.child.request("quit") == "ok");
+  REQUIRE(calls.child.wait(10s));
+  std::string out;
+  for (int i = 0; i < 200 && watch.child.running(); ++i) out += watch.child.drain_stdout();
+  REQUIRE(watch.child.wait(20s) == 0);
+  out += watch.child.drain_stdout();
+  CHECK(watch.child.drain_stderr().find(fmt::format("pid {} exited", calls.pid())) != std::string::npos);
+  auto last = final_line(out);
+  REQUIRE(!last.empty());
+  CHECK(rows_of(last)["c_add"].total == 42);
+}
+
+TEST_CASE("watch errors: one line, exit 1; usage errors exit 2") {
+  require_root();
+  auto one_line = [](const std::string& s) { return !s.empty() && s.find('\n') == s.size() - 1; };
+  SECTION("no such pid") {
+    auto r = run({ctl(), "watch", "--pid", "999999999", "c_add"});
+    CHECK(r.exit_code == 1);
+    CHECK(one_line(r.err));
+    CHECK(r.err.find("no process with pid 999999999") != std::string::npos);
+  }
+  SECTION("no match, with did-you-mean") {
+    Calls calls;
+    auto r = run({ctl(), "watch", "--pid", std::to_string(calls.pid()), "c_ad"});
+    CHECK(r.exit_code == 1);
+    CHECK(one_line(r.err));
+    CHECK(r.err.find("c_add") != std::string::npos);
+  }
+  SECTION("usage") {
+    CHECK(run({ctl(), "watch", "--pid", "1"}).exit_code == 2);
+    CHECK(run({ctl(), "watch", "c_add"}).exit_code == 2);
+    CHECK(run({ctl(), "watch", "--pid", "1", "c_add", "--interval", "0"}).exit_code == 2);
+    CHECK(run({ctl(), "watch", "--pid", "1", "c_add", "--interval", "soon"}).exit_code == 2);
+    CHECK(run({ctl(), "watch", "--pid", "1", "c_add", "--duration", "-1"}).exit_code == 2);
+  }
+}
+
+TEST_CASE("no watch link outlives watch, even a SIGKILLed one") {
+  require_root();
+  Calls calls;
+  auto before = watch_links();
+  for (int sig : {SIGINT, SIGKILL}) {
+    INFO("signal " << sig);
+    {
+      WatchCtl watch(calls.pid(), {"c_add", "scale(int)"});
+      auto during = watch_links();
+      CHECK(during.size() >= before.size() + 2);  // entry + return link of one object
+      watch.child.signal(sig);
+      REQUIRE(watch.child.wait(20s));
+    }
+    auto after = watch_links();
+    for (uint32_t id : after) CHECK(before.count(id) == 1);
+  }
+}
+
+TEST_CASE("attach layer: 1000 functions, one link per object and direction, exact counts") {
+  require_root();
+  Child many({fixture("calls_many")});
+  REQUIRE(many.request("ready").rfind("ok", 0) == 0);
+  auto table = SymbolTable::for_pid(many.pid());
+  REQUIRE(table);
+  auto fns = symbols__select(*table, {"many_*"});
+  REQUIRE(fns);
+  REQUIRE(fns->size() == 1000);
+  for (auto mechanism : {ProbeMechanism::uprobe_multi, ProbeMechanism::perf}) {
+    INFO(probe_mechanism__name(mechanism));
+    // Perf uprobes take ~0.1 s each to detach: exercise them on a few functions only.
+    std::vector<Function> subset(fns->begin(), fns->begin() + (mechanism == ProbeMechanism::perf ? 3 : 1000));
+    if (mechanism == ProbeMechanism::perf) subset.push_back(fns->back());
+    auto watch = Watch::attach(many.pid(), subset, WatchOptions{.returns = true, .mechanism = mechanism});
+    REQUIRE(watch);
+    CHECK(watch->mechanism() == mechanism);
+    CHECK(watch->link_count() == (mechanism == ProbeMechanism::uprobe_multi ? 2 : 2 * subset.size()));
+    REQUIRE(many.request("call").rfind("ok", 0) == 0);  // many_0(1); many_999(2)
+    auto counts = watch->read();
+    REQUIRE(counts);
+    long total = 0;
+    for (size_t i = 0; i < subset.size(); ++i) {
+      long want = (subset[i].name == "many_0" || subset[i].name == "many_999") ? 1 : 0;
+      INFO(subset[i].name);
+      CHECK((*counts)[i].calls == static_cast<uint64_t>(want));
+      CHECK((*counts)[i].inflight() == 0);
+      total += static_cast<long>((*counts)[i].calls);
+    }
+    CHECK(total == 2);
+  }
+}
+
+TEST_CASE("attach layer: a dead pid is refused with a clear error") {
+  require_root();
+  pid_t dead;
+  {
+    Calls calls;
+    dead = calls.pid();
+  }
+  Function f;
+  f.name = "c_add";
+  f.object = fixture("calls");
+  f.offset = 0x1000;
+  auto watch = Watch::attach(dead, {f});
+  REQUIRE(!watch);
+  CHECK(watch.error().exit_code == 1);
+  CHECK(watch.error().what.find(std::to_string(dead)) != std::string::npos);
+}

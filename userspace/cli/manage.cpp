@@ -1,0 +1,114 @@
+// hotfix-ctl list and revert: what was applied to a process, and taking it back.
+#include <fmt/chrono.h>
+#include <fmt/core.h>
+
+#include <ctime>
+
+#include "cli/cli.hpp"
+#include "common/json.hpp"
+#include "patch/engine.hpp"
+#include "patch/fixlib.hpp"
+#include "process/maps.hpp"
+
+namespace hotfix::cli {
+
+Result<Consistency> parse_consistency(const std::string& s);
+std::string patch_functions_json(const std::vector<FunctionRecord>& functions);
+
+namespace {
+
+std::string state_of(const PatchRecord& p) {
+  if (p.state == PatchState::active) return "active";
+  return p.released ? "reverted" : "reverted (memory held)";
+}
+
+std::string when(uint64_t ns) {
+  if (!ns) return "-";
+  std::time_t t = static_cast<std::time_t>(ns / 1000000000ull);
+  return fmt::format("{:%Y-%m-%d %H:%M:%S}", fmt::localtime(t));
+}
+
+void print_patches(pid_t pid, const Registry& r) {
+  if (r.patches.empty()) {
+    fmt::print("pid {} ({}) has no hotfix patches\n", pid, process__comm(pid));
+    return;
+  }
+  fmt::print("pid {} ({}): {} patch(es)\n", pid, process__comm(pid), r.patches.size());
+  for (auto& p : r.patches) {
+    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns), p.library,
+               p.consistency);
+    for (auto& f : p.functions)
+      fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
+                 f.island ? fmt::format(" (via island {:#x})", f.island) : "");
+  }
+}
+
+std::string patches_json(const Registry& r) {
+  std::string out;
+  for (auto& p : r.patches)
+    out += fmt::format("{}{{\"id\":{},\"lib\":{},\"state\":\"{}\",\"released\":{},\"applied_ns\":{},\"reverted_ns\":{},"
+                       "\"consistency\":\"{}\",\"functions\":{}}}",
+                       out.empty() ? "" : ",", p.id, json__quote(p.library), patch_state__name(p.state), p.released,
+                       p.applied_ns, p.reverted_ns, p.consistency, patch_functions_json(p.functions));
+  return "[" + out + "]";
+}
+
+}  // namespace
+
+int verb_list(const Args& args) {
+  po::options_description desc("list options");
+  pid_t pid = 0;
+  desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")("json", "print JSON");
+  po::variables_map vm;
+  if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--json]")) return *code;
+  auto registry = registry__read(pid);
+  if (!registry) return report(registry.error());
+  if (vm.count("json")) fmt::print("{{\"pid\":{},\"patches\":{}}}\n", pid, patches_json(*registry));
+  else print_patches(pid, *registry);
+  return 0;
+}
+
+int verb_revert(const Args& args) {
+  po::options_description desc("revert options");
+  RevertOptions opts;
+  std::string consistency = "strict";
+  double timeout_s = 10;
+  desc.add_options()("pid,p", po::value<pid_t>(&opts.pid)->required(), "target process")(
+      "id", po::value<std::vector<uint32_t>>(&opts.ids), "the patch to revert (repeatable)")(
+      "all", "revert every active patch, newest first")(
+      "consistency", po::value<std::string>(&consistency), "strict (default) or entry, as for patch")(
+      "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
+      "json", "print JSON");
+  po::variables_map vm;
+  const char* synopsis = "--pid PID (--id N | --all) [--consistency strict|entry] [--timeout SEC] [--json]";
+  if (auto code = parse("revert", args, desc, nullptr, vm, synopsis)) return *code;
+  opts.all = vm.count("all");
+  if (opts.all == !opts.ids.empty())
+    return report(Error{"revert needs exactly one of --id N or --all", fmt::format("usage: hotfix-ctl revert {}", synopsis), 2});
+  auto mode = parse_consistency(consistency);
+  if (!mode) return report(mode.error());
+  opts.consistency = *mode;
+  opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
+  bool json = vm.count("json");
+  auto outcomes = patch__revert(opts, [&](const std::string& line) {
+    if (!json) fmt::print("{}\n", line);
+  });
+  if (!outcomes) return report(outcomes.error());
+  std::string items;
+  for (auto& o : *outcomes) {
+    if (json) {
+      items += fmt::format("{}{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"released\":{},\"held_by\":{}}}",
+                           items.empty() ? "" : ",", o.id, o.pause.count() / 1000.0, o.attempts, o.released,
+                           json__quote(o.held_by));
+      continue;
+    }
+    fmt::print("reverted patch {} of pid {}: pause {:.1f} us, {} attempt(s); {}\n", o.id, opts.pid,
+               o.pause.count() / 1000.0, o.attempts,
+               o.released ? "its library is unloaded" : "its library stays loaded: " + o.held_by);
+  }
+  if (json) fmt::print("{{\"pid\":{},\"reverted\":[{}]}}\n", opts.pid, items);
+  else if (outcomes->empty()) fmt::print("pid {} has no active patches: nothing to revert\n", opts.pid);
+  return 0;
+}
+
+}  // namespace hotfix::cli

@@ -1,0 +1,95 @@
+// hotfix-ctl patch: print the plan, then apply it (or stop there with --dry-run).
+#include <fmt/core.h>
+
+#include "cli/cli.hpp"
+#include "common/json.hpp"
+#include "patch/engine.hpp"
+
+namespace hotfix::cli {
+
+namespace {
+
+constexpr const char* kSynopsis =
+    "--pid PID --lib fix.so [PATTERN...] [--object NAME] [--consistency strict|entry] [--timeout SEC] "
+    "[--dry-run] [--json]";
+
+std::string hex(const std::vector<uint8_t>& bytes) {
+  std::string s;
+  for (auto b : bytes) s += fmt::format("{}{:02x}", s.empty() ? "" : " ", b);
+  return s;
+}
+
+void print_plan(const PreparedPatch& p) {
+  fmt::print("plan: patch {} for pid {} from {} ({} consistency), {} function(s)\n", p.id, p.options.pid,
+             p.options.library, consistency__name(p.options.consistency), p.switches.size());
+  for (auto& s : p.switches) {
+    const Function& fn = s.entry.target;
+    fmt::print("  {}  {:#x} -> {}+{:#x}\n", fn.name, fn.address, p.options.library, s.entry.replacement_value);
+    fmt::print("      overwrites {} ({}){}; writes a {}-byte jmp\n", hex(s.current), s.check.disasm,
+               s.stacked_on ? fmt::format(", the jump of patch {}", s.stacked_on->id) : "", arch::entry_jump_size());
+  }
+}
+
+std::string functions_json(const std::vector<FunctionRecord>& functions) {
+  std::string out;
+  for (auto& f : functions)
+    out += fmt::format("{}{{\"name\":{},\"mangled\":{},\"old\":\"{:#x}\",\"new\":\"{:#x}\"}}", out.empty() ? "" : ",",
+                       json__quote(symbol__demangle(f.mangled)), json__quote(f.mangled), f.old_address,
+                       f.new_address);
+  return "[" + out + "]";
+}
+
+}  // namespace
+
+Result<Consistency> parse_consistency(const std::string& s) {
+  if (s == "strict") return Consistency::strict;
+  if (s == "entry") return Consistency::entry;
+  return usage_error(fmt::format("--consistency must be 'strict' or 'entry', not '{}'", s));
+}
+
+std::string patch_functions_json(const std::vector<FunctionRecord>& functions) { return functions_json(functions); }
+
+int verb_patch(const Args& args) {
+  po::options_description desc("patch options");
+  PatchOptions opts;
+  std::string consistency = "strict";
+  double timeout_s = 10;
+  desc.add_options()("pid,p", po::value<pid_t>(&opts.pid)->required(), "target process")(
+      "lib,l", po::value<std::string>(&opts.library)->required(), "the fix library (fix.so)")(
+      "pattern", po::value<std::vector<std::string>>(&opts.patterns), "functions to replace (default: all fix.so replaces)")(
+      "object", po::value<std::string>(&opts.object), "only functions of this mapped object")(
+      "consistency", po::value<std::string>(&consistency), "strict (default): no thread may have an old function on its stack; entry: only not inside the overwritten bytes")(
+      "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
+      "dry-run", "print the plan and stop")("json", "print the result as JSON");
+  po::variables_map vm;
+  if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
+  auto mode = parse_consistency(consistency);
+  if (!mode) return report(mode.error());
+  if (timeout_s <= 0) return report(Error{"--timeout must be positive", "", 2});
+  opts.consistency = *mode;
+  opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
+  bool json = vm.count("json");
+
+  auto prepared = patch__prepare(opts);
+  if (!prepared) return report(prepared.error());
+  if (!json) print_plan(*prepared);
+  if (vm.count("dry-run")) {
+    if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{}}}\n", prepared->switches.size());
+    else fmt::print("dry run: nothing was changed\n");
+    return 0;
+  }
+  auto outcome = patch__apply(*prepared, [&](const std::string& line) {
+    if (!json) fmt::print("{}\n", line);
+  });
+  if (!outcome) return report(outcome.error());
+  if (json) {
+    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"functions\":{}}}\n", outcome->id,
+               outcome->pause.count() / 1000.0, outcome->attempts, functions_json(outcome->functions));
+  } else {
+    fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,
+               opts.pid, outcome->functions.size(), outcome->pause.count() / 1000.0, outcome->attempts);
+  }
+  return 0;
+}
+
+}  // namespace hotfix::cli

@@ -1,0 +1,97 @@
+// hotfix-ctl symbols: list the functions of a running process that match patterns.
+#include <fmt/core.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "cli/cli.hpp"
+#include "common/json.hpp"
+#include "process/maps.hpp"
+#include "symbols/pattern.hpp"
+
+namespace hotfix::cli {
+
+namespace {
+
+constexpr const char* kSynopsis = "--pid PID [PATTERN...] [--object NAME] [--json]";
+
+constexpr const char* kOutput =
+    "\noutput: a table (ADDRESS OFFSET SIZE BIND OBJECT NAME MANGLED), one function per line in\n"
+    "address order; OFFSET is the file offset uprobes attach to. With --json, one JSON array of\n"
+    "objects {\"name\",\"mangled\",\"aliases\",\"object\",\"address\",\"offset\",\"size\",\"binding\",\n"
+    "\"exported\"} (numbers are decimal). Patterns: exact names (`Order::total`, a mangled name, or\n"
+    "`Order::add(int)` for one overload) and globs (`pricing::*`, `*parse*`). Separate debug\n"
+    "files are found by build-id and .gnu_debuglink under $HOTFIX_DEBUG_ROOT (default /usr/lib/debug).\n";
+
+std::string basename_of(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+void print_table(const std::vector<Function>& functions) {
+  size_t object_w = 6, name_w = 4;
+  for (auto& f : functions) {
+    object_w = std::max(object_w, basename_of(f.object).size());
+    name_w = std::max(name_w, f.name.size());
+  }
+  fmt::print("{:<18}  {:>10}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}\n", "ADDRESS", "OFFSET", "SIZE", "BIND", "OBJECT",
+             object_w, "NAME", name_w, "MANGLED");
+  for (auto& f : functions)
+    fmt::print("{:#018x}  {:#10x}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}\n", f.address, f.offset, f.size,
+               binding__name(f.binding), basename_of(f.object), object_w, f.name, name_w, f.mangled);
+}
+
+void print_json(const std::vector<Function>& functions) {
+  fmt::print("[");
+  for (size_t i = 0; i < functions.size(); i++) {
+    auto& f = functions[i];
+    std::string aliases;
+    for (auto& a : f.aliases) aliases += (aliases.empty() ? "" : ",") + json__quote(a);
+    fmt::print("{}\n{{\"name\":{},\"mangled\":{},\"aliases\":[{}],\"object\":{},\"address\":{},\"offset\":{},"
+               "\"size\":{},\"binding\":\"{}\",\"exported\":{}}}",
+               i ? "," : "", json__quote(f.name), json__quote(f.mangled), aliases, json__quote(f.object), f.address,
+               f.offset, f.size, binding__name(f.binding), f.exported);
+  }
+  fmt::print("\n]\n");
+}
+
+// Reading another user's process needs CAP_SYS_PTRACE; our own needs nothing.
+Result<void> check_access(pid_t pid) {
+  HOTFIX_CHECK(process__check_alive(pid));
+  struct stat st;
+  bool ours = ::stat(fmt::format("/proc/{}", pid).c_str(), &st) == 0 && st.st_uid == ::geteuid();
+  return ours ? Result<void>{} : process__check_privileges(false, true);
+}
+
+}  // namespace
+
+int verb_symbols(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()
+      ("pid,p", po::value<int>()->required(), "process whose functions to list")
+      ("pattern", po::value<std::vector<std::string>>(), "names or globs (default: every function)")
+      ("object", po::value<std::string>(), "only functions of this object: basename (libfoo.so, libfoo.so.1) or path")
+      ("json", "one JSON array instead of a table");
+  po::variables_map vm;
+  if (auto code = parse("symbols", args, desc, "pattern", vm, kSynopsis)) {
+    if (*code == 0) fmt::print("{}", kOutput);
+    return *code;
+  }
+  pid_t pid = vm["pid"].as<int>();
+  if (auto ok = check_access(pid); !ok) return report(ok.error());
+  auto table = SymbolTable::for_pid(pid);
+  if (!table) return report(table.error());
+
+  SelectOptions opts;
+  if (vm.count("object")) opts.object = vm["object"].as<std::string>();
+  auto patterns = vm.count("pattern") ? vm["pattern"].as<std::vector<std::string>>() : std::vector<std::string>{"*"};
+  auto selected = symbols__select(*table, patterns, opts);
+  if (!selected) return report(selected.error());
+
+  if (vm.count("json")) print_json(*selected);
+  else print_table(*selected);
+  return 0;
+}
+
+}  // namespace hotfix::cli

@@ -1,0 +1,27 @@
+// What `hotfix-ctl watch` prints each interval: a table for people, JSON lines for programs.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "observe/watch.hpp"
+
+namespace hotfix {
+
+struct WatchSample {
+  double time = 0;            // unix seconds at the end of the interval
+  double interval_s = 0;      // measured length of the interval (the whole run for the final one)
+  bool final = false;
+  bool inflight_known = true; // false without return probes
+  const std::vector<Function>* functions = nullptr;
+  std::vector<CallCounts> interval;  // counts during the interval (the whole run when final)
+  std::vector<CallCounts> total;     // counts since attach
+};
+
+// Mean latency is over the calls that returned in the interval (the whole run when final).
+// Rows sorted by calls in the interval, then by total; functions never called are left out
+// unless nothing was called at all (then every function shows, with zeros).
+std::string watch__format_table(const WatchSample& s);
+// One JSON object on one line (no trailing newline).
+std::string watch__format_json(const WatchSample& s);
+
+}  // namespace hotfix

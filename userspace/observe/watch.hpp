@@ -1,0 +1,85 @@
+// Live call counts of functions in a running process, from uprobes (BPF).
+// One Watch = one loaded `watch` BPF program pair + its attachments; destroying it detaches
+// everything (links are file descriptors, so a killed hotfix-ctl leaves nothing behind either).
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+#include "symbols/symbols.hpp"
+
+struct watch_bpf;
+
+namespace hotfix {
+
+enum class ProbeMechanism {
+  automatic,     // uprobe_multi when the kernel has it, else perf uprobes
+  uprobe_multi,  // one link per (object, entry/return): fast to attach and detach
+  perf,          // one perf-event uprobe per function and direction: ~0.1 s each to detach
+};
+const char* probe_mechanism__name(ProbeMechanism m);
+
+struct WatchOptions {
+  // Return probes: needed for in-flight counts and latency; they cost more per call.
+  bool returns = true;
+  // automatic also honours HOTFIX_FORCE_PERF_UPROBES=1 (to exercise the fallback).
+  ProbeMechanism mechanism = ProbeMechanism::automatic;
+};
+
+struct CallCounts {
+  uint64_t calls = 0;            // entries since attach
+  uint64_t returns = 0;          // returns of calls that entered since attach
+  uint64_t latency_ns = 0;       // summed over timed (outermost) calls
+  uint64_t latency_samples = 0;
+  uint64_t untracked = 0;        // entries the in-flight table had no room for
+  // Threads inside the function now. A thread that was already inside when the watch
+  // attached is not counted: its return probe was never installed either.
+  int64_t inflight() const {
+    return static_cast<int64_t>(calls) - static_cast<int64_t>(returns) - static_cast<int64_t>(untracked);
+  }
+  double mean_latency_ns() const { return latency_samples ? double(latency_ns) / double(latency_samples) : 0.0; }
+  CallCounts& operator-=(const CallCounts& o);
+};
+
+class Watch {
+ public:
+  // Load the BPF programs and attach an entry (and return) uprobe to every function of
+  // `functions` (object path + file offset), counting only calls made by `pid`.
+  static Result<Watch> attach(pid_t pid, std::vector<Function> functions, const WatchOptions& opts = {});
+
+  Watch(Watch&&) noexcept;
+  Watch& operator=(Watch&&) noexcept;
+  ~Watch();
+
+  // Counters per function, in the order of functions(), summed over CPUs.
+  Result<std::vector<CallCounts>> read() const;
+  // Remove every probe now (the destructor does it too).
+  void detach();
+
+  const std::vector<Function>& functions() const { return functions_; }
+  ProbeMechanism mechanism() const { return mechanism_; }
+  bool returns() const { return returns_; }
+  pid_t pid() const { return pid_; }
+  size_t link_count() const;
+  double attach_ms() const { return attach_ms_; }  // load + attach, wall time
+
+ private:
+  struct Links;
+  Watch() = default;
+  pid_t pid_ = 0;
+  std::vector<Function> functions_;
+  ProbeMechanism mechanism_ = ProbeMechanism::automatic;
+  bool returns_ = true;
+  double attach_ms_ = 0;
+  watch_bpf* skel_ = nullptr;
+  std::unique_ptr<Links> links_;
+};
+
+// Ids of the BPF links that exist on the system now (for leak checks in tests and tools).
+std::vector<uint32_t> bpf__link_ids();
+
+}  // namespace hotfix

@@ -1,0 +1,299 @@
+#include "patch/binder.hpp"
+
+#include <elf.h>
+#include <fcntl.h>
+#include <gelf.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "common/unique_fd.hpp"
+#include "patch/plan.hpp"
+#include "process/maps.hpp"
+#include "symbols/pattern.hpp"
+
+namespace hotfix {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Candidate {
+  const Function* symbol;
+  bool is_function;
+};
+
+// The target's symbols, indexed for the binder's two questions: "can the dynamic linker
+// bind this name by itself?" and "which target symbol is this name?".
+struct TargetIndex {
+  std::set<std::string> exported;
+  std::multimap<std::string, Candidate> by_name;
+  std::vector<Candidate> locals;
+};
+
+// Dynamic symbol names may carry a version ("memcpy@GLIBC_2.14"); the binder compares bare names.
+std::string bare(const std::string& name) { return name.substr(0, name.find('@')); }
+
+void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool is_function) {
+  for (auto& f : symbols) {
+    std::vector<std::string> names{f.mangled};
+    names.insert(names.end(), f.aliases.begin(), f.aliases.end());
+    for (auto& n : names) {
+      if (f.exported) index.exported.insert(bare(n));
+      index.by_name.emplace(bare(n), Candidate{&f, is_function});
+    }
+    if (f.binding == Binding::local) index.locals.push_back({&f, is_function});
+  }
+}
+
+TargetIndex index_target(const SymbolTable& target) {
+  TargetIndex index;
+  add_symbols(index, target.functions(), true);
+  add_symbols(index, target.variables(), false);
+  return index;
+}
+
+bool type_fits(const FixSymbol& wanted, const Candidate& c) {
+  if (wanted.type == STT_FUNC || wanted.type == STT_GNU_IFUNC) return c.is_function;
+  if (wanted.type == STT_OBJECT) return !c.is_function;
+  return true;  // STT_NOTYPE: an undefined reference often does not say
+}
+
+std::string canonical_or_same(const std::string& path) {
+  std::error_code ec;
+  auto c = fs::canonical(path, ec);
+  return ec ? path : c.string();
+}
+
+struct Resolution {
+  std::vector<Candidate> candidates;  // 0 = unresolved, 1 = bound, more = ambiguous
+};
+
+// Same mangled name first (a C static `helper`, a non-exported global), else a LOCAL symbol
+// whose demangled name matches: C++ marks internal linkage with `L` in the mangled name
+// (`_ZL6helperi`, `_ZN2nsL1xE`), which the demangled forms do not show.
+Resolution resolve(const TargetIndex& index, const FixSymbol& wanted, const std::string& executable) {
+  Resolution r;
+  auto [lo, hi] = index.by_name.equal_range(wanted.name);
+  for (auto it = lo; it != hi; ++it)
+    if (type_fits(wanted, it->second)) r.candidates.push_back(it->second);
+  if (r.candidates.empty()) {
+    LocalNameMatcher same_local(wanted.name);
+    for (auto& c : index.locals)
+      if (type_fits(wanted, c) && same_local(*c.symbol)) r.candidates.push_back(c);
+  }
+  // Aliases put one symbol into the index several times.
+  std::sort(r.candidates.begin(), r.candidates.end(), [](auto& a, auto& b) { return a.symbol < b.symbol; });
+  r.candidates.erase(std::unique(r.candidates.begin(), r.candidates.end(),
+                                 [](auto& a, auto& b) { return a.symbol == b.symbol; }),
+                     r.candidates.end());
+  // The code the user fixes almost always lives in the executable; a library's private
+  // helper of the same name is not what fix.cpp means.
+  bool any_in_exe = std::any_of(r.candidates.begin(), r.candidates.end(),
+                                [&](auto& c) { return c.symbol->object == executable; });
+  if (any_in_exe)
+    std::erase_if(r.candidates, [&](auto& c) { return c.symbol->object != executable; });
+  return r;
+}
+
+Error ambiguity_error(const SymbolTable& target, const FixSymbol& wanted, const Resolution& r) {
+  std::string list;
+  for (auto& c : r.candidates) list += (list.empty() ? "" : "; ") + plan__describe(target, *c.symbol);
+  return Error{fmt::format("fix.so needs `{}`, which names {} symbols in the target: {}",
+                           symbol__demangle(wanted.name), r.candidates.size(), list),
+               "hotfix cannot tell which one fix.so means; rename it in fix.cpp or patch a caller that "
+               "does not use it",
+               1};
+}
+
+Error unresolved_error(const SymbolTable& target, const FixLibrary& fix, const std::vector<std::string>& missing) {
+  std::string first = symbol__demangle(missing.front());
+  std::string what = fmt::format("fix.so needs `{}`{}, which the target does not define", first,
+                                 missing.size() > 1 ? fmt::format(" (and {} more)", missing.size() - 1) : "");
+  std::string hint = "declare only functions and variables the service has, with their exact names and types";
+  auto near = symbols__nearest(target, first);
+  if (!near.empty()) hint = fmt::format("did you mean `{}`? {}", near.front(), hint);
+  std::set<std::string> loaded;
+  for (auto& o : target.objects()) loaded.insert(fs::path(o.path).filename().string());
+  std::string unloaded;
+  for (auto& n : fix.needed)
+    if (!loaded.count(n)) unloaded += (unloaded.empty() ? "" : ", ") + n;
+  if (!unloaded.empty())
+    hint += fmt::format("; fix.so also links {}, which the target has not loaded: link fix.so only against "
+                        "libraries the service uses",
+                        unloaded);
+  return Error{what, hint, 1};
+}
+
+Result<std::vector<Fixup>> fixups_for(const FixLibrary& fix, const std::map<size_t, Function>& bound) {
+  std::vector<Fixup> out;
+  for (auto& rel : fix.relocs) {
+    auto it = bound.find(rel.symbol);
+    if (it == bound.end()) continue;
+    const std::string& name = fix.dynsyms[rel.symbol].name;
+    auto kind = arch::reloc_kind(rel.type);
+    if (kind == arch::RelocKind::unsupported)
+      return fail(fmt::format("fix.so refers to `{}` through a {} relocation, which hotfix cannot bind by hand",
+                              symbol__demangle(name), arch::reloc_name(rel.type)),
+                  "rebuild fix.so with -fPIC and use the variable or function directly");
+    uint64_t addend = kind == arch::RelocKind::absolute64 ? static_cast<uint64_t>(rel.addend) : 0;
+    out.push_back({rel.offset, it->second.address + addend, addend, kind, name});
+  }
+  return out;
+}
+
+// Removes a temporary file unless the work succeeded.
+struct TempFile {
+  std::string path;
+  bool keep = false;
+  ~TempFile() {
+    if (!keep) ::unlink(path.c_str());
+  }
+};
+
+Result<void> weaken_symbols(const std::string& path, const std::vector<size_t>& indices) {
+  auto elf = HOTFIX_TRY(ElfHandle::open(path, true));
+  // ELF_F_LAYOUT: libelf must not move a single section; only the st_info bytes change.
+  elf_flagelf(elf.get(), ELF_C_SET, ELF_F_LAYOUT);
+  for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf.get(), scn));) {
+    GElf_Shdr shdr;
+    if (!gelf_getshdr(scn, &shdr) || shdr.sh_type != SHT_DYNSYM) continue;
+    Elf_Data* data = elf_getdata(scn, nullptr);
+    for (size_t i : indices) {
+      GElf_Sym sym;
+      if (!data || !gelf_getsym(data, static_cast<int>(i), &sym))
+        return fail(fmt::format("cannot read dynamic symbol {} of {}: {}", i, path, elf_errmsg(-1)));
+      sym.st_info = GELF_ST_INFO(STB_WEAK, GELF_ST_TYPE(sym.st_info));
+      if (!gelf_update_sym(data, static_cast<int>(i), &sym))
+        return fail(fmt::format("cannot update dynamic symbol {} of {}: {}", i, path, elf_errmsg(-1)));
+    }
+    elf_flagdata(data, ELF_C_SET, ELF_F_DIRTY);
+  }
+  if (elf_update(elf.get(), ELF_C_WRITE) < 0) return fail(fmt::format("cannot write {}: {}", path, elf_errmsg(-1)));
+  return {};
+}
+
+Result<void> write_copy(const std::string& fix_path, const std::string& out_path, const std::vector<size_t>& weak) {
+  std::error_code ec;
+  auto parent = fs::path(out_path).parent_path();
+  if (!parent.empty()) fs::create_directories(parent, ec);
+  if (ec) return fail(fmt::format("cannot create {}: {}", parent.string(), ec.message()), "check that /run is writable");
+  TempFile tmp{fmt::format("{}.tmp.{}", out_path, ::getpid())};
+  if (!fs::copy_file(fix_path, tmp.path, fs::copy_options::overwrite_existing, ec))
+    return fail(fmt::format("cannot copy {} to {}: {}", fix_path, tmp.path, ec.message()));
+  // The target, whatever user it runs as, opens this file itself (dlopen).
+  ::chmod(tmp.path.c_str(), 0644);
+  if (!weak.empty()) HOTFIX_CHECK(weaken_symbols(tmp.path, weak));
+  if (::rename(tmp.path.c_str(), out_path.c_str()) != 0)
+    return fail(fmt::format("cannot create {}: {}", out_path, errno_text(errno)));
+  tmp.keep = true;
+  return {};
+}
+
+uint64_t load_u64(const std::vector<uint8_t>& bytes) {
+  uint64_t v = 0;
+  std::memcpy(&v, bytes.data(), std::min(bytes.size(), sizeof v));
+  return v;
+}
+
+}  // namespace
+
+Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
+                                     const std::string& fix_path, const std::string& out_path) {
+  auto fix = HOTFIX_TRY(fixlib__read(fix_path));
+  auto index = index_target(target);
+  std::string exe = canonical_or_same(executable);
+  std::map<size_t, Function> bound;
+  std::vector<std::string> missing;
+  for (auto& s : fix.dynsyms) {
+    if (s.defined || s.index == 0 || s.name.empty() || index.exported.count(s.name)) continue;
+    if (s.type == STT_TLS)
+      return fail(fmt::format("fix.so uses the thread-local variable `{}`, which hotfix cannot bind",
+                              symbol__demangle(s.name)),
+                  "pass the value as a parameter, or export the variable from the service");
+    auto r = resolve(index, s, exe);
+    if (r.candidates.size() > 1) return std::unexpected(ambiguity_error(target, s, r));
+    if (r.candidates.size() == 1) bound.emplace(s.index, *r.candidates.front().symbol);
+    // A weak reference nobody defines (__gmon_start__) is meant to stay 0.
+    else if (s.bind != STB_WEAK) missing.push_back(s.name);
+  }
+  if (!missing.empty()) return std::unexpected(unresolved_error(target, fix, missing));
+  BoundLibrary out;
+  out.path = out_path;
+  out.fixups = HOTFIX_TRY(fixups_for(fix, bound));
+  std::vector<size_t> weak;
+  for (auto& [i, f] : bound) {
+    out.bindings.push_back({fix.dynsyms[i].name, f});
+    if (fix.dynsyms[i].bind != STB_WEAK) weak.push_back(i);
+  }
+  HOTFIX_CHECK(write_copy(fix_path, out_path, weak));
+  return out;
+}
+
+std::vector<MemoryWrite> binder__writes(const std::vector<Fixup>& fixups, uint64_t load_base) {
+  std::vector<MemoryWrite> out;
+  for (auto& f : fixups) {
+    MemoryWrite w{load_base + f.offset, std::vector<uint8_t>(sizeof f.value), f.loader_value};
+    // The target runs on this machine: its words have our byte order.
+    std::memcpy(w.bytes.data(), &f.value, sizeof f.value);
+    out.push_back(std::move(w));
+  }
+  return out;
+}
+
+Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixup>& fixups) {
+  auto writes = binder__writes(fixups, load_base);
+  if (writes.empty()) return {};
+  UniqueFd mem(::open(fmt::format("/proc/{}/mem", pid).c_str(), O_RDWR | O_CLOEXEC));
+  if (!mem) return fail(fmt::format("cannot open the memory of pid {}: {}", pid, errno_text(errno)), "run as root");
+  auto read_at = [&](uint64_t addr) -> Result<std::vector<uint8_t>> {
+    std::vector<uint8_t> buf(8);
+    if (::pread(mem.get(), buf.data(), buf.size(), static_cast<off_t>(addr)) != static_cast<ssize_t>(buf.size()))
+      return fail(fmt::format("cannot read pid {} at {:#x}: {}", pid, addr, errno_text(errno)));
+    return buf;
+  };
+  // Check every slot before the first store: a slot the dynamic linker filled itself means
+  // the copy was loaded differently than planned, and a half-bound library must not run.
+  for (size_t i = 0; i < writes.size(); ++i) {
+    uint64_t now = load_u64(HOTFIX_TRY(read_at(writes[i].address)));
+    if (now != writes[i].expected && now != load_u64(writes[i].bytes))
+      return fail(fmt::format("the slot for `{}` at {:#x} holds {:#x}, expected {:#x}: the dynamic linker bound it "
+                              "differently than planned",
+                              fixups[i].symbol, writes[i].address, now, writes[i].expected),
+                  "load the rewritten copy with dlopen(RTLD_NOW) and pass its load base");
+  }
+  for (auto& w : writes)
+    if (::pwrite(mem.get(), w.bytes.data(), w.bytes.size(), static_cast<off_t>(w.address)) !=
+        static_cast<ssize_t>(w.bytes.size()))
+      return fail(fmt::format("cannot write pid {} at {:#x}: {}", pid, w.address, errno_text(errno)));
+  for (size_t i = 0; i < writes.size(); ++i)
+    if (HOTFIX_TRY(read_at(writes[i].address)) != writes[i].bytes)
+      return fail(fmt::format("the slot for `{}` at {:#x} did not keep its new value", fixups[i].symbol,
+                              writes[i].address));
+  return {};
+}
+
+Result<uint64_t> binder__load_base(pid_t pid, const std::string& path) {
+  auto maps = HOTFIX_TRY(process__read_maps(pid));
+  std::string wanted = canonical_or_same(path);
+  auto first = std::find_if(maps.begin(), maps.end(), [&](auto& m) { return m.path == wanted && m.offset == 0; });
+  if (first == maps.end()) return fail(fmt::format("{} is not loaded in pid {}", wanted, pid));
+  // l_addr = where the first PT_LOAD (file offset 0) landed minus its page-aligned p_vaddr.
+  auto elf = HOTFIX_TRY(ElfHandle::open(wanted));
+  size_t count = 0;
+  elf_getphdrnum(elf.get(), &count);
+  uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < count; ++i) {
+    GElf_Phdr ph;
+    if (gelf_getphdr(elf.get(), static_cast<int>(i), &ph) && ph.p_type == PT_LOAD)
+      return first->start - (ph.p_vaddr & ~(page - 1));
+  }
+  return fail(fmt::format("{} has no loadable segment", wanted));
+}
+
+}  // namespace hotfix

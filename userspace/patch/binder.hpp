@@ -1,0 +1,77 @@
+// The binder: makes code in fix.so use the LIVE functions and variables of the target,
+// including `static` ones the dynamic linker cannot see.
+//
+// Why by hand: fix.cpp says `extern int g_calls; int helper(int);` while the target has
+// the file statics `_ZL7g_calls` and `_ZL6helperi`, which are in no .dynsym, so dlopen
+// would fail ("undefined symbol") or, worse, bind to a different copy. The binder
+//   1. resolves every undefined symbol of fix.so that no target object exports against the
+//      target's own symbols: same mangled name first, else a LOCAL target symbol with the
+//      same demangled name (`_ZL7g_calls` is `g_calls`, `_ZL6helperi` is `helper(int)`),
+//      preferring the main executable, refusing ambiguity;
+//   2. writes a private copy of fix.so in which exactly those symbols are WEAK (only
+//      st_info bytes of .dynsym change, layout is kept), so dlopen(RTLD_NOW) succeeds and
+//      leaves their GOT slots / data words at 0 (+ addend);
+//   3. returns one fixup per dynamic relocation against them: the patch engine writes the
+//      target's address there after dlopen, while the target is stopped, before any jump
+//      to fix.so exists, so no code of fix.so can run with an unbound slot.
+//      (Constructors of fix.so run inside dlopen, before the fixups: they must not use bound
+//      symbols.)
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "arch/arch.hpp"
+#include "common/error.hpp"
+#include "patch/fixlib.hpp"
+#include "symbols/symbols.hpp"
+
+namespace hotfix {
+
+struct SymbolBinding {
+  std::string symbol;   // fix.so's undefined symbol: "g_calls", "_Z6helperi"
+  Function target;      // the target symbol it now means (function or variable)
+};
+
+struct Fixup {
+  uint64_t offset = 0;  // r_offset: where, relative to fix.so's load base
+  uint64_t value = 0;   // what: the target's runtime address (+ r_addend for absolute64)
+  uint64_t loader_value = 0;  // what dlopen(RTLD_NOW) leaves there for a weak undefined symbol
+  arch::RelocKind kind = arch::RelocKind::got;
+  std::string symbol;   // for messages
+};
+
+struct BoundLibrary {
+  std::string path;                     // the rewritten copy: dlopen this one
+  std::vector<SymbolBinding> bindings;  // empty when the dynamic linker can bind everything
+  std::vector<Fixup> fixups;
+};
+
+// One 8-byte store in the target.
+struct MemoryWrite {
+  uint64_t address = 0;
+  std::vector<uint8_t> bytes;
+  uint64_t expected = 0;  // Fixup::loader_value: what must be there before the store
+};
+
+// Resolve fix.so's undefined symbols against `target` (the main executable is preferred),
+// write the rewritten copy to `out_path` (parent directories are created; the file appears
+// atomically), and return the fixups. `fix_path` must have passed fixlib__validate.
+Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
+                                     const std::string& fix_path, const std::string& out_path);
+
+// The stores that finish the binding once the copy is loaded at `load_base` (its l_addr:
+// runtime address = load_base + st_value).
+std::vector<MemoryWrite> binder__writes(const std::vector<Fixup>& fixups, uint64_t load_base);
+
+// Apply `binder__writes` to `pid` through /proc/PID/mem (works on RELRO-protected GOTs as
+// root). Every slot is checked first to hold what the dynamic linker leaves for a weak
+// undefined symbol; on any mismatch nothing is written. Read back afterwards.
+Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixup>& fixups);
+
+// The load base (l_addr) of the ELF file `path` mapped into `pid`, from /proc/PID/maps.
+Result<uint64_t> binder__load_base(pid_t pid, const std::string& path);
+
+}  // namespace hotfix

@@ -1,0 +1,483 @@
+// The patch transaction (see engine.hpp for the order of things and why).
+#include "patch/engine.hpp"
+
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "patch/binder.hpp"
+#include "patch/fixlib.hpp"
+#include "process/maps.hpp"
+#include "process/memory.hpp"
+#include "process/ptrace.hpp"
+#include "process/remote.hpp"
+
+namespace hotfix {
+
+namespace {
+
+using namespace std::chrono;
+
+uint64_t realtime_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+std::string executable_of(pid_t pid) {
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink(fmt::format("/proc/{}/exe", pid), ec).string();
+  const std::string deleted = " (deleted)";
+  if (exe.size() > deleted.size() && exe.ends_with(deleted)) exe.resize(exe.size() - deleted.size());
+  return exe;
+}
+
+std::string hex_bytes(const std::vector<uint8_t>& bytes) {
+  std::string s;
+  for (auto b : bytes) s += fmt::format("{}{:02x}", s.empty() ? "" : " ", b);
+  return s;
+}
+
+// The bytes the file had at `address` before any active patch: the oldest active patch there
+// saved them. Used so that prologue analysis of a re-patched function sees real instructions.
+const FunctionRecord* oldest_record_at(const Registry& r, uint64_t address) {
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active) continue;
+    for (auto& f : p.functions)
+      if (f.old_address == address) return &f;
+  }
+  return nullptr;
+}
+
+Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& registry, const PlanEntry& e) {
+  const Function& fn = e.target;
+  size_t len = std::max<size_t>(1, std::min<uint64_t>(fn.size, 1 << 16));
+  auto code = HOTFIX_TRY(mem.read(fn.address, len));
+  PlannedSwitch s;
+  s.entry = e;
+  s.current.assign(code.begin(), code.begin() + std::min(code.size(), arch::entry_jump_size()));
+  if (auto* base = oldest_record_at(registry, fn.address))  // analyse the file's instructions
+    std::copy(base->original.begin(), base->original.end(), code.begin());
+  s.check = arch::check_entry(code, fn.address);
+  if (!s.check.patchable)
+    return fail(fmt::format("cannot patch {}: {}", fn.name, s.check.reason),
+                "patch its callers instead, or leave it out with a narrower pattern");
+  s.stacked_on = registry.top_at(fn.address);
+  return s;
+}
+
+std::string basename_of(const std::string& path) { return std::filesystem::path(path).filename().string(); }
+
+}  // namespace
+
+const char* consistency__name(Consistency c) { return c == Consistency::strict ? "strict" : "entry"; }
+
+Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
+  HOTFIX_CHECK(process__check_privileges(false, true));
+  HOTFIX_CHECK(process__check_alive(opts.pid));
+  PreparedPatch p;
+  p.options = opts;
+  p.executable = executable_of(opts.pid);
+  HOTFIX_CHECK(fixlib__validate(opts.library, p.executable));
+  auto fix = HOTFIX_TRY(fixlib__read(opts.library));
+  p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+  PlanOptions plan_opts;
+  plan_opts.patterns = opts.patterns;
+  plan_opts.object = opts.object;
+  plan_opts.patch_dir = opts.patch_dir + "/";
+  auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
+  p.registry = HOTFIX_TRY(registry__read(opts.pid));
+  p.id = p.registry.next_id;
+  auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
+  for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));
+  return p;
+}
+
+namespace {
+
+// What the transaction has changed in the target so far, undone unless committed.
+class Undo {
+ public:
+  Undo(Tracee& t) : t_(t) {}
+  ~Undo() {
+    if (!committed_) rollback();
+  }
+  void commit() { committed_ = true; }
+
+  uint64_t handle = 0;                                   // dlopen handle to dlclose
+  std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
+  std::string copy;                                      // the bound copy on disk
+
+ private:
+  void rollback() {
+    // Best effort, in reverse order; the target may already be gone.
+    if (handle) (void)remote__dlclose(t_, handle);
+    if (!mappings.empty() && t_.check_alive()) {
+      pid_t tid = t_.threads().front().tid;
+      if (t_.stop_thread(tid)) {
+        for (auto& [addr, len] : mappings) (void)remote__munmap(t_, tid, addr, len);
+        (void)t_.resume_thread(tid);
+      }
+    }
+    if (!copy.empty()) ::unlink(copy.c_str());
+  }
+  Tracee& t_;
+  bool committed_ = false;
+};
+
+// An island within reach of `near`, from the pages this patch already mapped or a new one.
+struct IslandPages {
+  struct Page {
+    uint64_t address = 0, used = 0;
+  };
+  std::vector<Page> pages;
+};
+
+Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islands, uint64_t near) {
+  const uint64_t size = arch::island_jump_size(), page = static_cast<uint64_t>(::getpagesize());
+  auto reachable = [&](uint64_t a) {
+    int64_t d = static_cast<int64_t>(a - near);
+    return d > -arch::near_jump_reach() + static_cast<int64_t>(page) && d < arch::near_jump_reach() - static_cast<int64_t>(page);
+  };
+  for (auto& p : islands.pages)
+    if (p.used + size <= page && reachable(p.address)) {
+      uint64_t at = p.address + p.used;
+      p.used += (size + 15) & ~15ull;
+      return at;
+    }
+  uint64_t addr = HOTFIX_TRY(remote__mmap_near(t, tid, near, page, PROT_READ | PROT_EXEC));
+  undo.mappings.push_back({addr, page});
+  islands.pages.push_back({addr, (size + 15) & ~15ull});
+  return addr;
+}
+
+// Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed.
+Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p, uint64_t load_base) {
+  IslandPages islands;
+  for (auto& s : p.switches) {
+    s.new_address = load_base + s.entry.replacement_value;
+    if (auto jump = arch::encode_entry_jump(s.entry.target.address, s.new_address)) {
+      s.jump = *jump;
+      continue;
+    }
+    s.island = HOTFIX_TRY(island_for(t, tid, undo, islands, s.entry.target.address));
+    HOTFIX_CHECK(t.memory().write(s.island, arch::encode_island_jump(s.island, s.new_address)));
+    auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
+    if (!jump) return fail(fmt::format("the island for {} is out of reach", s.entry.target.name));
+    s.jump = *jump;
+  }
+  return {};
+}
+
+// The registry mapping of the target, created (and owned by `undo` until commit) if missing.
+Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Undo& undo) {
+  if (auto at = registry__locate(t.pid())) return *at;
+  auto memfd = HOTFIX_TRY(remote__map_memfd(t, tid, kRegistryName, kRegistrySize, PROT_READ | PROT_WRITE));
+  undo.mappings.push_back({memfd.address, memfd.size});
+  HOTFIX_CHECK(remote__close(t, tid, memfd.fd));  // the mapping keeps the memory alive
+  return memfd.address;
+}
+
+std::vector<StoppedThread> stopped_threads(const Tracee& t) {
+  std::vector<StoppedThread> out;
+  for (auto& th : t.threads())
+    if (th.stopped() && !th.exited) out.push_back({th.tid, th.regs});
+  return out;
+}
+
+// What must not be running for a switch, by consistency mode.
+struct Guard {
+  Consistency mode;
+  std::vector<AddressRange> overwritten;  // entry mode: the bytes under the jump
+  std::optional<ConsistencyChecker> strict;
+
+  Result<std::vector<Blocker>> check(const std::vector<StoppedThread>& threads) {
+    auto blockers = consistency__check_entry(threads, overwritten);
+    if (!blockers.empty() || !strict) return blockers;
+    return strict->check(threads);
+  }
+};
+
+Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
+                         std::vector<AddressRange> bodies) {
+  Guard g{mode, std::move(overwritten), std::nullopt};
+  if (mode == Consistency::strict) g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
+  return g;
+}
+
+// The bytes of one switch: where, what must be there now, what goes there.
+struct TextWrite {
+  uint64_t address;
+  std::vector<uint8_t> expected, bytes;
+  std::string name;
+};
+
+// Inside the stop window: verify every site still holds what we planned against, then write
+// all of them; on a failed write, put back what was already written.
+Result<void> write_all(const ProcessMemory& mem, const std::vector<TextWrite>& writes) {
+  for (auto& w : writes) {
+    auto now = HOTFIX_TRY(mem.read(w.address, w.expected.size()));
+    if (now != w.expected)
+      return fail(fmt::format("the first bytes of {} changed under us ({} instead of {})", w.name, hex_bytes(now),
+                              hex_bytes(w.expected)),
+                  "another tool is patching this process; nothing was changed");
+  }
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (auto r = mem.write(writes[i].address, writes[i].bytes); !r) {
+      for (size_t j = 0; j < i; ++j) (void)mem.write(writes[j].address, writes[j].expected);
+      return std::unexpected(r.error());
+    }
+  }
+  return {};
+}
+
+struct SwitchResult {
+  nanoseconds pause{};
+  int attempts = 0;
+};
+
+// Stop the world until the guard passes (or the deadline), then write and record in one stop.
+Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vector<TextWrite>& writes,
+                                       const std::function<Result<void>()>& record, milliseconds timeout,
+                                       const ProgressFn& progress) {
+  SwitchResult r;
+  auto deadline = steady_clock::now() + timeout;
+  auto backoff = milliseconds(2);
+  for (;;) {
+    ++r.attempts;
+    HOTFIX_CHECK(t.stop_all());
+    auto blockers = guard.check(stopped_threads(t));
+    Result<void> done = blockers ? Result<void>{} : std::unexpected(blockers.error());
+    if (blockers && blockers->empty()) {
+      done = write_all(t.memory(), writes);
+      if (done) done = record();
+    }
+    auto resumed = t.resume_all();
+    r.pause = std::max(r.pause, duration_cast<nanoseconds>(t.last_pause().max_pause));
+    HOTFIX_CHECK(resumed);
+    if (!done) return std::unexpected(done.error());
+    if (blockers->empty()) return r;
+    const Blocker& b = blockers->front();
+    if (steady_clock::now() + backoff > deadline)
+      return fail(fmt::format("{} after {} attempts in {} ms ({} consistency); nothing was changed",
+                              blocker__describe(b), r.attempts, timeout.count(), consistency__name(guard.mode)),
+                  guard.mode == Consistency::strict
+                      ? "retry when it is idle, raise --timeout, or use --consistency entry to let running calls finish in the old code"
+                      : "retry; a thread is executing the very bytes the jump would overwrite");
+    progress(fmt::format("attempt {}: {}; retrying", r.attempts, blocker__describe(b)));
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, milliseconds(50));
+  }
+}
+
+AddressRange overwritten_range(uint64_t address, size_t covered, const std::string& name) {
+  // A thread stopped exactly at the entry is fine: it will execute the jump.
+  return {address + 1, address + covered, name};
+}
+
+}  // namespace
+
+Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
+  const pid_t pid = p.options.pid;
+  auto tracee = HOTFIX_TRY(Tracee::seize(pid));
+  Undo undo(tracee);
+
+  // Bind and load fix.so while every thread runs.
+  std::string copy = fmt::format("{}/{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
+  undo.copy = bound.path;
+  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
+  undo.handle = injection.handle;
+  uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
+  HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
+  progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
+                       injection.handle, bound.bindings.size()));
+
+  // Islands and the registry need one stopped thread; the others keep running.
+  pid_t tid = tracee.threads().front().tid;
+  HOTFIX_CHECK(tracee.stop_thread(tid));
+  auto prepared = [&]() -> Result<uint64_t> {
+    HOTFIX_CHECK(finish_switches(tracee, tid, undo, p, load_base));
+    return ensure_registry(tracee, tid, undo);
+  }();
+  HOTFIX_CHECK(tracee.resume_thread(tid));
+  uint64_t registry_at = HOTFIX_TRY(prepared);
+
+  std::vector<TextWrite> writes;
+  std::vector<AddressRange> overwritten, bodies;
+  PatchRecord record;
+  record.id = p.id;
+  record.library = std::filesystem::absolute(p.options.library).string();
+  record.loaded_copy = bound.path;
+  record.handle = injection.handle;
+  record.load_base = load_base;
+  record.consistency = consistency__name(p.options.consistency);
+  for (auto& s : p.switches) {
+    const Function& fn = s.entry.target;
+    progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),
+                         s.island ? s.island : s.new_address,
+                         s.island ? fmt::format(" -> island -> {:#x}", s.new_address) : ""));
+    writes.push_back({fn.address, s.current, s.jump, fn.name});
+    overwritten.push_back(overwritten_range(fn.address, s.check.covered, fn.name));
+    bodies.push_back({fn.address, fn.address + std::max<uint64_t>(fn.size, 1), fn.name});
+    if (s.stacked_on)  // a thread inside the replacement we supersede is also running old code
+      for (auto& f : s.stacked_on->functions)
+        if (f.old_address == fn.address)
+          if (auto* prev = p.table.function_at(f.new_address))
+            bodies.push_back({prev->address, prev->address + prev->size, fn.name + " (patch " + std::to_string(s.stacked_on->id) + ")"});
+    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump});
+  }
+
+  auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies));
+  Registry registry = p.registry;
+  auto commit_record = [&]() -> Result<void> {
+    record.applied_ns = realtime_ns();
+    registry.patches.push_back(record);
+    registry.next_id = p.id + 1;
+    return registry__write(tracee.memory(), registry_at, registry);
+  };
+  auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
+  undo.commit();
+  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
+}
+
+// ---------------------------------------------------------------------------------------
+// revert
+
+namespace {
+
+// The record of the active patch right above `below` at `address` (whose saved bytes are
+// `below`'s jump), if any.
+FunctionRecord* record_above(Registry& r, uint32_t below, uint64_t address) {
+  FunctionRecord* best = nullptr;
+  uint32_t best_id = UINT32_MAX;
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active || p.id <= below || p.id >= best_id) continue;
+    for (auto& f : p.functions)
+      if (f.old_address == address) best = &f, best_id = p.id;
+  }
+  return best;
+}
+
+// The code of `p` a thread could be running: its replacements and its islands.
+std::vector<AddressRange> code_of(const SymbolTable& table, const PatchRecord& p) {
+  std::vector<AddressRange> out;
+  for (auto& f : p.functions) {
+    std::string name = symbol__demangle(f.mangled) + fmt::format(" (patch {})", p.id);
+    if (auto* fn = table.function_at(f.new_address)) out.push_back({fn->address, fn->address + fn->size, name});
+    else out.push_back({f.new_address, f.new_address + 1, name});
+    if (f.island) out.push_back({f.island, f.island + arch::island_jump_size(), name + " island"});
+  }
+  return out;
+}
+
+std::vector<uint64_t> island_pages(const PatchRecord& p) {
+  std::set<uint64_t> pages;
+  const uint64_t page = static_cast<uint64_t>(::getpagesize());
+  for (auto& f : p.functions)
+    if (f.island) pages.insert(f.island & ~(page - 1));
+  return {pages.begin(), pages.end()};
+}
+
+// Unload a reverted patch once no thread can run its code (checked in one stop, strict).
+Result<std::string> try_release(Tracee& t, const SymbolTable& table, PatchRecord& p, uint64_t registry_at,
+                                Registry& registry) {
+  auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), code_of(table, p)));
+  HOTFIX_CHECK(t.stop_all());
+  auto blockers = checker.check(stopped_threads(t));
+  HOTFIX_CHECK(t.resume_all());
+  if (!blockers) return std::unexpected(blockers.error());
+  if (!blockers->empty()) return blocker__describe(blockers->front());
+  HOTFIX_CHECK(remote__dlclose(t, p.handle));
+  if (auto pages = island_pages(p); !pages.empty()) {
+    pid_t tid = t.threads().front().tid;
+    HOTFIX_CHECK(t.stop_thread(tid));
+    for (auto page : pages) (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
+    HOTFIX_CHECK(t.resume_thread(tid));
+  }
+  ::unlink(p.loaded_copy.c_str());
+  p.released = true;
+  HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped
+  auto written = registry__write(t.memory(), registry_at, registry);
+  HOTFIX_CHECK(t.resume_all());
+  HOTFIX_CHECK(written);
+  return std::string();
+}
+
+Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& registry, uint64_t registry_at,
+                                 uint32_t id, const RevertOptions& opts, const ProgressFn& progress) {
+  PatchRecord* p = registry.find(id);
+  std::vector<TextWrite> writes;
+  std::vector<AddressRange> overwritten;
+  for (auto& f : p->functions) {
+    std::string name = symbol__demangle(f.mangled);
+    if (registry.top_at(f.old_address) == p) {
+      writes.push_back({f.old_address, f.written, f.original, name});
+      overwritten.push_back(overwritten_range(f.old_address, f.written.size(), name));
+      progress(fmt::format("  restore {:#x} {}: {}", f.old_address, name, hex_bytes(f.original)));
+    } else {
+      progress(fmt::format("  {} stays with a newer patch; it now returns to what patch {} replaced", name, id));
+    }
+  }
+  auto guard = HOTFIX_TRY(make_guard(t.pid(), opts.consistency, overwritten, code_of(table, *p)));
+  Registry updated = registry;
+  auto commit_record = [&]() -> Result<void> {
+    PatchRecord* q = updated.find(id);
+    for (auto& f : q->functions)  // a newer patch above now sits on what this one replaced
+      if (auto* above = record_above(updated, id, f.old_address)) above->original = f.original;
+    q->state = PatchState::reverted;
+    q->reverted_ns = realtime_ns();
+    return registry__write(t.memory(), registry_at, updated);
+  };
+  auto sw = HOTFIX_TRY(switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress));
+  registry = updated;
+  return RevertOutcome{id, sw.pause, sw.attempts, false, {}};
+}
+
+Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertOptions& opts) {
+  std::vector<uint32_t> ids;
+  if (opts.all) {
+    for (auto& p : registry.patches)
+      if (p.state == PatchState::active) ids.push_back(p.id);
+  } else {
+    for (auto id : opts.ids) {
+      auto it = std::find_if(registry.patches.begin(), registry.patches.end(), [&](auto& p) { return p.id == id; });
+      if (it == registry.patches.end())
+        return fail(fmt::format("pid {} has no patch {}", opts.pid, id), "see the patches with `hotfix-ctl list --pid PID`");
+      if (it->state != PatchState::active)
+        return fail(fmt::format("patch {} of pid {} is already reverted", id, opts.pid), "see `hotfix-ctl list --pid PID`");
+      ids.push_back(id);
+    }
+  }
+  std::sort(ids.rbegin(), ids.rend());  // newest first: each restores what the next older wrote
+  return ids;
+}
+
+}  // namespace
+
+Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress) {
+  HOTFIX_CHECK(process__check_privileges(false, true));
+  auto registry = HOTFIX_TRY(registry__read(opts.pid));
+  auto registry_at = registry__locate(opts.pid);
+  auto ids = HOTFIX_TRY(revert_ids(registry, opts));
+  if (!registry_at) return std::vector<RevertOutcome>{};
+  auto table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+  auto tracee = HOTFIX_TRY(Tracee::seize(opts.pid));
+  std::vector<RevertOutcome> out;
+  for (auto id : ids) out.push_back(HOTFIX_TRY(revert_one(tracee, table, registry, *registry_at, id, opts, progress)));
+  // Give back the memory of every reverted patch no thread can run any more (older leftovers too).
+  for (auto& p : registry.patches) {
+    if (p.state != PatchState::reverted || p.released) continue;
+    auto held = HOTFIX_TRY(try_release(tracee, table, p, *registry_at, registry));
+    for (auto& o : out)
+      if (o.id == p.id) o.released = held.empty(), o.held_by = held;
+  }
+  return out;
+}
+
+}  // namespace hotfix

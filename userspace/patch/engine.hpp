@@ -1,0 +1,97 @@
+// The patch transaction: resolve -> plan -> stop -> check -> write -> record.
+//
+// All functions of one patch switch during one stop of every thread, or none do. Before the
+// stop window: the plan, the prologue checks, the injection of the bound fix library (with
+// the other threads running, see remote__inject_library), its fixups, islands and the
+// registry mapping. Inside it: verify the bytes, check consistency, write the jumps, record.
+// A failure anywhere leaves the target as it was: what was loaded is unloaded, what was
+// mapped is unmapped, no byte of text is changed.
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "arch/arch.hpp"
+#include "common/error.hpp"
+#include "patch/consistency.hpp"
+#include "patch/plan.hpp"
+#include "patch/registry.hpp"
+#include "symbols/symbols.hpp"
+
+namespace hotfix {
+
+enum class Consistency { strict, entry };
+const char* consistency__name(Consistency c);
+
+struct PatchOptions {
+  pid_t pid = 0;
+  std::string library;                // fix.so
+  std::vector<std::string> patterns;  // empty: everything fix.so replaces
+  std::string object;                 // --object
+  Consistency consistency = Consistency::strict;
+  std::chrono::milliseconds timeout = std::chrono::seconds(10);  // strict mode's wait for quiescence
+  std::string patch_dir = "/run/hotfix";
+};
+
+// One function of a prepared patch: what will change where.
+struct PlannedSwitch {
+  PlanEntry entry;
+  arch::EntryCheck check;          // what the jump covers
+  std::vector<uint8_t> current;    // bytes at the entry now (file bytes, or an earlier patch's jump)
+  const PatchRecord* stacked_on = nullptr;  // the active patch whose jump is there now
+  uint64_t new_address = 0;        // known once fix.so is loaded
+  uint64_t island = 0;             // set when the replacement is out of a direct jump's reach
+  std::vector<uint8_t> jump;       // the bytes to write, known once fix.so is loaded
+};
+
+struct PreparedPatch {
+  PatchOptions options;
+  SymbolTable table;
+  Registry registry;
+  uint32_t id = 0;
+  std::string executable;
+  std::vector<PlannedSwitch> switches;
+};
+
+// Resolve and plan without touching the target: every refusal that needs no ptrace happens
+// here (bad library, no match, no replacement, ambiguity, a function too short or with a
+// branch into its first bytes).
+Result<PreparedPatch> patch__prepare(const PatchOptions& opts);
+
+// Progress lines for the CLI ("injected ...", "attempt 2: thread 77 is inside ...").
+using ProgressFn = std::function<void(const std::string&)>;
+
+struct PatchOutcome {
+  uint32_t id = 0;
+  std::chrono::nanoseconds pause{};  // longest time any thread was stopped, over all attempts
+  int attempts = 0;
+  std::vector<FunctionRecord> functions;
+  std::string loaded_copy;
+};
+
+// Apply a prepared patch. The plan's jump bytes are filled in (and reported through
+// `progress`) once the library is loaded, before the stop.
+Result<PatchOutcome> patch__apply(PreparedPatch& prepared, const ProgressFn& progress);
+
+struct RevertOptions {
+  pid_t pid = 0;
+  std::vector<uint32_t> ids;  // empty with all = true: every active patch, newest first
+  bool all = false;
+  Consistency consistency = Consistency::strict;
+  std::chrono::milliseconds timeout = std::chrono::seconds(10);
+};
+
+struct RevertOutcome {
+  uint32_t id = 0;
+  std::chrono::nanoseconds pause{};
+  int attempts = 0;
+  bool released = false;  // fix.so unloaded and islands unmapped
+  std::string held_by;    // why its memory is still held, when not released
+};
+
+Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress);
+
+}  // namespace hotfix

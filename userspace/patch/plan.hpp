@@ -1,0 +1,46 @@
+// The patch plan: which function of the running target is replaced by which function of
+// fix.so. A replacement is found by the MANGLED name: the user copied the buggy function
+// into fix.cpp and kept its name and signature.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+#include "patch/fixlib.hpp"
+#include "symbols/symbols.hpp"
+
+namespace hotfix {
+
+struct PlanEntry {
+  Function target;            // the live function whose entry gets the jump
+  std::string replacement;    // its replacement's symbol in fix.so (same mangled name)
+  uint64_t replacement_value = 0;  // st_value in fix.so: runtime address = load base + this
+  uint64_t replacement_size = 0;
+};
+
+struct PatchPlan {
+  std::string library;        // fix.so as given by the user
+  std::vector<PlanEntry> entries;
+};
+
+struct PlanOptions {
+  std::vector<std::string> patterns;  // symbols__select syntax; empty = everything fix.so replaces
+  std::string object;                 // --object: restrict the target functions to one object
+  // Objects under this directory are earlier fix libraries, never patch targets themselves.
+  std::string patch_dir = "/run/hotfix/";
+};
+
+// Match `fix` against the target's functions. Errors: a selected target function without a
+// replacement ("fix.so has no replacement for X", with close names in fix.so), a name that
+// means several target functions (lists them with object, address and source file), and a
+// fix.so that replaces nothing.
+Result<PatchPlan> plan__build(const SymbolTable& target, const FixLibrary& fix, const PlanOptions& opts = {});
+
+// "helper(int) in /path/exe at 0x1139 (bind_twins_a.cpp:7)": a candidate in an ambiguity error.
+std::string plan__describe(const SymbolTable& table, const Function& f);
+
+// The source file:line DWARF gives for `f` (empty when there is no debug info).
+std::string plan__source_of(const SymbolTable& table, const Function& f);
+
+}  // namespace hotfix

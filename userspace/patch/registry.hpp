@@ -1,0 +1,72 @@
+// The record of applied patches, kept INSIDE the target process so that any later
+// hotfix-ctl (after the first one exited or was killed) can list and revert.
+//
+// It lives in a small shared memfd mapping named "hotfix-registry" that the engine creates
+// in the target (/proc/PID/maps shows "/memfd:hotfix-registry (deleted)"). Its content is
+// a checksummed header followed by plain text, one record per line, so that an operator can
+// read it with `cat /proc/PID/map_files/<range>` when everything else fails.
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+
+namespace hotfix {
+
+class ProcessMemory;
+
+enum class PatchState { active, reverted };
+const char* patch_state__name(PatchState s);
+
+struct FunctionRecord {
+  std::string mangled;            // the target function's symbol
+  uint64_t old_address = 0;       // its entry in the target
+  uint64_t new_address = 0;       // the replacement's entry
+  uint64_t island = 0;            // the island used for an out-of-reach jump, 0 if none
+  std::vector<uint8_t> original;  // bytes at old_address before this patch (restored by revert)
+  std::vector<uint8_t> written;   // bytes this patch wrote there
+};
+
+struct PatchRecord {
+  uint32_t id = 0;
+  PatchState state = PatchState::active;
+  uint64_t applied_ns = 0;  // CLOCK_REALTIME
+  uint64_t reverted_ns = 0;
+  std::string library;      // fix.so as the user gave it
+  std::string loaded_copy;  // the bound copy the target dlopen()ed
+  uint64_t handle = 0;      // dlopen handle in the target
+  uint64_t load_base = 0;
+  bool released = false;    // reverted and its memory given back (dlclose, islands unmapped)
+  std::string consistency;  // "strict" or "entry"
+  std::vector<FunctionRecord> functions;
+};
+
+struct Registry {
+  uint32_t next_id = 1;
+  std::vector<PatchRecord> patches;
+
+  PatchRecord* find(uint32_t id);
+  // The active patch whose jump currently sits at `old_address` (the top of the stack), if any.
+  const PatchRecord* top_at(uint64_t old_address) const;
+};
+
+constexpr const char* kRegistryName = "hotfix-registry";
+constexpr size_t kRegistrySize = 1 << 20;  // memfd size; pages are only used as written
+
+// Serialised form (header + text) and back. decode fails on a bad magic or checksum.
+std::vector<uint8_t> registry__encode(const Registry& r);
+Result<Registry> registry__decode(const std::vector<uint8_t>& bytes);
+
+// Where the registry is mapped in `pid`, if it has one.
+std::optional<uint64_t> registry__locate(pid_t pid);
+// Read the registry of `pid` without stopping it; an empty registry if there is none.
+Result<Registry> registry__read(pid_t pid);
+// Overwrite the registry mapped at `address` (the caller holds the target with ptrace, which
+// is what keeps two hotfix-ctl from writing at once: a second one cannot seize it).
+Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const Registry& r);
+
+}  // namespace hotfix

@@ -1,0 +1,519 @@
+#include "process/ptrace.hpp"
+
+#include <sched.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "process/maps.hpp"
+
+namespace hotfix {
+
+namespace {
+
+using namespace std::chrono;
+
+// Only what we need to see; no PTRACE_O_EXITKILL: the target must outlive us.
+constexpr long kSeizeOptions = PTRACE_O_TRACECLONE;
+
+long ptrace_req(int request, pid_t tid, unsigned long addr = 0, unsigned long data = 0) {
+  return ::ptrace(static_cast<__ptrace_request>(request), tid, reinterpret_cast<void*>(addr),
+                  reinterpret_cast<void*>(data));
+}
+
+int stop_event(int status) { return status >> 16; }
+
+bool is_group_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
+
+StopKind classify_stop(int status) {
+  int event = stop_event(status);
+  if (event == 0) return StopKind::signal;
+  if (event == PTRACE_EVENT_STOP) return is_group_stop_signal(WSTOPSIG(status)) ? StopKind::group : StopKind::interrupt;
+  return StopKind::event;
+}
+
+// A field of /proc/PID/status ("TracerPid", "PPid", "State"), or "".
+std::string status_field(pid_t pid, const std::string& key) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) != 0) continue;
+    auto v = line.substr(key.size() + 1);
+    v.erase(0, v.find_first_not_of(" \t"));
+    return v;
+  }
+  return {};
+}
+
+std::string signal_name(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  return abbrev ? fmt::format("SIG{}", abbrev) : fmt::format("signal {}", sig);
+}
+
+std::string describe_exit(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with code {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return fmt::format("killed by {}", signal_name(WTERMSIG(status)));
+  return "exited";
+}
+
+// Backoff for polling waits: spin (yield) first -- stops come within microseconds -- then sleep.
+struct Backoff {
+  int rounds = 0;
+  void pause() {
+    if (++rounds < 50) {
+      ::sched_yield();
+      return;
+    }
+    std::this_thread::sleep_for(microseconds(std::min(1000, 20 * (rounds - 49))));
+  }
+};
+
+}  // namespace
+
+const char* stop_kind__name(StopKind k) {
+  switch (k) {
+    case StopKind::running: return "running";
+    case StopKind::interrupt: return "interrupt-stop";
+    case StopKind::signal: return "signal-delivery-stop";
+    case StopKind::group: return "group-stop";
+    case StopKind::event: return "event-stop";
+  }
+  return "?";
+}
+
+pid_t process__tracer(pid_t pid) {
+  auto v = status_field(pid, "TracerPid");
+  return v.empty() ? 0 : static_cast<pid_t>(std::stol(v));
+}
+
+// ---------------------------------------------------------------- seize
+
+Result<Tracee> Tracee::seize(pid_t pid) {
+  HOTFIX_CHECK(process__check_alive(pid));
+  if (pid_t tracer = process__tracer(pid); tracer != 0)
+    return fail(fmt::format("process {} ({}) is already traced by pid {} ({})", pid, process__comm(pid), tracer,
+                            process__comm(tracer)),
+                "detach the debugger or tracer first (gdb: `detach`; strace: stop it), then retry");
+  auto state = status_field(pid, "State");
+  if (!state.empty() && (state[0] == 'T' || state[0] == 't'))
+    return fail(fmt::format("process {} ({}) is stopped ({})", pid, process__comm(pid), state),
+                fmt::format("continue it first with `kill -CONT {}`", pid));
+  auto memory = HOTFIX_TRY(ProcessMemory::open(pid));
+  Tracee t(pid, std::move(memory));
+  t.comm_ = process__comm(pid);
+  auto ppid = status_field(pid, "PPid");
+  t.we_are_parent_ = !ppid.empty() && std::stol(ppid) == ::getpid();
+  // On failure `t` is destroyed here, which detaches whatever was seized.
+  HOTFIX_CHECK(t.seize_stable_set());
+  return t;
+}
+
+Result<void> Tracee::seize_stable_set() {
+  // A thread created by a thread we have not seized yet is only found by listing again;
+  // one created by a seized thread is auto-attached (TRACECLONE). So: list until nothing new.
+  for (;;) {
+    auto tids = process__list_threads(pid_);
+    if (!tids) {
+      gone_ = true, gone_how_ = "exited";
+      return std::unexpected(gone_error());
+    }
+    bool any_new = false;
+    for (pid_t tid : *tids) {
+      if (find(tid)) continue;
+      bool added = false;
+      HOTFIX_CHECK(seize_thread(tid, added));
+      any_new = any_new || added;
+    }
+    if (!any_new) break;
+  }
+  if (threads_.empty() || !process__alive(pid_)) {
+    gone_ = true, gone_how_ = "exited";
+    return std::unexpected(gone_error());
+  }
+  return {};
+}
+
+Result<void> Tracee::seize_thread(pid_t tid, bool& added) {
+  if (ptrace_req(PTRACE_SEIZE, tid, 0, kSeizeOptions) == 0) {
+    add_thread(tid, false);
+    added = true;
+    return {};
+  }
+  int err = errno;
+  if (err == ESRCH) return {};  // it exited between listing and seizing
+  if (err == EPERM && process__tracer(tid) == ::getpid()) {
+    add_thread(tid, true);  // auto-attached as the child of a thread we had seized
+    added = true;
+    return {};
+  }
+  if (err == EPERM) {
+    pid_t tracer = process__tracer(tid);
+    if (tracer != 0)
+      return fail(fmt::format("process {} ({}) is already traced by pid {} ({})", pid_, comm_, tracer, process__comm(tracer)),
+                  "detach the debugger or tracer first (gdb: `detach`; strace: stop it), then retry");
+    return fail(fmt::format("not allowed to ptrace process {} ({}): {}", pid_, comm_, errno_text(err)),
+                "run hotfix-ctl as root; check kernel.yama.ptrace_scope and seccomp/LSM policy");
+  }
+  return fail(fmt::format("cannot attach to thread {} of process {}: {}", tid, pid_, errno_text(err)));
+}
+
+TracedThread& Tracee::add_thread(pid_t tid, bool awaiting_first_stop) {
+  TracedThread th;
+  th.tid = tid;
+  th.awaiting_first_stop = awaiting_first_stop;
+  threads_.push_back(th);
+  return threads_.back();
+}
+
+Tracee::Tracee(Tracee&& o) noexcept
+    : pid_(o.pid_),
+      comm_(std::move(o.comm_)),
+      we_are_parent_(o.we_are_parent_),
+      gone_(o.gone_),
+      gone_how_(std::move(o.gone_how_)),
+      detached_(o.detached_),
+      memory_(std::move(o.memory_)),
+      threads_(std::move(o.threads_)),
+      pause_(o.pause_),
+      cache_(o.cache_) {
+  o.detached_ = true;
+  o.threads_.clear();
+}
+
+Tracee::~Tracee() {
+  if (detached_) return;
+  if (auto r = detach(); !r)
+    std::fprintf(stderr, "hotfix: warning: %s\n", r.error().line().c_str());
+}
+
+TracedThread* Tracee::find(pid_t tid) {
+  for (auto& th : threads_)
+    if (th.tid == tid && !th.exited) return &th;
+  return nullptr;
+}
+
+bool Tracee::all_stopped() const {
+  return std::all_of(threads_.begin(), threads_.end(), [](auto& th) { return th.exited || th.stopped(); });
+}
+
+Error Tracee::gone_error() const {
+  return Error{fmt::format("process {} ({}) {} while hotfix was attached to it", pid_, comm_, gone_how_),
+               "nothing was left behind; restart the service if that was not expected", 1};
+}
+
+Result<void> Tracee::check_alive() const {
+  if (gone_) return std::unexpected(gone_error());
+  return {};
+}
+
+// ---------------------------------------------------------------- waiting
+
+pid_t Tracee::poll(pid_t tid, int& status) {
+  if (tid == pid_ && we_are_parent_) {
+    // Peek first: the leader's final exit status belongs to its parent -- which is us (tests).
+    siginfo_t si{};
+    if (::waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | WNOHANG | WNOWAIT) != 0) return -1;
+    if (si.si_pid == 0) return 0;
+    if (si.si_code == CLD_EXITED || si.si_code == CLD_KILLED || si.si_code == CLD_DUMPED) {
+      status = si.si_code == CLD_EXITED ? W_EXITCODE(si.si_status, 0) : W_EXITCODE(0, si.si_status);
+      return tid;
+    }
+  }
+  return ::waitpid(tid, &status, __WALL | WNOHANG);
+}
+
+void Tracee::note_status(TracedThread& th, int status) {
+  if (WIFEXITED(status) || WIFSIGNALED(status)) {
+    th.exited = true;
+    th.stop = StopKind::running;
+    if (th.tid == pid_) gone_ = true, gone_how_ = describe_exit(status);
+    return;
+  }
+  if (!WIFSTOPPED(status)) return;
+  th.stop = classify_stop(status);
+  th.awaiting_first_stop = false;
+  if (th.stop_began == TraceClock::time_point{}) th.stop_began = TraceClock::now();
+  if (stop_event(status) == PTRACE_EVENT_CLONE) {
+    unsigned long child = 0;
+    if (ptrace_req(PTRACE_GETEVENTMSG, th.tid, 0, reinterpret_cast<unsigned long>(&child)) == 0 &&
+        !find(static_cast<pid_t>(child))) {
+      add_thread(static_cast<pid_t>(child), true);  // may reallocate: `th` is not used after this
+    }
+  }
+}
+
+void Tracee::defer_signal(pid_t tid, int sig) {
+  auto* th = find(tid);
+  if (!th || sig == 0) return;
+  if (th->resume_signal == 0) {
+    th->resume_signal = sig;
+    siginfo_t si{};
+    if (ptrace_req(PTRACE_GETSIGINFO, tid, 0, reinterpret_cast<unsigned long>(&si)) == 0) th->resume_info = si;
+  } else {
+    th->late_signals.push_back(sig);
+  }
+}
+
+void Tracee::pass_through(TracedThread& th, int status) {
+  if (!WIFSTOPPED(status)) return;
+  int sig = stop_event(status) == 0 ? WSTOPSIG(status) : 0;
+  int request = th.stop == StopKind::group ? PTRACE_LISTEN : PTRACE_CONT;
+  if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(sig)) != 0 && errno == ESRCH) th.exited = true;
+  th.stop = StopKind::running;
+  th.stop_began = {};
+}
+
+Result<void> Tracee::pump(std::chrono::milliseconds budget) {
+  auto deadline = TraceClock::now() + budget;
+  do {
+    size_t before = threads_.size();
+    for (size_t i = 0; i < threads_.size(); ++i) {  // by index: a clone event appends
+      int status = 0;
+      while (!threads_[i].exited && poll(threads_[i].tid, status) == threads_[i].tid) {
+        bool was_running = !threads_[i].stopped();
+        note_status(threads_[i], status);
+        // A thread we hold can only report its death (SIGKILL); a running one is let go on.
+        if (!was_running) break;
+        pass_through(threads_[i], status);
+      }
+    }
+    forget_exited();
+    HOTFIX_CHECK(check_alive());
+    // The leader's death is reported only after every other thread's: look again at once.
+    if (threads_.size() < before) continue;
+    if (TraceClock::now() >= deadline) break;
+    std::this_thread::sleep_for(milliseconds(1));
+  } while (TraceClock::now() < deadline);
+  return {};
+}
+
+Result<int> Tracee::wait_stop(pid_t tid, TraceClock::time_point deadline) {
+  Backoff backoff;
+  auto next_service = TraceClock::now() + microseconds(200);
+  for (;;) {
+    auto* th = find(tid);
+    if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
+    int status = 0;
+    pid_t r = poll(tid, status);
+    if (r == tid) {
+      note_status(*th, status);
+      forget_exited();
+      if (WIFEXITED(status) || WIFSIGNALED(status)) {
+        HOTFIX_CHECK(check_alive());
+        return fail(fmt::format("thread {} of process {} ({}) {}", tid, pid_, comm_, describe_exit(status)));
+      }
+      return status;
+    }
+    if (r < 0 && errno == ECHILD) {
+      th->exited = true;
+      forget_exited();
+      HOTFIX_CHECK(check_alive());
+      return fail(fmt::format("thread {} of process {} vanished", tid, pid_));
+    }
+    auto now = TraceClock::now();
+    if (now >= next_service) {  // others may be stopped by a signal and waiting for us
+      for (size_t i = 0; i < threads_.size(); ++i) {  // by index: a clone appends
+        if (threads_[i].tid == tid || threads_[i].exited || threads_[i].stopped()) continue;
+        int st = 0;
+        if (poll(threads_[i].tid, st) == threads_[i].tid) {
+          note_status(threads_[i], st);
+          pass_through(threads_[i], st);
+        }
+      }
+      forget_exited();
+      HOTFIX_CHECK(check_alive());
+      next_service = now + microseconds(200);
+    }
+    if (now >= deadline) return fail(fmt::format("thread {} of process {} did not stop in time", tid, pid_));
+    backoff.pause();
+  }
+}
+
+void Tracee::forget_exited() {
+  std::erase_if(threads_, [](const TracedThread& th) { return th.exited; });
+}
+
+// ---------------------------------------------------------------- stop / resume
+
+Result<void> Tracee::stop_all(std::chrono::milliseconds timeout) { return stop_all_impl(timeout, true); }
+
+Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resume_on_failure) {
+  HOTFIX_CHECK(check_alive());
+  HOTFIX_CHECK(pump());  // stops already pending are not ours: deliver them before the window
+  window_began_ = TraceClock::now();
+  // Interrupt everything first, then collect: the threads stop in parallel on every core.
+  for (auto& th : threads_) {
+    if (th.stopped() || th.awaiting_first_stop) continue;
+    th.stop_began = TraceClock::now();
+    if (ptrace_req(PTRACE_INTERRUPT, th.tid) != 0 && errno == ESRCH) th.exited = true;
+  }
+  std::vector<size_t> pending;
+  for (size_t i = 0; i < threads_.size(); ++i)
+    if (!threads_[i].exited && !threads_[i].stopped()) pending.push_back(i);
+
+  auto deadline = window_began_ + timeout;
+  Backoff backoff;
+  while (!pending.empty()) {
+    size_t known = threads_.size();
+    bool progress = false;
+    std::erase_if(pending, [&](size_t i) {
+      auto& th = threads_[i];
+      int status = 0;
+      pid_t r = poll(th.tid, status);
+      if (r == 0) return false;
+      progress = true;
+      if (r < 0) {
+        th.exited = true;
+        return true;
+      }
+      note_status(threads_[i], status);  // may append a new thread (no reallocation hazard: index)
+      auto& t2 = threads_[i];
+      if (t2.exited) return true;
+      if (t2.stop == StopKind::signal) defer_signal(t2.tid, WSTOPSIG(status));
+      if (auto rr = arch::regs__read(t2.tid, t2.regs); !rr && errno == ESRCH) t2.exited = true;
+      return true;
+    });
+    for (size_t i = known; i < threads_.size(); ++i) pending.push_back(i);  // new threads: their first stop
+    if (gone_) break;
+    if (progress) {
+      backoff = {};
+      continue;
+    }
+    if (TraceClock::now() >= deadline) break;
+    backoff.pause();
+  }
+  forget_exited();
+  pause_ = {};
+  pause_.threads = threads_.size();
+  pause_.stop_latency = TraceClock::now() - window_began_;
+  if (gone_) return std::unexpected(gone_error());
+  if (!pending.empty()) {
+    std::string stuck;
+    for (auto& th : threads_)
+      if (!th.stopped()) stuck += fmt::format("{}{} (state {})", stuck.empty() ? "" : ", ", th.tid, status_field(th.tid, "State"));
+    if (resume_on_failure) (void)resume_all();
+    return fail(fmt::format("could not stop every thread of process {} ({}) within {} ms: {} did not stop", pid_, comm_,
+                            timeout.count(), stuck),
+                "a thread in uninterruptible sleep (state D: disk, NFS, vfork) cannot be stopped; retry later");
+  }
+  return {};
+}
+
+Result<void> Tracee::resume_one(TracedThread& th, bool detach) {
+  if (!th.stopped()) return {};
+  Result<void> result;
+  if (th.regs_dirty) {
+    result = arch::regs__write(th.tid, th.regs);
+    th.regs_dirty = !result;
+  }
+  if (th.resume_info && th.resume_signal == th.resume_info->si_signo)
+    (void)ptrace_req(PTRACE_SETSIGINFO, th.tid, 0, reinterpret_cast<unsigned long>(&*th.resume_info));
+  int request = detach ? PTRACE_DETACH : th.stop == StopKind::group ? PTRACE_LISTEN : PTRACE_CONT;
+  if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(th.resume_signal)) != 0) {
+    int err = errno;
+    if (err == ESRCH) th.exited = true;
+    else if (result) result = fail(fmt::format("cannot resume thread {} of process {}: {}", th.tid, pid_, errno_text(err)));
+  }
+  for (int sig : th.late_signals) ::syscall(SYS_tgkill, pid_, th.tid, sig);
+  auto held = TraceClock::now() - th.stop_began;
+  pause_.max_pause = std::max<std::chrono::nanoseconds>(pause_.max_pause, held);
+  th.stop = StopKind::running;
+  th.resume_signal = 0;
+  th.resume_info.reset();
+  th.late_signals.clear();
+  th.stop_began = {};
+  return result;
+}
+
+Result<void> Tracee::resume_all() {
+  Result<void> first_error;
+  pause_.max_pause = {};
+  for (auto& th : threads_) {  // the order they were interrupted: the longest-held go first
+    auto r = resume_one(th, false);
+    if (!r && first_error) first_error = r;
+  }
+  pause_.window = TraceClock::now() - window_began_;
+  forget_exited();
+  return first_error;
+}
+
+Result<void> Tracee::stop_thread(pid_t tid, std::chrono::milliseconds timeout) {
+  HOTFIX_CHECK(check_alive());
+  auto* th = find(tid);
+  if (!th) return fail(fmt::format("thread {} is not part of process {} ({})", tid, pid_, comm_));
+  if (th->stopped()) return {};
+  HOTFIX_CHECK(pump());
+  th = find(tid);
+  if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
+  if (th->stopped()) return {};
+  th->stop_began = TraceClock::now();
+  if (!th->awaiting_first_stop && ptrace_req(PTRACE_INTERRUPT, tid) != 0)
+    return fail(fmt::format("cannot interrupt thread {} of process {}: {}", tid, pid_, errno_text(errno)));
+  int status = HOTFIX_TRY(wait_stop(tid, TraceClock::now() + timeout));
+  th = find(tid);
+  if (th->stop == StopKind::signal) defer_signal(tid, WSTOPSIG(status));
+  return arch::regs__read(tid, th->regs);
+}
+
+Result<void> Tracee::resume_thread(pid_t tid) {
+  auto* th = find(tid);
+  if (!th) return check_alive();
+  return resume_one(*th, false);
+}
+
+Result<void> Tracee::set_regs(pid_t tid, const arch::RegsBuffer& regs) {
+  auto* th = find(tid);
+  if (!th || !th->stopped()) return fail(fmt::format("thread {} is not stopped by us", tid));
+  th->regs_dirty = true;
+  return arch::regs__write(tid, regs);
+}
+
+Result<void> Tracee::restore_regs(pid_t tid) {
+  auto* th = find(tid);
+  if (!th) return check_alive();
+  if (!th->regs_dirty) return {};
+  HOTFIX_CHECK(arch::regs__write(tid, th->regs));
+  th->regs_dirty = false;
+  return {};
+}
+
+Result<void> Tracee::step(pid_t tid, int request, int sig) {
+  auto* th = find(tid);
+  if (!th || !th->stopped()) return fail(fmt::format("thread {} is not stopped by us", tid));
+  if (ptrace_req(request, tid, 0, static_cast<unsigned long>(sig)) != 0)
+    return fail(fmt::format("cannot resume thread {} of process {}: {}", tid, pid_, errno_text(errno)));
+  th->stop = StopKind::running;
+  return {};
+}
+
+// ---------------------------------------------------------------- detach
+
+Result<void> Tracee::detach() {
+  if (detached_) return {};
+  detached_ = true;
+  if (gone_ || threads_.empty()) return {};
+  // PTRACE_DETACH needs a stopped thread. A thread that will not stop (state D) keeps a
+  // pending interrupt; the kernel releases it when we exit.
+  Result<void> result;
+  if (!all_stopped()) {
+    result = stop_all_impl(std::chrono::seconds(5), false);
+    if (!result && gone_) return {};
+  }
+  for (auto& th : threads_) {
+    if (!th.stopped()) continue;
+    auto r = resume_one(th, true);
+    if (!r && result) result = r;
+  }
+  threads_.clear();
+  return result;
+}
+
+}  // namespace hotfix

@@ -1,0 +1,80 @@
+// Running code inside a traced process: system calls and function calls on ONE stopped
+// thread (the others may keep running), and loading a library with the target's own dlopen.
+// Every operation restores the thread's registers before returning, success or failure.
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <initializer_list>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+#include "process/ptrace.hpp"
+
+namespace hotfix {
+
+// ---- system calls (the thread must be stopped: Tracee::stop_all or stop_thread) ----
+// Executes system call `nr` in `tid` at a syscall instruction found in the target ([vdso]
+// or libc text), single-stepping over it. Returns the raw result (negative errno).
+Result<long> remote__syscall(Tracee& t, pid_t tid, long nr, std::initializer_list<uint64_t> args,
+                             std::chrono::milliseconds timeout = std::chrono::seconds(2));
+
+Result<uint64_t> remote__mmap(Tracee& t, pid_t tid, uint64_t addr, uint64_t len, int prot, int flags, int fd = -1,
+                              uint64_t offset = 0);
+Result<void> remote__munmap(Tracee& t, pid_t tid, uint64_t addr, uint64_t len);
+Result<void> remote__mprotect(Tracee& t, pid_t tid, uint64_t addr, uint64_t len, int prot);
+Result<void> remote__close(Tracee& t, pid_t tid, int fd);
+// Anonymous private pages within reach of `near` (arch::near_jump_reach(): a jump from
+// `near` can reach any byte of them), in a gap of /proc/PID/maps, with MAP_FIXED_NOREPLACE.
+Result<uint64_t> remote__mmap_near(Tracee& t, pid_t tid, uint64_t near, uint64_t len, int prot);
+
+// A shared memfd mapping in the target: memfd "name" (visible in /proc/PID/fd as
+// "/memfd:name"), sized `size`, mapped MAP_SHARED with `prot`. The fd stays open in the target
+// so the tracer can map the same pages through /proc/PID/fd/<fd>.
+struct RemoteMemfd {
+  int fd = -1;           // in the target
+  uint64_t address = 0;  // in the target
+  uint64_t size = 0;
+};
+Result<RemoteMemfd> remote__map_memfd(Tracee& t, pid_t tid, const std::string& name, uint64_t size, int prot);
+
+// ---- function calls ----
+// Calls `fn(args...)` in `tid` (stopped, usable_for_remote) and returns its return value.
+// Other threads keep their state (running or stopped). Signals the thread receives meanwhile
+// are held and delivered when it is resumed; a crash inside the call (SIGSEGV...) or no
+// return within `timeout` fails the call, restoring the thread's registers (general and
+// FP/vector) -- the code it ran may have left state behind, and the error says so.
+Result<uint64_t> remote__call(Tracee& t, pid_t tid, uint64_t fn, std::span<const uint64_t> args,
+                              std::chrono::milliseconds timeout = std::chrono::seconds(5));
+
+// ---- loading libraries with the target's own dynamic loader ----
+struct InjectOptions {
+  std::chrono::milliseconds choose_timeout = std::chrono::seconds(3);  // to find a safe thread
+  std::chrono::milliseconds call_timeout = std::chrono::seconds(10);   // for dlopen itself
+};
+struct Injection {
+  uint64_t handle = 0;  // dlopen's handle in the target
+  pid_t tid = 0;        // the thread that ran it
+};
+// dlopen(path, RTLD_NOW) in the target, on a thread that holds no loader or malloc lock,
+// while every other thread keeps running (so a lock they hold gets released). Requires no
+// thread to be stopped by us. Never retried once started: constructors run at most once. On
+// failure the target's dlerror() text is in the error.
+Result<Injection> remote__inject_library(Tracee& t, const std::string& path, const InjectOptions& opts = {});
+// dlclose(handle) the same way (for reverted patches).
+Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& opts = {});
+// dlsym(handle, name) the same way; 0 if not found.
+Result<uint64_t> remote__dlsym(Tracee& t, uint64_t handle, const std::string& name, const InjectOptions& opts = {});
+
+// Stop one thread that is not inside the dynamic loader or the malloc/fork/dlopen family of
+// libc (checked at its pc and by a conservative scan of its stack for return addresses),
+// trying each thread in turn and letting them run in between, until `timeout`.
+Result<pid_t> remote__stop_safe_thread(Tracee& t, std::chrono::milliseconds timeout);
+
+// Why `tid` (stopped) would be unsafe to run the loader on, or "" if safe.
+Result<std::string> remote__lock_frame(Tracee& t, pid_t tid);
+
+}  // namespace hotfix

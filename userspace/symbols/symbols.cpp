@@ -1,0 +1,450 @@
+// Symbol tables of ELF objects, read with libdwfl: it picks the best symbol table of a
+// file (.symtab, else the separate debug file's, else .dynsym) and adds MiniDebugInfo
+// (.gnu_debugdata). We supply the debug-file lookup ourselves (build-id, then
+// .gnu_debuglink) so the debug root is configurable and nothing ever reaches the
+// network (elfutils' standard lookup may call debuginfod when DEBUGINFOD_URLS is set).
+#include "symbols/symbols.hpp"
+
+#include <cxxabi.h>
+#include <elfutils/libdwelf.h>
+#include <elfutils/libdwfl.h>
+#include <fcntl.h>
+#include <gelf.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <unordered_set>
+
+#include "common/unique_fd.hpp"
+#include "process/maps.hpp"
+
+namespace hotfix {
+
+const char* binding__name(Binding b) {
+  switch (b) {
+    case Binding::global: return "global";
+    case Binding::weak: return "weak";
+    case Binding::local: return "local";
+  }
+  return "?";
+}
+
+std::string symbols__demangle(const std::string& symbol) {
+  if (!symbol.starts_with("_Z")) return symbol;
+  int status = 0;
+  char* text = abi::__cxa_demangle(symbol.c_str(), nullptr, nullptr, &status);
+  if (!text) return symbol;
+  std::string out(text);
+  std::free(text);
+  return out;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- one ELF file
+
+// A symbol as the file defines it, before it is placed in a process.
+struct RawSymbol {
+  std::string name;  // without a version suffix ("memcpy", not "memcpy@@GLIBC_2.14")
+  uint64_t value = 0;
+  uint64_t size = 0;
+  Binding binding = Binding::global;
+  bool exported = false;
+  bool function = false;
+};
+
+// The symbols of one ELF file with file-relative addresses (st_value) and file offsets.
+struct ElfSymbols {
+  bool position_independent = false;  // ET_DYN: loaded at a bias
+  std::vector<GElf_Phdr> loads;       // PT_LOAD segments
+  std::string build_id;
+  std::string debug_file;
+  std::vector<Function> functions;  // address = st_value, object empty
+  std::vector<Function> variables;
+};
+
+// What our debug-file lookup needs to know about the module it is called for.
+struct DebugLookup {
+  std::string debug_root;
+  std::string object_path;  // the object's real path: its directory is where debuglinks point
+  std::string build_id;     // hex; a candidate must carry the same one
+  std::string found;        // the debug file used, if any
+};
+
+std::string hex(const unsigned char* bytes, size_t n) {
+  std::string s;
+  for (size_t i = 0; i < n; i++) s += fmt::format("{:02x}", bytes[i]);
+  return s;
+}
+
+std::string elf__build_id(Elf* elf) {
+  const void* id = nullptr;
+  ssize_t n = dwelf_elf_gnu_build_id(elf, &id);
+  return n > 0 ? hex(static_cast<const unsigned char*>(id), static_cast<size_t>(n)) : "";
+}
+
+// An fd for `path` if it is an ELF file whose build-id is `want` (any, when `want` is empty).
+int debug_candidate__open(const std::string& path, const std::string& object_path, const std::string& want) {
+  struct stat a, b;
+  // A debuglink naming the object itself (same directory, same name) is not a debug file.
+  if (::stat(path.c_str(), &a) != 0) return -1;
+  if (::stat(object_path.c_str(), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) return -1;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return -1;
+  Elf* elf = elf_begin(fd.get(), ELF_C_READ_MMAP, nullptr);
+  if (!elf) return -1;
+  bool ok = elf_kind(elf) == ELF_K_ELF && (want.empty() || elf__build_id(elf) == want);
+  elf_end(elf);
+  return ok ? fd.release() : -1;
+}
+
+std::string directory_of(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+int find_debuginfo(Dwfl_Module*, void** userdata, const char*, Dwarf_Addr, const char*, const char* debuglink,
+                   GElf_Word, char** debuginfo_file_name) {
+  auto* lookup = static_cast<DebugLookup*>(*userdata);
+  if (!lookup) return -1;
+  std::vector<std::string> candidates;
+  if (lookup->build_id.size() > 2)
+    candidates.push_back(fmt::format("{}/.build-id/{}/{}.debug", lookup->debug_root, lookup->build_id.substr(0, 2),
+                                     lookup->build_id.substr(2)));
+  if (debuglink && *debuglink) {
+    // The places gdb and elfutils look: next to the object, in .debug/, under the debug root.
+    std::string dir = directory_of(lookup->object_path);
+    candidates.push_back(dir + "/" + debuglink);
+    candidates.push_back(dir + "/.debug/" + debuglink);
+    candidates.push_back(lookup->debug_root + dir + "/" + debuglink);
+  }
+  for (auto& path : candidates) {
+    int fd = debug_candidate__open(path, lookup->object_path, lookup->build_id);
+    if (fd < 0) continue;
+    lookup->found = path;
+    *debuginfo_file_name = ::strdup(path.c_str());
+    return fd;
+  }
+  return -1;
+}
+
+const Dwfl_Callbacks& dwfl_callbacks() {
+  static const Dwfl_Callbacks callbacks = {
+      .find_elf = dwfl_build_id_find_elf,  // never called: we hand dwfl an open fd
+      .find_debuginfo = find_debuginfo,
+      .section_address = dwfl_offline_section_address,
+      .debuginfo_path = nullptr,
+  };
+  return callbacks;
+}
+
+Binding binding_of(unsigned char st_bind) {
+  if (st_bind == STB_LOCAL) return Binding::local;
+  if (st_bind == STB_WEAK) return Binding::weak;
+  return Binding::global;  // STB_GLOBAL, STB_GNU_UNIQUE
+}
+
+// Names of symbols the object defines in .dynsym with global or weak binding, by address.
+std::unordered_set<std::string> elf__exported(Elf* elf) {
+  std::unordered_set<std::string> out;
+  Elf_Scn* scn = nullptr;
+  while ((scn = elf_nextscn(elf, scn))) {
+    GElf_Shdr shdr;
+    if (!gelf_getshdr(scn, &shdr) || shdr.sh_type != SHT_DYNSYM || shdr.sh_entsize == 0) continue;
+    Elf_Data* data = elf_getdata(scn, nullptr);
+    if (!data) continue;
+    size_t count = shdr.sh_size / shdr.sh_entsize;
+    for (size_t i = 1; i < count; i++) {
+      GElf_Sym sym;
+      if (!gelf_getsym(data, static_cast<int>(i), &sym) || sym.st_shndx == SHN_UNDEF) continue;
+      if (GELF_ST_BIND(sym.st_info) == STB_LOCAL) continue;
+      const char* name = elf_strptr(elf, shdr.sh_link, sym.st_name);
+      if (name && *name) out.insert(fmt::format("{}@{:x}", name, sym.st_value));
+    }
+  }
+  return out;
+}
+
+uint64_t file_offset_of(const std::vector<GElf_Phdr>& loads, uint64_t value) {
+  for (auto& p : loads)
+    if (value >= p.p_vaddr && value < p.p_vaddr + p.p_filesz) return value - p.p_vaddr + p.p_offset;
+  return 0;  // not in the file (e.g. .bss)
+}
+
+int binding_rank(Binding b) { return b == Binding::global ? 0 : b == Binding::weak ? 1 : 2; }
+
+size_t underscores(const std::string& name) { return name.find_first_not_of('_'); }
+
+// One Function per address: several names there are aliases of one function. The primary
+// name is the global one, then the sized one, then the one with the fewest leading
+// underscores (`malloc`, not `__libc_malloc`: reserved names are internal), then the
+// longest (the most specific).
+std::vector<Function> group_by_address(std::vector<RawSymbol> raw, const std::vector<GElf_Phdr>& loads) {
+  std::sort(raw.begin(), raw.end(), [](const RawSymbol& a, const RawSymbol& b) {
+    if (a.value != b.value) return a.value < b.value;
+    if (binding_rank(a.binding) != binding_rank(b.binding)) return binding_rank(a.binding) < binding_rank(b.binding);
+    if ((a.size != 0) != (b.size != 0)) return a.size != 0;
+    if (underscores(a.name) != underscores(b.name)) return underscores(a.name) < underscores(b.name);
+    if (a.name.size() != b.name.size()) return a.name.size() > b.name.size();
+    return a.name < b.name;
+  });
+  std::vector<Function> out;
+  uint64_t sized_end = 0;  // end of the last sized symbol: zero-size ones inside it are labels
+  for (size_t i = 0; i < raw.size();) {
+    size_t j = i;
+    Function f;
+    f.mangled = raw[i].name;
+    f.name = symbols__demangle(raw[i].name);
+    f.address = raw[i].value;
+    f.offset = file_offset_of(loads, raw[i].value);
+    f.binding = raw[i].binding;
+    for (; j < raw.size() && raw[j].value == raw[i].value; j++) {
+      f.size = std::max(f.size, raw[j].size);
+      f.exported = f.exported || raw[j].exported;
+      if (raw[j].name != f.mangled && std::find(f.aliases.begin(), f.aliases.end(), raw[j].name) == f.aliases.end())
+        f.aliases.push_back(raw[j].name);
+    }
+    if (raw[i].size) f.size = raw[i].size;
+    i = j;
+    if (f.size == 0 && f.address < sized_end) continue;
+    sized_end = std::max(sized_end, f.address + f.size);
+    out.push_back(std::move(f));
+  }
+  return out;
+}
+
+struct DwflDeleter {
+  void operator()(Dwfl* d) const { dwfl_end(d); }
+};
+
+// The symbols of the ELF file open on `fd` (consumed); `path` is its real path (for
+// debuglinks and messages).
+Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const std::string& debug_root) {
+  std::unique_ptr<Dwfl, DwflDeleter> dwfl(dwfl_begin(&dwfl_callbacks()));
+  if (!dwfl) return fail(fmt::format("cannot start elfutils for {}: {}", path, dwfl_errmsg(-1)));
+  dwfl_report_begin(dwfl.get());
+  Dwfl_Module* mod = dwfl_report_elf(dwfl.get(), path.c_str(), path.c_str(), fd.get(), 0, true);
+  if (!mod) return fail(fmt::format("cannot read {} as ELF: {}", path, dwfl_errmsg(-1)));
+  fd.release();  // dwfl owns it now
+  dwfl_report_end(dwfl.get(), nullptr, nullptr);
+
+  GElf_Addr bias = 0;
+  Elf* elf = dwfl_module_getelf(mod, &bias);
+  GElf_Ehdr ehdr;
+  if (!elf || !gelf_getehdr(elf, &ehdr)) return fail(fmt::format("cannot read the ELF header of {}", path));
+
+  ElfSymbols out;
+  out.position_independent = ehdr.e_type == ET_DYN;
+  size_t phnum = 0;
+  elf_getphdrnum(elf, &phnum);
+  for (size_t i = 0; i < phnum; i++) {
+    GElf_Phdr ph;
+    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) out.loads.push_back(ph);
+  }
+  out.build_id = elf__build_id(elf);
+
+  DebugLookup lookup{debug_root, path, out.build_id, {}};
+  void** userdata = nullptr;
+  dwfl_module_info(mod, &userdata, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+  *userdata = &lookup;
+
+  auto exported = elf__exported(elf);
+  std::vector<RawSymbol> functions, variables;
+  int count = dwfl_module_getsymtab(mod);  // -1: no symbols at all; an empty table is fine
+  for (int i = 1; i < count; i++) {
+    GElf_Sym sym;
+    GElf_Addr addr = 0;
+    GElf_Word shndx = 0;
+    const char* name = dwfl_module_getsym_info(mod, i, &sym, &addr, &shndx, nullptr, nullptr);
+    if (!name || !*name) continue;
+    int type = GELF_ST_TYPE(sym.st_info);
+    bool function = type == STT_FUNC || type == STT_GNU_IFUNC;
+    if (!function && type != STT_OBJECT) continue;
+    // Undefined, absolute and non-allocated symbols have no address in the loaded object.
+    if (shndx == SHN_UNDEF || shndx == SHN_ABS || shndx == static_cast<GElf_Word>(-1)) continue;
+    std::string plain = name;
+    if (plain.ends_with("@plt")) continue;
+    if (auto at = plain.find('@'); at != std::string::npos) plain.resize(at);
+    RawSymbol r{plain, addr - bias, sym.st_size, binding_of(GELF_ST_BIND(sym.st_info)), false, function};
+    r.exported = r.binding != Binding::local && exported.count(fmt::format("{}@{:x}", plain, r.value));
+    (function ? functions : variables).push_back(std::move(r));
+  }
+  *userdata = nullptr;
+  out.debug_file = lookup.found;
+  out.functions = group_by_address(std::move(functions), out.loads);
+  out.variables = group_by_address(std::move(variables), out.loads);
+  return out;
+}
+
+bool is_elf(int fd) {
+  static const bool libelf_ready = elf_version(EV_CURRENT) != EV_NONE;
+  if (!libelf_ready) return false;
+  Elf* elf = elf_begin(fd, ELF_C_READ_MMAP, nullptr);
+  if (!elf) return false;
+  bool ok = elf_kind(elf) == ELF_K_ELF;
+  elf_end(elf);
+  return ok;
+}
+
+std::string default_debug_root(const SymbolOptions& opts) {
+  if (!opts.debug_root.empty()) return opts.debug_root;
+  const char* env = std::getenv("HOTFIX_DEBUG_ROOT");
+  return env && *env ? env : "/usr/lib/debug";
+}
+
+// ---------------------------------------------------------------- one process
+
+// One load of one object: its mappings, in address order.
+struct Load {
+  std::string path;  // as in /proc/PID/maps
+  std::vector<Mapping> mappings;
+};
+
+// File-backed mappings grouped into loads. A mapping at file offset 0 of a path already
+// seen starts a second load of it (dlmopen); other mappings join the latest load.
+std::vector<Load> group_loads(const std::vector<Mapping>& maps) {
+  std::vector<Load> loads;
+  std::map<std::string, size_t> latest;
+  for (auto& m : maps) {
+    if (!m.file_backed()) continue;
+    auto it = latest.find(m.path);
+    if (it == latest.end() || m.offset == 0) {
+      latest[m.path] = loads.size();
+      loads.push_back(Load{m.path, {m}});
+    } else {
+      loads[it->second].mappings.push_back(m);
+    }
+  }
+  std::erase_if(loads, [](const Load& l) {
+    return std::none_of(l.mappings.begin(), l.mappings.end(), [](const Mapping& m) { return m.executable(); });
+  });
+  return loads;
+}
+
+std::string without_deleted(std::string path) {
+  const std::string tag = " (deleted)";
+  if (path.ends_with(tag)) path.resize(path.size() - tag.size());
+  return path;
+}
+
+// The file behind a mapping. /proc/PID/map_files is the inode actually mapped (right even
+// when the file on disk was replaced or deleted, or lives in another mount namespace).
+UniqueFd open_mapped(pid_t pid, const Mapping& m) {
+  UniqueFd fd(::open(fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, m.start, m.end).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) fd.reset(::open(fmt::format("/proc/{}/root{}", pid, without_deleted(m.path)).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) fd.reset(::open(without_deleted(m.path).c_str(), O_RDONLY | O_CLOEXEC));
+  return fd;
+}
+
+// Load bias of an ET_DYN load: (mapping start - its file offset) - (p_vaddr - p_offset) of
+// the PT_LOAD segment that mapping comes from.
+std::optional<uint64_t> load_bias(const ElfSymbols& elf, const Load& load) {
+  if (!elf.position_independent) return 0;
+  for (auto& m : load.mappings)
+    for (auto& p : elf.loads) {
+      uint64_t page_start = p.p_offset & ~uint64_t{0xfff};
+      if (m.offset >= page_start && m.offset < p.p_offset + std::max<uint64_t>(p.p_filesz, 1))
+        return (m.start - m.offset) - (p.p_vaddr - p.p_offset);
+    }
+  return std::nullopt;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- the table
+
+struct SymbolTableBuilder {
+  SymbolTable table;
+
+  void add(const ElfSymbols& elf, const std::string& path, uint64_t bias) {
+    ObjectInfo info{path, bias, elf.build_id, elf.debug_file, elf.functions.size()};
+    table.objects_.push_back(std::move(info));
+    for (auto [from, to] : {std::pair{&elf.functions, &table.functions_}, std::pair{&elf.variables, &table.variables_}})
+      for (const Function& f : *from) {
+        Function placed = f;
+        placed.object = path;
+        placed.address += bias;
+        to->push_back(std::move(placed));
+      }
+  }
+
+  SymbolTable finish() {
+    auto by_address = [](const Function& a, const Function& b) { return a.address < b.address; };
+    std::stable_sort(table.functions_.begin(), table.functions_.end(), by_address);
+    std::stable_sort(table.variables_.begin(), table.variables_.end(), by_address);
+    return std::move(table);
+  }
+};
+
+std::string SymbolTable::where() const {
+  if (pid_) return fmt::format("pid {}", pid_);
+  return file_.empty() ? "the symbol table" : fmt::format("file {}", file_);
+}
+
+SymbolTable SymbolTable::from_records(std::vector<Function> functions, std::vector<Function> variables) {
+  SymbolTableBuilder builder;
+  for (auto* list : {&functions, &variables})
+    for (auto& f : *list) {
+      auto& objects = builder.table.objects_;
+      auto it = std::find_if(objects.begin(), objects.end(), [&](const ObjectInfo& o) { return o.path == f.object; });
+      if (it == objects.end()) it = objects.insert(objects.end(), ObjectInfo{f.object, 0, {}, {}, 0});
+      if (list == &functions) it->function_count++;
+    }
+  builder.table.functions_ = std::move(functions);
+  builder.table.variables_ = std::move(variables);
+  return builder.finish();
+}
+
+Result<SymbolTable> SymbolTable::for_file(const std::string& path, const SymbolOptions& opts) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail(fmt::format("cannot open {}: {}", path, errno_text(errno)), "check the path");
+  if (!is_elf(fd.get())) return fail(fmt::format("{} is not an ELF file", path), "give an executable or a shared library");
+  auto elf = HOTFIX_TRY(elf_symbols__load(std::move(fd), path, default_debug_root(opts)));
+  SymbolTableBuilder builder;
+  builder.table.file_ = path;
+  builder.add(elf, path, 0);
+  return builder.finish();
+}
+
+Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
+  auto maps = HOTFIX_TRY(process__read_maps(pid));
+  std::string debug_root = default_debug_root(opts);
+  SymbolTableBuilder builder;
+  builder.table.pid_ = pid;
+  std::map<std::string, ElfSymbols> parsed;  // each file once, however often it is loaded
+  for (auto& load : group_loads(maps)) {
+    auto it = parsed.find(load.path);
+    if (it == parsed.end()) {
+      UniqueFd fd = open_mapped(pid, load.mappings.front());
+      // Files we cannot open or that are not ELF (a mapped data file) contribute no symbols.
+      if (!fd || !is_elf(fd.get())) continue;
+      auto elf = elf_symbols__load(std::move(fd), without_deleted(load.path), debug_root);
+      if (!elf) continue;
+      it = parsed.emplace(load.path, std::move(*elf)).first;
+    }
+    auto bias = load_bias(it->second, load);
+    if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
+    builder.add(it->second, load.path, *bias);
+  }
+  if (builder.table.objects_.empty())
+    return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");
+  return builder.finish();
+}
+
+const Function* SymbolTable::function_at(uint64_t addr) const {
+  auto it = std::upper_bound(functions_.begin(), functions_.end(), addr,
+                             [](uint64_t a, const Function& f) { return a < f.address; });
+  // Walk back a little: a zero-size symbol may sit between a function's entry and `addr`.
+  for (int steps = 0; it != functions_.begin() && steps < 8; steps++) {
+    --it;
+    if (addr < it->address + std::max<uint64_t>(it->size, 1)) return &*it;
+  }
+  return nullptr;
+}
+
+}  // namespace hotfix
