@@ -257,6 +257,13 @@ TEST_CASE("binder: refuses what it cannot bind, and leaves no file behind") {
                                       fixture("bind_fix_tls.so"), out));
   CHECK_THAT(tls, Catch::Contains("thread-local variable `t_calls`"));
 
+  // A fix that copied the static (or defined the variable) would count in a private copy.
+  for (auto lib : {"bind_fix_copy.so", "bind_fix_defines.so"}) {
+    auto copy = error_of(binder__prepare(table_of(fixture("bind_target")), fixture("bind_target"), fixture(lib), out));
+    CHECK_THAT(copy, Catch::Contains("fix.so defines its own `g_calls`") && Catch::Contains("private copy") &&
+                         Catch::Contains("extern"));
+  }
+
   CHECK_FALSE(fs::exists(out));
   CHECK(fs::is_empty(dir.path));
 }
@@ -288,6 +295,9 @@ TEST_CASE("binder end to end: the fixed compute() in the live target uses its st
                                    dir / fmt::format("{}/1-fix.so", target.pid()));
       INFO((bound ? "" : bound.error().line()));
       REQUIRE(bound);
+      std::string bound_names;
+      for (auto& b : bound->bindings) bound_names += b.symbol + " -> " + b.target.mangled + " in " + b.target.object + "; ";
+      INFO(bound_names);
       REQUIRE(bound->fixups.size() == 3);
 
       // The target loads the copy itself, as hotfix's injected dlopen(RTLD_NOW) will.

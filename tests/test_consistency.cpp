@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -194,6 +195,17 @@ TEST_CASE("strict: a function on no stack blocks nobody; others block their own 
   for (const auto& b : two) by_tid[b.tid] = b.function;
   CHECK(by_tid[f.tid["other"]] == "other_fn");
   CHECK(by_tid[f.tid["parked"]] == "inner");
+
+  // The same function twice (aliases) is one range.
+  auto dup = strict(f, world.all_but(f.tid["hidden"]), {"inner", "inner"});
+  REQUIRE(dup.size() == 1);
+  CHECK(dup[0].function == "inner");
+}
+
+TEST_CASE("a checker for a process that does not exist is a clear error") {
+  auto checker = ConsistencyChecker::create(999999999, {AddressRange{0x1000, 0x1010, "f"}});
+  REQUIRE_FALSE(checker);
+  CHECK(checker.error().what.find("999999999") != std::string::npos);
 }
 
 TEST_CASE("strict: a stale return address under an uninitialised buffer is not a live frame") {
@@ -279,4 +291,27 @@ TEST_CASE("one checker serves several stops (retries), and its timings") {
         clear_stats.stack_bytes / 1024, pool_stats.candidates, pool_stats.total_us,
         pool_stats.unwind_us / double(pool_stats.unwound));
   }
+}
+
+TEST_CASE("a thread created after the checker: its new stack is found") {
+  require_root();
+  Fixture f;
+  auto checker = ConsistencyChecker::create(f.pid(), {f.range("target_fn")});
+  REQUIRE(checker);
+  f.child.send("spawn");
+  auto line = f.child.wait_for("tid late");
+  REQUIRE(line);
+  pid_t late = std::stoi(line->substr(9));
+  f.wait_parked(1);  // the late thread sleeps in read() too
+  StopWorld world(f.pid());
+  auto blockers = checker->check(world.all_but(f.tid["hidden"]));
+  REQUIRE(blockers);
+  CHECK(checker->last_stats().maps_reread);
+  CHECK(checker->last_stats().unwound == 3);  // parked, late (its new stack was scanned) and stale
+  REQUIRE(blockers->size() == 2);
+  std::set<pid_t> tids{(*blockers)[0].tid, (*blockers)[1].tid};
+  CHECK(tids == std::set<pid_t>{f.tid["parked"], late});
+  // The next check (a retry) needs no new read.
+  REQUIRE(checker->check(world.all_but(f.tid["hidden"])));
+  CHECK_FALSE(checker->last_stats().maps_reread);
 }

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "process/ptrace.hpp"
@@ -87,6 +89,7 @@ int main(int argc, char** argv) {
               "stop latency", "naive med", "naive max", "naive/hf");
   for (int n : counts) {
     int busy = n == 1 ? 0 : std::max(1, n / 16);
+    if (const char* b = std::getenv("BENCH_BUSY")) busy = std::min(n - 1, std::atoi(b));
     Target target;
     if (!spawn(target, n, busy)) {
       std::fprintf(stderr, "cannot start proc_threads %d\n", n);

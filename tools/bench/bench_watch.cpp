@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -41,6 +42,7 @@ class Proc {
       ::dup2(out[1], 1);
       int null = ::open("/dev/null", O_WRONLY);
       ::dup2(null, 2);
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the bench, even a killed one
       std::vector<char*> args;
       for (auto& a : argv) args.push_back(a.data());
       args.push_back(nullptr);
@@ -202,7 +204,7 @@ void bench_hit_cost(bool quick) {
     double both = with_watch(true);
     std::string bt = "not installed";
     if (bpftrace) {
-      Proc trace({"bpftrace", "-p", std::to_string(calls.pid()), "-e",
+      Proc trace({"bpftrace", "-B", "line", "-p", std::to_string(calls.pid()), "-e",
                   fmt::format("uprobe:{}:{} {{ @[probe] = count(); }}", fixture("calls"), fn)});
       bt = "failed to attach";
       if (trace.line(60000)) {  // "Attaching 1 probe..."

@@ -31,6 +31,8 @@ struct Candidate {
 // The target's symbols, indexed for the binder's two questions: "can the dynamic linker
 // bind this name by itself?" and "which target symbol is this name?".
 struct TargetIndex {
+  std::set<std::string> executable;  // the main executable's object path(s) as the table spells them
+  bool in_executable(const Function& f) const { return executable.count(f.object) > 0; }
   std::set<std::string> exported;
   std::multimap<std::string, Candidate> by_name;
   std::vector<Candidate> locals;
@@ -39,20 +41,37 @@ struct TargetIndex {
 // Dynamic symbol names may carry a version ("memcpy@GLIBC_2.14"); the binder compares bare names.
 std::string bare(const std::string& name) { return name.substr(0, name.find('@')); }
 
+std::string canonical_or_same(const std::string& path) {
+  std::error_code ec;
+  auto c = fs::canonical(path, ec);
+  return ec ? path : c.string();
+}
+
+// Hand-binding a symbol the dynamic linker can bind would be wrong for IFUNCs (memcpy) and
+// versioned symbols, so "exported" errs on the safe side: besides .dynsym definitions, any
+// global symbol of a shared library counts (the static linker turns hidden ones into locals;
+// only an executable keeps globals out of .dynsym).
+bool dynamically_visible(const TargetIndex& index, const Function& f) {
+  return f.exported || (f.binding != Binding::local && !index.in_executable(f));
+}
+
 void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool is_function) {
   for (auto& f : symbols) {
     std::vector<std::string> names{f.mangled};
     names.insert(names.end(), f.aliases.begin(), f.aliases.end());
     for (auto& n : names) {
-      if (f.exported) index.exported.insert(bare(n));
+      if (dynamically_visible(index, f)) index.exported.insert(bare(n));
       index.by_name.emplace(bare(n), Candidate{&f, is_function});
     }
     if (f.binding == Binding::local) index.locals.push_back({&f, is_function});
   }
 }
 
-TargetIndex index_target(const SymbolTable& target) {
+TargetIndex index_target(const SymbolTable& target, const std::string& executable) {
   TargetIndex index;
+  std::string exe = canonical_or_same(executable);
+  for (auto& o : target.objects())
+    if (o.path == executable || canonical_or_same(o.path) == exe) index.executable.insert(o.path);
   add_symbols(index, target.functions(), true);
   add_symbols(index, target.variables(), false);
   return index;
@@ -64,12 +83,6 @@ bool type_fits(const FixSymbol& wanted, const Candidate& c) {
   return true;  // STT_NOTYPE: an undefined reference often does not say
 }
 
-std::string canonical_or_same(const std::string& path) {
-  std::error_code ec;
-  auto c = fs::canonical(path, ec);
-  return ec ? path : c.string();
-}
-
 struct Resolution {
   std::vector<Candidate> candidates;  // 0 = unresolved, 1 = bound, more = ambiguous
 };
@@ -77,7 +90,7 @@ struct Resolution {
 // Same mangled name first (a C static `helper`, a non-exported global), else a LOCAL symbol
 // whose demangled name matches: C++ marks internal linkage with `L` in the mangled name
 // (`_ZL6helperi`, `_ZN2nsL1xE`), which the demangled forms do not show.
-Resolution resolve(const TargetIndex& index, const FixSymbol& wanted, const std::string& executable) {
+Resolution resolve(const TargetIndex& index, const FixSymbol& wanted) {
   Resolution r;
   auto [lo, hi] = index.by_name.equal_range(wanted.name);
   for (auto it = lo; it != hi; ++it)
@@ -95,9 +108,8 @@ Resolution resolve(const TargetIndex& index, const FixSymbol& wanted, const std:
   // The code the user fixes almost always lives in the executable; a library's private
   // helper of the same name is not what fix.cpp means.
   bool any_in_exe = std::any_of(r.candidates.begin(), r.candidates.end(),
-                                [&](auto& c) { return c.symbol->object == executable; });
-  if (any_in_exe)
-    std::erase_if(r.candidates, [&](auto& c) { return c.symbol->object != executable; });
+                                [&](auto& c) { return index.in_executable(*c.symbol); });
+  if (any_in_exe) std::erase_if(r.candidates, [&](auto& c) { return !index.in_executable(*c.symbol); });
   return r;
 }
 
@@ -106,8 +118,8 @@ Error ambiguity_error(const SymbolTable& target, const FixSymbol& wanted, const 
   for (auto& c : r.candidates) list += (list.empty() ? "" : "; ") + plan__describe(target, *c.symbol);
   return Error{fmt::format("fix.so needs `{}`, which names {} symbols in the target: {}",
                            symbol__demangle(wanted.name), r.candidates.size(), list),
-               "hotfix cannot tell which one fix.so means; rename it in fix.cpp or patch a caller that "
-               "does not use it",
+               "hotfix will not guess which one fix.so means; make the fix work without it (e.g. patch a "
+               "caller that can pass it in)",
                1};
 }
 
@@ -128,6 +140,35 @@ Error unresolved_error(const SymbolTable& target, const FixLibrary& fix, const s
                         "libraries the service uses",
                         unloaded);
   return Error{what, hint, 1};
+}
+
+// Compiler-made data (`completed.0`, `__dso_handle`, `__TMC_END__`) is in every object and
+// belongs to it; only the user's own variables can shadow the target's.
+bool is_user_variable(const FixSymbol& s) {
+  if (s.bind == STB_WEAK || s.name.find('.') != std::string::npos) return false;
+  return !(s.name[0] == '_' && s.name.rfind("_Z", 0) != 0);
+}
+
+// fix.cpp that copied `static int g_calls;` (or defined `int g_calls;`) along with the buggy
+// function would count in a private copy: it loads and runs, and is silently wrong.
+Result<void> check_no_private_copies(const TargetIndex& index, const FixLibrary& fix) {
+  for (auto& v : fix.variables) {
+    if (!is_user_variable(v)) continue;
+    const Function* shadowed = nullptr;
+    auto [lo, hi] = index.by_name.equal_range(v.name);
+    for (auto it = lo; it != hi && !shadowed; ++it)
+      if (!it->second.is_function) shadowed = it->second.symbol;
+    LocalNameMatcher same_local(v.name);
+    for (auto& c : index.locals)
+      if (!shadowed && !c.is_function && same_local(*c.symbol)) shadowed = c.symbol;
+    if (shadowed)
+      return fail(fmt::format("fix.so defines its own `{}`, a variable the target already has ({} in {}): the "
+                              "fixed code would use a private copy, not the service's live one",
+                              symbol__demangle(v.name), shadowed->name, shadowed->object),
+                  fmt::format("declare it `extern` in fix.cpp instead of defining it (remove `static` and "
+                              "any initializer)"));
+  }
+  return {};
 }
 
 Result<std::vector<Fixup>> fixups_for(const FixLibrary& fix, const std::map<size_t, Function>& bound) {
@@ -206,8 +247,8 @@ uint64_t load_u64(const std::vector<uint8_t>& bytes) {
 Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
                                      const std::string& fix_path, const std::string& out_path) {
   auto fix = HOTFIX_TRY(fixlib__read(fix_path));
-  auto index = index_target(target);
-  std::string exe = canonical_or_same(executable);
+  auto index = index_target(target, executable);
+  HOTFIX_CHECK(check_no_private_copies(index, fix));
   std::map<size_t, Function> bound;
   std::vector<std::string> missing;
   for (auto& s : fix.dynsyms) {
@@ -216,7 +257,7 @@ Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::strin
       return fail(fmt::format("fix.so uses the thread-local variable `{}`, which hotfix cannot bind",
                               symbol__demangle(s.name)),
                   "pass the value as a parameter, or export the variable from the service");
-    auto r = resolve(index, s, exe);
+    auto r = resolve(index, s);
     if (r.candidates.size() > 1) return std::unexpected(ambiguity_error(target, s, r));
     if (r.candidates.size() == 1) bound.emplace(s.index, *r.candidates.front().symbol);
     // A weak reference nobody defines (__gmon_start__) is meant to stay 0.

@@ -372,7 +372,10 @@ Result<std::vector<Blocker>> ConsistencyChecker::State::check(const std::vector<
   auto t0 = Clock::now();
   stats = ConsistencyStats{};
   stats.threads = list.size();
-  if (!maps_cover(list)) HOTFIX_CHECK(read_maps());  // a new thread: its stack may be new too
+  if (!maps_cover(list)) {  // a new thread: its stack may be new too
+    HOTFIX_CHECK(read_maps());
+    stats.maps_reread = true;
+  }
   stats.maps_us = micros_since(t0);
   threads = &list;
   std::vector<Blocker> out;
@@ -409,16 +412,26 @@ ConsistencyChecker& ConsistencyChecker::operator=(ConsistencyChecker&&) noexcept
 ConsistencyChecker::~ConsistencyChecker() = default;
 
 Result<ConsistencyChecker> ConsistencyChecker::create(pid_t pid, std::vector<AddressRange> functions) {
+  HOTFIX_CHECK(process__check_alive(pid));
   auto s = std::make_unique<State>();
   s->pid = pid;
   std::sort(functions.begin(), functions.end(), [](const auto& a, const auto& b) { return a.begin < b.begin; });
-  for (size_t i = 0; i < functions.size(); ++i) {
-    if (functions[i].begin >= functions[i].end)
-      return fail(fmt::format("function {} has an empty address range", functions[i].name));
-    if (i && functions[i].begin < functions[i - 1].end)
-      return fail(fmt::format("functions {} and {} overlap", functions[i - 1].name, functions[i].name));
+  for (const auto& f : functions)
+    if (f.begin >= f.end)
+      return fail(fmt::format("function {} has an empty address range [{:#x}, {:#x})", f.name, f.begin, f.end),
+                  "give the function's whole body (its symbol size)");
+  // Aliases and overlapping bodies become one range, named after all of them.
+  std::vector<AddressRange> merged;
+  for (auto& f : functions) {
+    if (!merged.empty() && f.begin < merged.back().end) {
+      auto& last = merged.back();
+      last.end = std::max(last.end, f.end);
+      if (last.name != f.name) last.name += " / " + f.name;
+      continue;
+    }
+    merged.push_back(std::move(f));
   }
-  s->functions = std::move(functions);
+  s->functions = std::move(merged);
   if (!s->functions.empty()) {
     s->lowest = s->functions.front().begin;
     s->highest = s->functions.back().end;

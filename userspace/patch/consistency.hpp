@@ -59,6 +59,7 @@ struct ConsistencyStats {
   size_t stack_bytes = 0;  // read by the scan, all threads
   size_t candidates = 0;   // threads the scan could not clear
   size_t unwound = 0;      // threads unwound with libdw
+  bool maps_reread = false;  // a thread new since the last read: /proc/PID/maps read again
   double maps_us = 0;      // checking (and, for a thread new since, re-reading) /proc/PID/maps
   double scan_us = 0;      // all scans
   double unwind_us = 0;    // all unwinds

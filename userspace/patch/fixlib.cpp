@@ -5,6 +5,7 @@
 #include <gelf.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <memory>
@@ -112,10 +113,11 @@ std::vector<std::string> read_needed(Elf* elf, Elf_Scn* scn, const GElf_Shdr& sh
   return out;
 }
 
-std::vector<FixSymbol> defined_functions(const std::vector<FixSymbol>& symbols) {
+std::vector<FixSymbol> defined_of_type(const std::vector<FixSymbol>& symbols, std::initializer_list<int> types) {
   std::vector<FixSymbol> out;
   for (auto& s : symbols)
-    if (s.defined && (s.type == STT_FUNC || s.type == STT_GNU_IFUNC) && !s.name.empty()) out.push_back(s);
+    if (s.defined && !s.name.empty() && std::find(types.begin(), types.end(), s.type) != types.end())
+      out.push_back(s);
   return out;
 }
 
@@ -198,7 +200,8 @@ Result<FixLibrary> fixlib__read(const std::string& path) {
     }
   }
   // .symtab also has static functions; a stripped fix.so still has its exported ones.
-  lib.functions = defined_functions(lib.has_symtab ? symtab : lib.dynsyms);
+  lib.functions = defined_of_type(lib.has_symtab ? symtab : lib.dynsyms, {STT_FUNC, STT_GNU_IFUNC});
+  lib.variables = defined_of_type(lib.has_symtab ? symtab : lib.dynsyms, {STT_OBJECT});
   return lib;
 }
 

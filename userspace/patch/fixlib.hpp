@@ -49,6 +49,7 @@ struct FixReloc {
 struct FixLibrary {
   std::string path;
   std::vector<FixSymbol> functions;    // defined functions (.symtab, else .dynsym)
+  std::vector<FixSymbol> variables;    // defined data symbols (.symtab, else .dynsym)
   std::vector<FixSymbol> dynsyms;      // .dynsym, by index (undefined ones included)
   std::vector<FixReloc> relocs;        // every dynamic relocation (.rela.dyn, .rela.plt)
   std::vector<std::string> needed;     // DT_NEEDED

@@ -1,6 +1,9 @@
 #include "process/ptrace.hpp"
 
+#include <pthread.h>
 #include <sched.h>
+#include <time.h>
+#include <utility>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -64,19 +67,74 @@ std::string describe_exit(int status) {
   return "exited";
 }
 
-// Backoff for polling waits: spin (yield) first -- stops come within microseconds -- then sleep.
+// Backoff for polling waits. Sleep rather than yield: at SCHED_FIFO (see RealtimeBoost) a
+// yield never lets the tracees run on our CPU. Short first -- stops come within microseconds.
 struct Backoff {
   int rounds = 0;
   void pause() {
-    if (++rounds < 50) {
-      ::sched_yield();
-      return;
-    }
-    std::this_thread::sleep_for(microseconds(std::min(1000, 20 * (rounds - 49))));
+    ++rounds;
+    // A tracee on our CPU needs tens of microseconds to reach its stop: do not cut it short.
+    std::this_thread::sleep_for(microseconds(rounds < 5 ? 10 : std::min(1000, 50 * rounds)));
   }
 };
 
 }  // namespace
+
+// The stop window runs at the lowest real-time priority: a thread we resume (above all a
+// busy one) then cannot preempt the loop still resuming the others, which on few CPUs made
+// the window grow with the number of busy threads. Needs CAP_SYS_NICE; without it, no boost.
+void RealtimeBoost::raise() {
+  if (active_) return;
+  old_policy_ = ::sched_getscheduler(0);
+  if (old_policy_ < 0 || old_policy_ == SCHED_FIFO || old_policy_ == SCHED_RR) return;
+  ::sched_getparam(0, &old_param_);
+  sched_param rt{};
+  rt.sched_priority = ::sched_get_priority_min(SCHED_FIFO);
+  active_ = ::sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &rt) == 0;
+}
+
+void RealtimeBoost::lower() {
+  if (!active_) return;
+  ::sched_setscheduler(0, old_policy_, &old_param_);
+  active_ = false;
+}
+
+namespace {
+// The signal that ends a blocking wait at its deadline: taken only if nobody uses it.
+int alarm_signal() { return SIGRTMAX - 2; }
+void on_alarm(int) {}
+bool alarm_signal_ready() {
+  static const bool ready = [] {
+    struct sigaction old{};
+    if (::sigaction(alarm_signal(), nullptr, &old) != 0 || old.sa_handler != SIG_DFL) return false;
+    struct sigaction sa{};
+    sa.sa_handler = on_alarm;  // no SA_RESTART: the wait returns EINTR
+    sigemptyset(&sa.sa_mask);
+    return ::sigaction(alarm_signal(), &sa, nullptr) == 0;
+  }();
+  return ready;
+}
+}  // namespace
+
+WaitAlarm::WaitAlarm(TraceClock::time_point deadline) {
+  if (!alarm_signal_ready()) return;
+  sigset_t mask;
+  if (::pthread_sigmask(SIG_BLOCK, nullptr, &mask) != 0 || sigismember(&mask, alarm_signal())) return;
+  sigevent sev{};
+  sev.sigev_notify = SIGEV_THREAD_ID;
+  sev.sigev_signo = alarm_signal();
+  sev._sigev_un._tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  if (::timer_create(CLOCK_MONOTONIC, &sev, &timer_) != 0) return;
+  auto ns = duration_cast<nanoseconds>(deadline.time_since_epoch()).count();  // steady_clock is CLOCK_MONOTONIC
+  itimerspec at{};
+  at.it_value.tv_sec = ns / 1000000000, at.it_value.tv_nsec = ns % 1000000000;
+  armed_ = ::timer_settime(timer_, TIMER_ABSTIME, &at, nullptr) == 0;
+  if (!armed_) ::timer_delete(timer_);
+}
+
+WaitAlarm::~WaitAlarm() {
+  if (armed_) ::timer_delete(timer_);
+}
 
 const char* stop_kind__name(StopKind k) {
   switch (k) {
@@ -183,7 +241,8 @@ Tracee::Tracee(Tracee&& o) noexcept
       memory_(std::move(o.memory_)),
       threads_(std::move(o.threads_)),
       pause_(o.pause_),
-      cache_(o.cache_) {
+      cache_(o.cache_),
+      boost_(std::exchange(o.boost_, {})) {
   o.detached_ = true;
   o.threads_.clear();
 }
@@ -216,18 +275,19 @@ Result<void> Tracee::check_alive() const {
 
 // ---------------------------------------------------------------- waiting
 
-pid_t Tracee::poll(pid_t tid, int& status) {
+pid_t Tracee::poll(pid_t tid, int& status, bool block) {
+  int nohang = block ? 0 : WNOHANG;
   if (tid == pid_ && we_are_parent_) {
     // Peek first: the leader's final exit status belongs to its parent -- which is us (tests).
     siginfo_t si{};
-    if (::waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | WNOHANG | WNOWAIT) != 0) return -1;
+    if (::waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | nohang | WNOWAIT) != 0) return -1;
     if (si.si_pid == 0) return 0;
     if (si.si_code == CLD_EXITED || si.si_code == CLD_KILLED || si.si_code == CLD_DUMPED) {
       status = si.si_code == CLD_EXITED ? W_EXITCODE(si.si_status, 0) : W_EXITCODE(0, si.si_status);
       return tid;
     }
   }
-  return ::waitpid(tid, &status, __WALL | WNOHANG);
+  return ::waitpid(tid, &status, __WALL | nohang);
 }
 
 void Tracee::note_status(TracedThread& th, int status) {
@@ -298,11 +358,18 @@ Result<void> Tracee::pump(std::chrono::milliseconds budget) {
 Result<int> Tracee::wait_stop(pid_t tid, TraceClock::time_point deadline) {
   Backoff backoff;
   auto next_service = TraceClock::now() + microseconds(200);
+  // With every other thread held there is nothing to service: block (bounded by the alarm).
+  bool others_running = std::any_of(threads_.begin(), threads_.end(),
+                                    [&](auto& th) { return th.tid != tid && !th.exited && !th.stopped(); });
+  std::optional<WaitAlarm> alarm;
+  if (!others_running) alarm.emplace(deadline);
+  bool block = alarm && alarm->armed();
   for (;;) {
     auto* th = find(tid);
     if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
     int status = 0;
-    pid_t r = poll(tid, status);
+    pid_t r = poll(tid, status, block);
+    if (r < 0 && errno == EINTR) r = 0;
     if (r == tid) {
       note_status(*th, status);
       forget_exited();
@@ -348,6 +415,7 @@ Result<void> Tracee::stop_all(std::chrono::milliseconds timeout) { return stop_a
 Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resume_on_failure) {
   HOTFIX_CHECK(check_alive());
   HOTFIX_CHECK(pump());  // stops already pending are not ours: deliver them before the window
+  boost_.raise();
   window_began_ = TraceClock::now();
   // Interrupt everything first, then collect: the threads stop in parallel on every core.
   for (auto& th : threads_) {
@@ -359,47 +427,56 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
   for (size_t i = 0; i < threads_.size(); ++i)
     if (!threads_[i].exited && !threads_[i].stopped()) pending.push_back(i);
 
+  // Collect in interrupt order with blocking waits on one tid at a time (O(1) in the kernel
+  // for a specific pid, and no CPU burnt polling); the others stop meanwhile and are
+  // collected without waiting. A timer bounds the wait: a thread in uninterruptible sleep
+  // cannot stop. Without the timer, poll.
   auto deadline = window_began_ + timeout;
+  WaitAlarm alarm(deadline);
   Backoff backoff;
-  while (!pending.empty()) {
-    size_t known = threads_.size();
-    bool progress = false;
-    std::erase_if(pending, [&](size_t i) {
-      auto& th = threads_[i];
-      int status = 0;
-      pid_t r = poll(th.tid, status);
-      if (r == 0) return false;
-      progress = true;
-      if (r < 0) {
-        th.exited = true;
-        return true;
-      }
-      note_status(threads_[i], status);  // may append a new thread (no reallocation hazard: index)
-      auto& t2 = threads_[i];
-      if (t2.exited) return true;
-      if (t2.stop == StopKind::signal) defer_signal(t2.tid, WSTOPSIG(status));
-      if (auto rr = arch::regs__read(t2.tid, t2.regs); !rr && errno == ESRCH) t2.exited = true;
-      return true;
-    });
-    for (size_t i = known; i < threads_.size(); ++i) pending.push_back(i);  // new threads: their first stop
-    if (gone_) break;
-    if (progress) {
-      backoff = {};
+  size_t done = 0;
+  while (done < pending.size() && !gone_) {
+    size_t i = pending[done];
+    int status = 0;
+    pid_t r = poll(threads_[i].tid, status, alarm.armed());
+    if (r == 0 || (r < 0 && errno == EINTR)) {
+      if (TraceClock::now() >= deadline) break;
+      if (!alarm.armed()) backoff.pause();
       continue;
     }
-    if (TraceClock::now() >= deadline) break;
-    backoff.pause();
+    if (r < 0) {
+      threads_[i].exited = true;
+      ++done;
+      continue;
+    }
+    size_t known = threads_.size();
+    note_status(threads_[i], status);  // may append a new thread (by index: no dangling reference)
+    for (size_t n = known; n < threads_.size(); ++n) pending.push_back(n);  // new threads: their first stop
+    auto& th = threads_[i];
+    if (th.exited || !th.stopped()) {
+      done += th.exited;
+      continue;
+    }
+    if (th.stop == StopKind::signal) defer_signal(th.tid, WSTOPSIG(status));
+    if (auto rr = arch::regs__read(th.tid, th.regs); !rr && errno == ESRCH) th.exited = true;
+    ++done;
+    backoff = {};
   }
+  pending.erase(pending.begin(), pending.begin() + static_cast<std::ptrdiff_t>(std::min(done, pending.size())));
   forget_exited();
   pause_ = {};
   pause_.threads = threads_.size();
   pause_.stop_latency = TraceClock::now() - window_began_;
-  if (gone_) return std::unexpected(gone_error());
+  if (gone_) {
+    boost_.lower();
+    return std::unexpected(gone_error());
+  }
   if (!pending.empty()) {
     std::string stuck;
     for (auto& th : threads_)
       if (!th.stopped()) stuck += fmt::format("{}{} (state {})", stuck.empty() ? "" : ", ", th.tid, status_field(th.tid, "State"));
     if (resume_on_failure) (void)resume_all();
+    boost_.lower();
     return fail(fmt::format("could not stop every thread of process {} ({}) within {} ms: {} did not stop", pid_, comm_,
                             timeout.count(), stuck),
                 "a thread in uninterruptible sleep (state D: disk, NFS, vfork) cannot be stopped; retry later");
@@ -441,6 +518,7 @@ Result<void> Tracee::resume_all() {
     if (!r && first_error) first_error = r;
   }
   pause_.window = TraceClock::now() - window_began_;
+  boost_.lower();
   forget_exited();
   return first_error;
 }
@@ -512,6 +590,7 @@ Result<void> Tracee::detach() {
     auto r = resume_one(th, true);
     if (!r && result) result = r;
   }
+  boost_.lower();
   threads_.clear();
   return result;
 }

@@ -3,7 +3,9 @@
 // hotfix dying (no PTRACE_O_EXITKILL; the kernel detaches tracees when their tracer exits),
 // and no signal sent to it while we hold it is lost: it is delivered when we let go.
 #pragma once
+#include <sched.h>
 #include <signal.h>
+#include <time.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -52,6 +54,35 @@ struct PauseStats {
   std::chrono::nanoseconds max_pause{};     // longest any one thread was held: interrupt sent -> resumed
   std::chrono::nanoseconds stop_latency{};  // first interrupt sent -> every thread stopped, registers read
   std::chrono::nanoseconds window{};        // first interrupt sent -> last thread resumed
+};
+
+// Runs the calling thread at SCHED_FIFO (lowest priority) between raise() and lower().
+class RealtimeBoost {
+ public:
+  void raise();
+  void lower();
+  bool active() const { return active_; }
+
+ private:
+  bool active_ = false;
+  int old_policy_ = 0;
+  sched_param old_param_{};
+};
+
+// Interrupts blocking waits of the calling thread at `deadline` (a POSIX timer sending an
+// otherwise unused real-time signal with an empty handler). armed() is false if it could not
+// be set up (signal in use or blocked): then the caller polls.
+class WaitAlarm {
+ public:
+  explicit WaitAlarm(TraceClock::time_point deadline);
+  ~WaitAlarm();
+  WaitAlarm(const WaitAlarm&) = delete;
+  WaitAlarm& operator=(const WaitAlarm&) = delete;
+  bool armed() const { return armed_; }
+
+ private:
+  timer_t timer_{};
+  bool armed_ = false;
 };
 
 class Tracee {
@@ -129,7 +160,7 @@ class Tracee {
   Result<void> seize_thread(pid_t tid, bool& added);
   TracedThread& add_thread(pid_t tid, bool awaiting_first_stop);
   // Non-blocking wait for `tid`; returns 0 if nothing happened.
-  pid_t poll(pid_t tid, int& status);
+  pid_t poll(pid_t tid, int& status, bool block = false);
   // Book-keeping every wait status needs (exits, new threads, stop kind, siginfo).
   void note_status(TracedThread& th, int status);
   // A running thread stopped by itself: let it go on (delivering its signal).
@@ -149,6 +180,7 @@ class Tracee {
   PauseStats pause_;
   TraceClock::time_point window_began_{};
   RemoteCache cache_;
+  RealtimeBoost boost_;  // held from stop_all to resume_all/detach
 };
 
 // "already traced by pid 4242 (gdb)" check, usable before seizing: 0 if untraced.

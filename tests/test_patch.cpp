@@ -1,0 +1,586 @@
+// End to end: `hotfix-ctl patch / list / revert` on tests/fixtures/patchee.cpp, a process
+// whose eight workers check every result of the functions we patch while we patch them.
+// Every refusal must leave the target exactly as it was (see expect_untouched).
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "support/harness.hpp"
+
+using namespace hotfix::test;
+using namespace std::chrono;
+
+namespace {
+
+struct Counts {
+  long old_n = 0, new1 = 0, new2 = 0, bad = 0;
+  long calls() const { return old_n + new1 + new2 + bad; }
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The value of "Key:\t..." in /proc/PID/status (-1 when absent).
+long status_field(pid_t pid, const std::string& key) {
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
+  return -1;
+}
+
+// The lines of /proc/PID/maps that map a file or a memfd (anything with a '/' path).
+std::set<std::string> file_mappings(pid_t pid) {
+  std::set<std::string> out;
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
+  for (std::string line; std::getline(in, line);)
+    if (line.find(" /") != std::string::npos) out.insert(line);
+  return out;
+}
+
+bool maps_contain(pid_t pid, const std::string& needle) {
+  return read_file("/proc/" + std::to_string(pid) + "/maps").find(needle) != std::string::npos;
+}
+
+// The bytes the executable FILE holds for `addr` of `pid` (offset from /proc/PID/maps).
+std::vector<unsigned char> file_bytes(pid_t pid, uint64_t addr, size_t len) {
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
+  for (std::string line; std::getline(in, line);) {
+    uint64_t start, end, offset;
+    char perms[8], path[4096] = "";
+    unsigned dev_major, dev_minor;
+    unsigned long inode;
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s %lx %x:%x %lu %4095s", &start, &end, perms, &offset, &dev_major,
+                    &dev_minor, &inode, path) < 8 ||
+        addr < start || addr >= end)
+      continue;
+    std::ifstream f(path, std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(addr - start + offset));
+    std::vector<unsigned char> bytes(len);
+    f.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len));
+    return f ? bytes : std::vector<unsigned char>{};
+  }
+  return {};
+}
+
+RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
+  args.insert(args.begin(), ctl());
+  return run(std::move(args), timeout);
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);)
+    if (!line.empty()) out.push_back(line);
+  return out;
+}
+
+int json_int(const std::string& json, const std::string& key) {
+  std::smatch m;
+  if (!std::regex_search(json, m, std::regex("\"" + key + "\":([0-9]+)"))) return -1;
+  return std::stoi(m[1]);
+}
+
+constexpr size_t kTextBytes = 16;  // the entry jump covers at most the first instructions
+
+// The fixture: its functions' addresses and a way to ask it things.
+struct Patchee {
+  Child child;
+  std::map<std::string, uint64_t> fn;
+
+  Patchee() : child({fixture("patchee")}) {
+    for (;;) {
+      auto line = child.read_line();
+      REQUIRE(line);
+      std::istringstream in(*line);
+      std::string kind, name, value;
+      in >> kind >> name >> value;
+      if (kind == "fn") fn[name] = std::stoull(value, nullptr, 16);
+      else if (kind == "ready") break;
+    }
+    REQUIRE(fn.size() == 13);
+  }
+  ~Patchee() {
+    child.signal(SIGKILL);
+    child.wait();
+    std::error_code ec;  // the bound copies of the patches the dead process still had
+    std::filesystem::remove_all("/run/hotfix/" + std::to_string(pid()), ec);
+  }
+  pid_t pid() const { return child.pid(); }
+
+  std::string ask(const std::string& cmd) { return child.request(cmd); }
+
+  std::map<std::string, Counts> stats() {
+    child.send("stats");
+    std::map<std::string, Counts> out;
+    for (;;) {
+      auto line = child.read_line();
+      REQUIRE(line);
+      if (line->rfind("ok", 0) == 0) break;
+      std::istringstream in(*line);
+      std::string kind, name;
+      Counts c;
+      in >> kind >> name >> c.old_n >> c.new1 >> c.new2 >> c.bad;
+      if (kind == "stat") out[name] = c;
+    }
+    REQUIRE(out.size() == 10);
+    return out;
+  }
+
+  // Zero the counts, let the workers run, and return what they saw since.
+  std::map<std::string, Counts> fresh_stats(milliseconds settle = milliseconds(20)) {
+    REQUIRE(ask("reset") == "ok reset");
+    std::this_thread::sleep_for(settle);  // calls that started before the reset are counted now
+    REQUIRE(ask("reset") == "ok reset");
+    for (int i = 0; i < 200; ++i) {
+      std::this_thread::sleep_for(milliseconds(20));
+      auto s = stats();
+      bool all_called = true;
+      for (auto& [name, c] : s) all_called &= c.calls() >= 20;
+      if (all_called) return s;
+    }
+    FAIL("the workers of patchee stopped calling");
+    return {};
+  }
+
+  long value_of(const std::string& cmd, const std::string& key) {
+    auto reply = ask(cmd);
+    auto at = reply.find(key + "=");
+    REQUIRE(at != std::string::npos);
+    return std::stol(reply.substr(at + key.size() + 1));
+  }
+
+  std::vector<unsigned char> text(const std::string& name) { return read_memory(pid(), fn.at(name), kTextBytes); }
+};
+
+void require_no_bad(const std::map<std::string, Counts>& s) {
+  for (auto& [name, c] : s) {
+    INFO(name);
+    REQUIRE(c.bad == 0);
+  }
+}
+
+// Every call of `names` went to `version` ("old", "new1", "new2"), none elsewhere; the others are old.
+void require_results(Patchee& p, const std::set<std::string>& names, const std::string& version) {
+  auto s = p.fresh_stats();
+  require_no_bad(s);
+  for (auto& [name, c] : s) {
+    INFO(name << " old=" << c.old_n << " new1=" << c.new1 << " new2=" << c.new2);
+    const std::string want = names.count(name) ? version : "old";
+    CHECK(c.old_n == (want == "old" ? c.calls() : 0));
+    CHECK(c.new1 == (want == "new1" ? c.calls() : 0));
+    CHECK(c.new2 == (want == "new2" ? c.calls() : 0));
+  }
+}
+
+// hotfix-ctl patch --json; returns the patch id.
+int patch(Patchee& p, const std::string& lib, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture(lib), "--json"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto r = ctl_run(args);
+  INFO("patch " << lib << ": exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+  int id = json_int(r.out, "id");
+  REQUIRE(id > 0);
+  REQUIRE(status_field(p.pid(), "TracerPid") == 0);
+  return id;
+}
+
+void revert(Patchee& p, const std::vector<std::string>& which) {
+  std::vector<std::string> args = {"revert", "--pid", std::to_string(p.pid())};
+  args.insert(args.end(), which.begin(), which.end());
+  auto r = ctl_run(args);
+  INFO("revert: exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(status_field(p.pid(), "TracerPid") == 0);
+}
+
+// What a refusal must leave exactly as it was.
+struct Snapshot {
+  std::map<std::string, std::vector<unsigned char>> text;
+  std::set<std::string> mappings;
+  long threads = 0;
+  bool operator==(const Snapshot&) const = default;
+};
+
+Snapshot snapshot(Patchee& p) {
+  Snapshot s;
+  for (auto& [name, addr] : p.fn) s.text[name] = p.text(name);
+  s.mappings = file_mappings(p.pid());
+  s.threads = status_field(p.pid(), "Threads");
+  return s;
+}
+
+std::vector<std::string> leftovers(pid_t pid) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (auto& e : std::filesystem::directory_iterator("/run/hotfix/" + std::to_string(pid), ec))
+    out.push_back(e.path().string());
+  return out;
+}
+
+void expect_refused(const RunResult& r, const std::string& needle) {
+  INFO("exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+  CHECK(r.exit_code == 1);
+  auto err = lines_of(r.err);
+  REQUIRE(err.size() == 1);
+  CHECK(err[0].rfind("hotfix-ctl: ", 0) == 0);
+  CHECK(err[0].find(needle) != std::string::npos);
+}
+
+// The target is exactly as `before`, untraced, unpatched, and still answering correctly.
+void expect_untouched(Patchee& p, const Snapshot& before) {
+  auto after = snapshot(p);
+  for (auto& [name, bytes] : before.text) {
+    INFO(name);
+    CHECK(after.text.at(name) == bytes);
+  }
+  for (auto& m : after.mappings) {
+    INFO("new mapping: " << m);
+    CHECK(before.mappings.count(m));
+  }
+  for (auto& m : before.mappings) {
+    INFO("lost mapping: " << m);
+    CHECK(after.mappings.count(m));
+  }
+  CHECK(after.threads == before.threads);
+  CHECK(status_field(p.pid(), "TracerPid") == 0);
+  CHECK(!maps_contain(p.pid(), "hotfix-registry"));
+  CHECK(leftovers(p.pid()).empty());
+  require_no_bad(p.fresh_stats());
+}
+
+// Start `hotfix-ctl args...` and return once it holds the target with fix.so loaded (its
+// bound copy under /run/hotfix/PID is mapped): it is now in its stop-and-check loop.
+std::unique_ptr<Child> start_ctl_and_wait_loaded(Patchee& p, std::vector<std::string> args) {
+  args.insert(args.begin(), ctl());
+  auto c = std::make_unique<Child>(args);
+  c->close_stdin();
+  const std::string copy = "/run/hotfix/" + std::to_string(p.pid()) + "/";
+  for (int i = 0; i < 2000 && !maps_contain(p.pid(), copy); ++i) {
+    REQUIRE(c->running());
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  REQUIRE(maps_contain(p.pid(), copy));
+  return c;
+}
+
+// One line on stderr and exit 1 from a hotfix-ctl started as a Child.
+void expect_child_refused(Child& c, const std::string& needle) {
+  auto code = c.wait(seconds(60));
+  REQUIRE(code);
+  RunResult r{*code, c.drain_stdout(), c.drain_stderr()};
+  expect_refused(r, needle);
+}
+
+}  // namespace
+
+TEST_CASE("a patch under load switches every call to the new code; revert switches back", "[patch]") {
+  require_root();
+  Patchee p;
+  require_results(p, {}, "old");
+  int id = patch(p, "fix_v1.so", {"c_answer"});
+  require_results(p, {"c_answer"}, "new1");
+  revert(p, {"--id", std::to_string(id)});
+  require_results(p, {}, "old");
+}
+
+TEST_CASE("patches stack and revert in order down to the file's bytes", "[patch]") {
+  require_root();
+  Patchee p;
+  auto original = p.text("c_answer");
+  REQUIRE(original.size() == kTextBytes);
+  REQUIRE(file_bytes(p.pid(), p.fn.at("c_answer"), kTextBytes) == original);
+
+  int v1 = patch(p, "fix_v1.so", {"c_answer"});
+  require_results(p, {"c_answer"}, "new1");
+  int v2 = patch(p, "fix_v2.so");
+  CHECK(v2 == v1 + 1);
+  require_results(p, {"c_answer"}, "new2");
+  revert(p, {"--id", std::to_string(v2)});
+  require_results(p, {"c_answer"}, "new1");
+  CHECK(p.text("c_answer") != original);
+  revert(p, {"--all"});
+  require_results(p, {}, "old");
+  CHECK(p.text("c_answer") == original);
+  CHECK(p.text("c_answer") == file_bytes(p.pid(), p.fn.at("c_answer"), kTextBytes));
+}
+
+TEST_CASE("static functions, members, class and namespace patterns, shared libraries", "[patch]") {
+  require_root();
+  Patchee p;
+  auto original = snapshot(p).text;
+  struct Case {
+    std::string lib, pattern;
+    std::set<std::string> changed;
+  };
+  std::vector<Case> cases = {
+      {"fix_v1.so", "static_value", {"static_value"}},
+      {"fix_v1.so", "Order::total", {"Order::total"}},
+      {"fix_v1.so", "Order::*", {"Order::total", "Order::discount", "Order::weight"}},
+      {"fix_v1.so", "pricing::*", {"pricing::tax", "pricing::fee", "pricing::round_price"}},
+      {"fix_lib.so", "", {"lib_rate"}},
+  };
+  for (auto& c : cases) {
+    SECTION(c.lib + " " + c.pattern) {
+      patch(p, c.lib, c.pattern.empty() ? std::vector<std::string>{} : std::vector<std::string>{c.pattern});
+      require_results(p, c.changed, "new1");
+      revert(p, {"--all"});
+      require_results(p, {}, "old");
+      CHECK(snapshot(p).text == original);
+    }
+  }
+}
+
+TEST_CASE("a fix binds to the target's static variable and static helper", "[patch]") {
+  require_root();
+  Patchee p;
+  REQUIRE(p.ask("tick") == "ok tick=5");
+  REQUIRE(p.value_of("counter", "counter") == 0);
+  patch(p, "fix_static.so");
+  REQUIRE(p.ask("tick") == "ok tick=1005");
+  CHECK(p.value_of("counter", "counter") == 11);  // +10 on g_counter, +1 by counter_add
+  REQUIRE(p.ask("tick") == "ok tick=1005");
+  CHECK(p.value_of("counter", "counter") == 22);
+  revert(p, {"--all"});
+  REQUIRE(p.ask("tick") == "ok tick=5");
+  CHECK(p.value_of("counter", "counter") == 22);
+}
+
+TEST_CASE("every refusal exits 1 with one line and leaves the target exactly as it was", "[patch][refuse]") {
+  require_root();
+  Patchee p;
+  const std::string pid = std::to_string(p.pid());
+  auto before = snapshot(p);
+  auto refuse = [&](const std::string& lib, std::vector<std::string> extra, const std::string& needle) {
+    std::vector<std::string> args = {"patch", "--pid", pid, "--lib", lib};
+    args.insert(args.end(), extra.begin(), extra.end());
+    expect_refused(ctl_run(args), needle);
+    expect_untouched(p, before);
+  };
+
+  SECTION("no such process") {
+    pid_t gone = ::fork();
+    if (gone == 0) ::_exit(0);
+    REQUIRE(::waitpid(gone, nullptr, 0) == gone);
+    expect_refused(ctl_run({"patch", "--pid", std::to_string(gone), "--lib", fixture("fix_v1.so")}),
+                   std::to_string(gone));
+    expect_untouched(p, before);
+  }
+  SECTION("already traced by another process") {
+    int ready[2];
+    REQUIRE(::pipe(ready) == 0);
+    pid_t tracer = ::fork();
+    if (tracer == 0) {
+      char ok = ::ptrace(PTRACE_SEIZE, p.pid(), 0, 0) == 0 ? 'y' : 'n';
+      (void)!::write(ready[1], &ok, 1);
+      ::pause();
+      ::_exit(0);
+    }
+    char ok = 0;
+    REQUIRE(::read(ready[0], &ok, 1) == 1);
+    ::close(ready[0]), ::close(ready[1]);
+    CHECK(ok == 'y');
+    auto r = ctl_run({"patch", "--pid", pid, "--lib", fixture("fix_v1.so"), "c_answer"});
+    CHECK(status_field(p.pid(), "TracerPid") == tracer);  // still the other tracer's
+    ::kill(tracer, SIGKILL);
+    ::waitpid(tracer, nullptr, 0);
+    expect_refused(r, "trace");
+    expect_untouched(p, before);
+  }
+  SECTION("fix.so missing") { refuse(fixture("no_such_fix.so"), {}, "no_such_fix.so"); }
+  SECTION("fix.so is not ELF") { refuse(fixture("fix_not_elf.so"), {}, "ELF"); }
+  SECTION("fix.so is for another machine") { refuse(fixture("fix_aarch64.so"), {}, "fix_aarch64.so"); }
+  SECTION("fix.so replaces nothing the target has") { refuse(fixture("fix_none.so"), {}, "defines no function"); }
+  SECTION("fix.so lacks the replacement for a selected function") {
+    refuse(fixture("fix_v2.so"), {"Order::total"}, "no replacement for");
+  }
+  SECTION("a pattern matches nothing, and the error suggests names") {
+    refuse(fixture("fix_v1.so"), {"c_answr"}, "c_answer");
+  }
+  SECTION("the function is shorter than the jump") { refuse(fixture("fix_short.so"), {}, "short_fn"); }
+  SECTION("a branch lands inside the bytes the jump overwrites") {
+    refuse(fixture("fix_branch.so"), {}, "branches to +2");
+  }
+  SECTION("strict mode times out on a thread parked inside the function") {
+    REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+    refuse(fixture("fix_v1.so"), {"c_answer", "--timeout", "1"}, "c_answer");
+    CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");
+  }
+}
+
+TEST_CASE("a target that exits in the middle of a patch gives a clean error", "[patch][refuse]") {
+  require_root();
+  SECTION("it exits by itself") {
+    Patchee p;
+    REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+    auto c = start_ctl_and_wait_loaded(
+        p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
+    REQUIRE(p.ask("exit_after 300") == "ok exit_after");
+    expect_child_refused(*c, "");
+    CHECK(p.child.wait() == 3);
+  }
+  SECTION("it is killed") {
+    Patchee p;
+    REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+    auto c = start_ctl_and_wait_loaded(
+        p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
+    std::this_thread::sleep_for(milliseconds(100));
+    p.child.signal(SIGKILL);
+    expect_child_refused(*c, "");
+    CHECK(p.child.wait() == 128 + SIGKILL);
+  }
+}
+
+TEST_CASE("strict waits for a thread inside the function; entry mode lets it finish in the old code", "[patch]") {
+  require_root();
+  Patchee p;
+  auto before = snapshot(p);
+  const std::string pid = std::to_string(p.pid());
+  REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+  auto strict = ctl_run({"patch", "--pid", pid, "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "1"});
+  expect_refused(strict, "strict");
+  expect_untouched(p, before);
+
+  int id = patch(p, "fix_v1.so", {"c_answer", "--consistency", "entry"});
+  require_results(p, {"c_answer"}, "new1");
+  // The parked call entered the old c_answer before the switch and finishes there.
+  CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");
+  require_results(p, {"c_answer"}, "new1");
+  revert(p, {"--id", std::to_string(id)});
+  require_results(p, {}, "old");
+  CHECK(snapshot(p).text == before.text);
+}
+
+TEST_CASE("no deadlock with the allocator and the loader busy: ten patch/revert rounds", "[patch]") {
+  require_root();
+  Patchee p;
+  auto before = snapshot(p);
+  REQUIRE(p.ask("hammer on") == "ok hammer on");
+  long loops = 0;
+  for (int round = 0; round < 10; ++round) {
+    INFO("round " << round);
+    patch(p, "fix_v1.so", {round % 2 ? "c_answer" : "pricing::*"});
+    require_no_bad(p.stats());
+    revert(p, {"--all"});
+    require_no_bad(p.stats());
+  }
+  auto off = p.ask("hammer off");
+  loops = std::stol(off.substr(off.find("loops=") + 6));
+  CHECK(loops > 0);
+  require_results(p, {}, "old");
+  CHECK(snapshot(p).text == before.text);
+}
+
+TEST_CASE("signals sent while a patch holds the target are delivered", "[patch][signals]") {
+  require_root();
+  Patchee p;
+  const std::string pid = std::to_string(p.pid());
+  REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+  // A strict patch that retries (the parked thread) until we unpark it.
+  auto c = start_ctl_and_wait_loaded(p, {"patch", "--pid", pid, "--lib", fixture("fix_v1.so"), "c_answer",
+                                         "--timeout", "60", "--json"});
+  const int kSignals = 40;
+  int usr1_sent = 0, rt_sent = 0;
+  for (int i = 0; i < kSignals; ++i) {
+    usr1_sent += ::kill(p.pid(), SIGUSR1) == 0;
+    rt_sent += ::kill(p.pid(), SIGRTMIN) == 0;  // real-time signals queue: none may be lost
+    std::this_thread::sleep_for(milliseconds(3));
+  }
+  REQUIRE(c->running());  // the signals were sent during the patch
+  CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");
+  auto code = c->wait(seconds(60));
+  REQUIRE(code);
+  INFO("stdout: " << c->drain_stdout() << "\nstderr: " << c->drain_stderr());
+  REQUIRE(*code == 0);
+  CHECK(status_field(p.pid(), "TracerPid") == 0);
+  long rt = 0, usr1 = 0;
+  for (int i = 0; i < 500 && rt < rt_sent; ++i) {
+    std::this_thread::sleep_for(milliseconds(10));
+    rt = p.value_of("sigcount", "rt");
+  }
+  usr1 = p.value_of("sigcount", "usr1");
+  CHECK(rt == rt_sent);
+  CHECK(usr1 >= 1);  // standard signals coalesce while pending
+  CHECK(usr1 <= usr1_sent);
+  require_results(p, {"c_answer"}, "new1");
+}
+
+TEST_CASE("SIGTERM sent while a patch holds the target still terminates it", "[patch][signals]") {
+  require_root();
+  Patchee p;
+  REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
+  auto c = start_ctl_and_wait_loaded(
+      p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
+  p.child.signal(SIGTERM);
+  CHECK(p.child.wait(seconds(30)) == 128 + SIGTERM);
+  expect_child_refused(*c, "");
+}
+
+TEST_CASE("list and revert from later hotfix-ctl processes", "[patch][cli]") {
+  require_root();
+  Patchee p;
+  const std::string pid = std::to_string(p.pid());
+  auto empty = ctl_run({"list", "--pid", pid, "--json"});
+  REQUIRE(empty.exit_code == 0);
+  CHECK(empty.out == "{\"pid\":" + pid + ",\"patches\":[]}\n");
+
+  int id = patch(p, "fix_v1.so", {"c_answer"});
+  auto listed = ctl_run({"list", "--pid", pid, "--json"});
+  INFO(listed.out << listed.err);
+  REQUIRE(listed.exit_code == 0);
+  CHECK(json_int(listed.out, "id") == id);
+  CHECK(listed.out.find("\"state\":\"active\"") != std::string::npos);
+  CHECK(listed.out.find("\"lib\":\"" + fixture("fix_v1.so") + "\"") != std::string::npos);
+  CHECK(listed.out.find("\"name\":\"c_answer\"") != std::string::npos);
+  auto text = ctl_run({"list", "--pid", pid});
+  CHECK(text.exit_code == 0);
+  CHECK(text.out.find("c_answer") != std::string::npos);
+
+  auto unknown = ctl_run({"revert", "--pid", pid, "--id", "99"});
+  expect_refused(unknown, "99");
+  auto usage = ctl_run({"revert", "--pid", pid});
+  CHECK(usage.exit_code == 2);
+  CHECK(lines_of(usage.err).size() == 1);
+  require_results(p, {"c_answer"}, "new1");
+
+  revert(p, {"--id", std::to_string(id)});
+  auto after = ctl_run({"list", "--pid", pid, "--json"});
+  REQUIRE(after.exit_code == 0);
+  CHECK(after.out.find("\"state\":\"reverted\"") != std::string::npos);
+  CHECK(after.out.find("\"released\":true") != std::string::npos);
+  CHECK(!maps_contain(p.pid(), "/run/hotfix/"));  // the bound copy was unloaded
+  auto again = ctl_run({"revert", "--pid", pid, "--id", std::to_string(id)});
+  expect_refused(again, "already reverted");
+  require_results(p, {}, "old");
+}
+
+TEST_CASE("a fix library's constructor runs exactly once per patch", "[patch]") {
+  require_root();
+  Patchee p;
+  REQUIRE(p.value_of("ctorcount", "ctor") == 0);
+  patch(p, "fix_ctor.so");
+  CHECK(p.value_of("ctorcount", "ctor") == 1);
+  require_results(p, {"pricing::fee"}, "new1");
+  revert(p, {"--all"});
+  CHECK(p.value_of("ctorcount", "ctor") == 1);
+  patch(p, "fix_ctor.so");
+  CHECK(p.value_of("ctorcount", "ctor") == 2);
+  revert(p, {"--all"});
+  require_results(p, {}, "old");
+}

@@ -1,0 +1,99 @@
+// How long symbol resolution takes: SymbolTable::for_pid on a C++ process (libc +
+// libstdc++), then a glob and a failing pattern (the "did you mean" search).
+//   bench_symbols [PID]     (default: start the sym_app fixture)
+#include <fmt/core.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "symbols/pattern.hpp"
+
+using namespace hotfix;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double cpu_ms() {
+  timespec ts;
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+// Wall and CPU milliseconds of each of `runs` calls of `fn`: medians (CPU time is what a
+// busy machine does not distort).
+void measure(const char* what, int runs, const std::function<void()>& fn) {
+  std::vector<double> wall, cpu;
+  for (int i = 0; i < runs; i++) {
+    auto t0 = Clock::now();
+    double c0 = cpu_ms();
+    fn();
+    cpu.push_back(cpu_ms() - c0);
+    wall.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  std::sort(wall.begin(), wall.end());
+  std::sort(cpu.begin(), cpu.end());
+  fmt::print("{:<44} wall median {:7.2f} ms (min {:7.2f})   cpu median {:7.2f} ms   ({} runs)\n", what,
+             wall[runs / 2], wall.front(), cpu[runs / 2], runs);
+}
+
+// The sym_app fixture, stopped when we exit. Its stdin is a pipe we keep open.
+pid_t start_fixture() {
+  int in[2], out[2];
+  if (::pipe(in) || ::pipe(out)) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(in[0], 0);
+    ::dup2(out[1], 1);
+    std::string path = std::string(HOTFIX_FIXTURES) + "/sym_app";
+    ::execl(path.c_str(), path.c_str(), nullptr);
+    ::_exit(127);
+  }
+  ::close(in[0]);
+  ::close(out[1]);
+  char buf[256];
+  if (::read(out[0], buf, sizeof buf) <= 0) return -1;  // "ready ..."
+  return pid;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  pid_t pid = argc > 1 ? std::stoi(argv[1]) : start_fixture();
+  if (pid <= 0) {
+    fmt::print(stderr, "bench_symbols: cannot start the sym_app fixture (build the hotfix_fixtures target)\n");
+    return 1;
+  }
+  auto table = SymbolTable::for_pid(pid);
+  if (!table) {
+    fmt::print(stderr, "bench_symbols: {}\n", table.error().line());
+    return 1;
+  }
+  fmt::print("pid {}: {} objects, {} functions, {} variables\n", pid, table->objects().size(),
+             table->functions().size(), table->variables().size());
+  for (auto& o : table->objects()) fmt::print("  {:6} functions  {}\n", o.function_count, o.path);
+
+  measure("SymbolTable::for_pid", 20, [&] { (void)SymbolTable::for_pid(pid); });
+  measure("symbols__select 'std::*'", 20, [&] { (void)symbols__select(*table, {"std::*"}); });
+  measure("symbols__select 'pricing::discont' (miss)", 20, [&] { (void)symbols__select(*table, {"pricing::discont"}); });
+  measure("function_at x 100000", 5, [&] {
+    uint64_t sum = 0;
+    const auto& fns = table->functions();
+    for (size_t i = 0; i < 100000; i++) {
+      const Function* f = table->function_at(fns[i % fns.size()].address + 1);
+      sum += f ? f->size : 0;
+    }
+    if (sum == 1) fmt::print("");
+  });
+  if (argc <= 1) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  return 0;
+}
