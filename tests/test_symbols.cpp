@@ -309,6 +309,21 @@ TEST_CASE("a stripped binary without build-id: debug file found by .gnu_debuglin
   CHECK(reported);
 }
 
+TEST_CASE("a stripped binary with MiniDebugInfo: functions from .gnu_debugdata") {
+  require_root();
+  TempDir root;  // empty: no separate debug file anywhere
+  CHECK(nm(fixture("sym_minidebug")).empty());
+  Running app("sym_minidebug");
+  auto table = SymbolTable::for_pid(app.child.pid(), SymbolOptions{root.path.string()});
+  REQUIRE(table);
+  auto found = symbols__select(*table, {"secret_helper"}, {"sym_minidebug"});
+  REQUIRE(found);
+  const Function& f = found->front();
+  CHECK(f.binding == Binding::local);
+  CHECK(f.size == nm(fixture("sym_stripped_full"))["secret_helper"].size);
+  CHECK(read_memory(app.child.pid(), f.address, f.size) == file_bytes(fixture("sym_minidebug"), f.offset, f.size));
+}
+
 TEST_CASE("hotfix-ctl symbols: table, json, errors") {
   require_root();
   Running app("sym_app");

@@ -1,6 +1,7 @@
 # Shared by tools/check, tools/demo and tools/bench: install the Debian packages hotfix needs.
 HOTFIX_DEPS=(cmake g++ clang llvm pkg-config make libbpf-dev bpftool libelf-dev libdw-dev
-             libcapstone-dev libfmt-dev libboost-program-options-dev catch2 linux-libc-dev)
+             libcapstone-dev libfmt-dev libboost-program-options-dev catch2 linux-libc-dev
+             binutils xz-utils)
 
 hotfix_install_deps() {
   local missing=()

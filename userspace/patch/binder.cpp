@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <map>
 #include <set>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "common/unique_fd.hpp"
 #include "patch/plan.hpp"
@@ -33,8 +35,8 @@ struct Candidate {
 struct TargetIndex {
   std::set<std::string> executable;  // the main executable's object path(s) as the table spells them
   bool in_executable(const Function& f) const { return executable.count(f.object) > 0; }
-  std::set<std::string> exported;
-  std::multimap<std::string, Candidate> by_name;
+  std::unordered_set<std::string> exported;
+  std::unordered_multimap<std::string, Candidate> by_name;
   std::vector<Candidate> locals;
 };
 
