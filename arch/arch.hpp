@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -80,6 +81,11 @@ size_t island_jump_size();                               // x86_64: 14 (jmp [rip
 int64_t near_jump_reach();                               // x86_64: 2^31-1 (largest |displacement| both ways)
 std::optional<std::vector<uint8_t>> encode_entry_jump(uint64_t from, uint64_t to);  // nullopt if out of reach
 std::vector<uint8_t> encode_island_jump(uint64_t island, uint64_t to);
+// An island that adds 1 to the 64-bit counter at `counter` (atomically, preserving every
+// register the ABI says is live at a function entry) and then jumps to `to`: how patched
+// functions count their new-code hits without a trap.
+std::vector<uint8_t> encode_counting_island(uint64_t island, uint64_t counter, uint64_t to);
+size_t counting_island_size();
 
 // ---- prologue analysis (Capstone) ----
 struct EntryCheck {
@@ -97,6 +103,30 @@ struct EntryCheck {
 // `code` into the overwritten bytes other than to the entry itself. Cannot see: indirect
 // branches (jump tables) and branches from outside `code` (e.g. a compiler's .cold part).
 EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address);
+
+// ---- calling-convention check (GCC's -fipa-ra) ----
+// At -O2 GCC lets a caller keep values in call-clobbered registers across a call when it can
+// see that the callee (same translation unit, binds locally) never writes them. A replacement
+// that writes more of them than the original did would corrupt such callers. These sets let
+// the engine compare: the call-clobbered registers a function may change, from its code and
+// (to `depth` levels) the code of the functions it calls directly.
+struct ClobberSet {
+  uint64_t bits = 0;  // arch-defined numbering of call-clobbered registers
+  bool all = false;   // calls code we cannot see: callers cannot assume anything
+};
+// The code of the function at `entry`, for following direct calls; nullopt when unknown.
+struct CodeAt {
+  std::vector<uint8_t> bytes;
+  uint64_t address = 0;
+};
+using CodeLookup = std::function<std::optional<CodeAt>(uint64_t entry)>;
+ClobberSet clobbered_registers(std::span<const uint8_t> code, uint64_t address, const CodeLookup& callee,
+                               int depth = 3);
+// Registers in `extra` that `replacement` may change and `original` never does (0 = safe).
+uint64_t clobber_excess(const ClobberSet& original, const ClobberSet& replacement);
+std::string register_names(uint64_t bits);  // "rcx, r8, xmm3"
+// Compiler flags that make a replacement preserve `bits` (GCC: -fcall-saved-REG).
+std::string preserve_flags(uint64_t bits);
 
 // Disassemble `code` at `address` into one line per instruction (for plans and diagnostics).
 std::string disassemble(std::span<const uint8_t> code, uint64_t address, size_t max_insns = 8);
@@ -122,5 +152,16 @@ unsigned dwarf_sp_register();     // DWARF number of the stack pointer; x86_64: 
 enum class RelocKind { got, absolute64, unsupported };
 RelocKind reloc_kind(uint32_t type);
 std::string reloc_name(uint32_t type);  // "R_X86_64_GLOB_DAT", or "relocation type N"
+
+// ---- exits of a function (old-code hit counting; arch/<arch>/exits.cpp) ----
+// Where a call leaves the function: a probe on each exit counts the calls that ran this code.
+struct ExitPoints {
+  std::vector<uint64_t> offsets;  // from the start of `code`: returns, and jumps out of it (tail calls)
+  size_t unresolved = 0;          // jumps whose target is unknown or conditional tail calls: not counted
+  bool decoded_all = true;        // false if bytes stopped decoding (data in text): exits after them missed
+};
+// `code` is the whole function (its original bytes at `address`). A jump through a register may
+// be a switch or a tail call; it is left out (counted in `unresolved`), never double-counted.
+ExitPoints exit_points(std::span<const uint8_t> code, uint64_t address);
 
 }  // namespace hotfix::arch

@@ -151,7 +151,9 @@ TEST_CASE("plan: a static name defined twice in the target is refused, listing b
   auto target = table_of(fixture("bind_twins"));
   auto fix = fix_of("bind_twins_fix.so");
   for (auto patterns : {std::vector<std::string>{}, std::vector<std::string>{"helper"}}) {
-    auto err = error_of(plan__build(target, fix, PlanOptions{patterns, {}}));
+    PlanOptions opts{patterns, {}};
+    opts.executable = fixture("bind_twins");
+    auto err = error_of(plan__build(target, fix, opts));
     CHECK_THAT(err, Catch::Contains("`helper(int)` (_ZL6helperi) names 2 functions") &&
                         Catch::Contains("bind_twins_a.cpp:") && Catch::Contains("bind_twins_b.cpp:") &&
                         Catch::Contains("same object"));

@@ -96,6 +96,13 @@ int json_int(const std::string& json, const std::string& key) {
   return std::stoi(m[1]);
 }
 
+// How patch and list --json show a replaced function: name, mangled, old address.
+std::string fmt_hex_function(const std::string& name, uint64_t address) {
+  char old[32];
+  std::snprintf(old, sizeof old, "0x%lx", static_cast<unsigned long>(address));
+  return "{\"name\":\"" + name + "\",\"mangled\":\"" + name + "\",\"old\":\"" + old + "\"";
+}
+
 constexpr size_t kTextBytes = 16;  // the entry jump covers at most the first instructions
 
 // The fixture: its functions' addresses and a way to ask it things.
@@ -143,7 +150,12 @@ struct Patchee {
   }
 
   // Zero the counts, let the workers run, and return what they saw since.
+  // No bad result since the last reset either (the calls made while we patched).
   std::map<std::string, Counts> fresh_stats(milliseconds settle = milliseconds(20)) {
+    for (auto& [name, c] : stats()) {
+      INFO(name << ": bad results before this reset");
+      REQUIRE(c.bad == 0);
+    }
     REQUIRE(ask("reset") == "ok reset");
     std::this_thread::sleep_for(settle);  // calls that started before the reset are counted now
     REQUIRE(ask("reset") == "ok reset");
@@ -188,8 +200,8 @@ void require_results(Patchee& p, const std::set<std::string>& names, const std::
   }
 }
 
-// hotfix-ctl patch --json; returns the patch id.
-int patch(Patchee& p, const std::string& lib, std::vector<std::string> extra = {}) {
+// hotfix-ctl patch --json; returns the patch id (and its JSON in `json`).
+int patch(Patchee& p, const std::string& lib, std::vector<std::string> extra = {}, std::string* json = nullptr) {
   std::vector<std::string> args = {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture(lib), "--json"};
   args.insert(args.end(), extra.begin(), extra.end());
   auto r = ctl_run(args);
@@ -197,6 +209,7 @@ int patch(Patchee& p, const std::string& lib, std::vector<std::string> extra = {
   REQUIRE(r.exit_code == 0);
   int id = json_int(r.out, "id");
   REQUIRE(id > 0);
+  if (json) *json = r.out;
   REQUIRE(status_field(p.pid(), "TracerPid") == 0);
   return id;
 }
@@ -294,7 +307,12 @@ TEST_CASE("a patch under load switches every call to the new code; revert switch
   require_root();
   Patchee p;
   require_results(p, {}, "old");
-  int id = patch(p, "fix_v1.so", {"c_answer"});
+  std::string json;
+  int id = patch(p, "fix_v1.so", {"c_answer"}, &json);
+  INFO(json);
+  CHECK(json.find(fmt_hex_function("c_answer", p.fn.at("c_answer"))) != std::string::npos);
+  CHECK(json.find("\"pause_us\":") != std::string::npos);
+  CHECK(json_int(json, "attempts") >= 1);
   require_results(p, {"c_answer"}, "new1");
   revert(p, {"--id", std::to_string(id)});
   require_results(p, {}, "old");
@@ -312,13 +330,21 @@ TEST_CASE("patches stack and revert in order down to the file's bytes", "[patch]
   int v2 = patch(p, "fix_v2.so");
   CHECK(v2 == v1 + 1);
   require_results(p, {"c_answer"}, "new2");
-  revert(p, {"--id", std::to_string(v2)});
-  require_results(p, {"c_answer"}, "new1");
-  CHECK(p.text("c_answer") != original);
-  revert(p, {"--all"});
+  SECTION("newest first") {
+    revert(p, {"--id", std::to_string(v2)});
+    require_results(p, {"c_answer"}, "new1");
+    CHECK(p.text("c_answer") != original);
+    revert(p, {"--all"});
+  }
+  SECTION("the older one first: the newer stays, then reverts to the file's code") {
+    revert(p, {"--id", std::to_string(v1)});
+    require_results(p, {"c_answer"}, "new2");
+    revert(p, {"--id", std::to_string(v2)});
+  }
   require_results(p, {}, "old");
   CHECK(p.text("c_answer") == original);
   CHECK(p.text("c_answer") == file_bytes(p.pid(), p.fn.at("c_answer"), kTextBytes));
+  CHECK(!maps_contain(p.pid(), "/run/hotfix/"));  // both libraries unloaded
 }
 
 TEST_CASE("static functions, members, class and namespace patterns, shared libraries", "[patch]") {
@@ -379,7 +405,7 @@ TEST_CASE("every refusal exits 1 with one line and leaves the target exactly as 
     if (gone == 0) ::_exit(0);
     REQUIRE(::waitpid(gone, nullptr, 0) == gone);
     expect_refused(ctl_run({"patch", "--pid", std::to_string(gone), "--lib", fixture("fix_v1.so")}),
-                   std::to_string(gone));
+                   "no process with pid " + std::to_string(gone));
     expect_untouched(p, before);
   }
   SECTION("already traced by another process") {
@@ -400,26 +426,26 @@ TEST_CASE("every refusal exits 1 with one line and leaves the target exactly as 
     CHECK(status_field(p.pid(), "TracerPid") == tracer);  // still the other tracer's
     ::kill(tracer, SIGKILL);
     ::waitpid(tracer, nullptr, 0);
-    expect_refused(r, "trace");
+    expect_refused(r, "already traced by pid " + std::to_string(tracer));
     expect_untouched(p, before);
   }
-  SECTION("fix.so missing") { refuse(fixture("no_such_fix.so"), {}, "no_such_fix.so"); }
-  SECTION("fix.so is not ELF") { refuse(fixture("fix_not_elf.so"), {}, "ELF"); }
-  SECTION("fix.so is for another machine") { refuse(fixture("fix_aarch64.so"), {}, "fix_aarch64.so"); }
+  SECTION("fix.so missing") { refuse(fixture("no_such_fix.so"), {}, "does not exist"); }
+  SECTION("fix.so is not ELF") { refuse(fixture("fix_not_elf.so"), {}, "is not an ELF file"); }
+  SECTION("fix.so is for another machine") { refuse(fixture("fix_aarch64.so"), {}, "built for aarch64"); }
   SECTION("fix.so replaces nothing the target has") { refuse(fixture("fix_none.so"), {}, "defines no function"); }
   SECTION("fix.so lacks the replacement for a selected function") {
     refuse(fixture("fix_v2.so"), {"Order::total"}, "no replacement for");
   }
   SECTION("a pattern matches nothing, and the error suggests names") {
-    refuse(fixture("fix_v1.so"), {"c_answr"}, "c_answer");
+    refuse(fixture("fix_v1.so"), {"c_answr"}, "did you mean 'c_answer'");
   }
-  SECTION("the function is shorter than the jump") { refuse(fixture("fix_short.so"), {}, "short_fn"); }
+  SECTION("the function is shorter than the jump") { refuse(fixture("fix_short.so"), {}, "cannot patch short_fn: the 1-byte function is shorter"); }
   SECTION("a branch lands inside the bytes the jump overwrites") {
-    refuse(fixture("fix_branch.so"), {}, "branches to +2");
+    refuse(fixture("fix_branch.so"), {}, "cannot patch branchy");
   }
   SECTION("strict mode times out on a thread parked inside the function") {
     REQUIRE(p.ask("park c_answer") == "ok parked c_answer");
-    refuse(fixture("fix_v1.so"), {"c_answer", "--timeout", "1"}, "c_answer");
+    refuse(fixture("fix_v1.so"), {"c_answer", "--timeout", "1"}, "is inside c_answer");
     CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");
   }
 }
@@ -432,7 +458,7 @@ TEST_CASE("a target that exits in the middle of a patch gives a clean error", "[
     auto c = start_ctl_and_wait_loaded(
         p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
     REQUIRE(p.ask("exit_after 300") == "ok exit_after");
-    expect_child_refused(*c, "");
+    expect_child_refused(*c, "exited with code 3");
     CHECK(p.child.wait() == 3);
   }
   SECTION("it is killed") {
@@ -442,7 +468,7 @@ TEST_CASE("a target that exits in the middle of a patch gives a clean error", "[
         p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
     std::this_thread::sleep_for(milliseconds(100));
     p.child.signal(SIGKILL);
-    expect_child_refused(*c, "");
+    expect_child_refused(*c, "killed by SIGKILL while hotfix was attached");
     CHECK(p.child.wait() == 128 + SIGKILL);
   }
 }
@@ -495,19 +521,21 @@ TEST_CASE("signals sent while a patch holds the target are delivered", "[patch][
   // A strict patch that retries (the parked thread) until we unpark it.
   auto c = start_ctl_and_wait_loaded(p, {"patch", "--pid", pid, "--lib", fixture("fix_v1.so"), "c_answer",
                                          "--timeout", "60", "--json"});
-  const int kSignals = 40;
+  const int kSignals = 300;
   int usr1_sent = 0, rt_sent = 0;
   for (int i = 0; i < kSignals; ++i) {
     usr1_sent += ::kill(p.pid(), SIGUSR1) == 0;
     rt_sent += ::kill(p.pid(), SIGRTMIN) == 0;  // real-time signals queue: none may be lost
-    std::this_thread::sleep_for(milliseconds(3));
+    std::this_thread::sleep_for(milliseconds(1));
   }
   REQUIRE(c->running());  // the signals were sent during the patch
   CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");
   auto code = c->wait(seconds(60));
   REQUIRE(code);
-  INFO("stdout: " << c->drain_stdout() << "\nstderr: " << c->drain_stderr());
+  auto out = c->drain_stdout();
+  INFO("stdout: " << out << "\nstderr: " << c->drain_stderr());
   REQUIRE(*code == 0);
+  CHECK(json_int(out, "attempts") > 5);  // it stopped the target again and again meanwhile
   CHECK(status_field(p.pid(), "TracerPid") == 0);
   long rt = 0, usr1 = 0;
   for (int i = 0; i < 500 && rt < rt_sent; ++i) {
@@ -529,7 +557,7 @@ TEST_CASE("SIGTERM sent while a patch holds the target still terminates it", "[p
       p, {"patch", "--pid", std::to_string(p.pid()), "--lib", fixture("fix_v1.so"), "c_answer", "--timeout", "60"});
   p.child.signal(SIGTERM);
   CHECK(p.child.wait(seconds(30)) == 128 + SIGTERM);
-  expect_child_refused(*c, "");
+  expect_child_refused(*c, "killed by SIGTERM while hotfix was attached");
 }
 
 TEST_CASE("list and revert from later hotfix-ctl processes", "[patch][cli]") {
@@ -547,7 +575,7 @@ TEST_CASE("list and revert from later hotfix-ctl processes", "[patch][cli]") {
   CHECK(json_int(listed.out, "id") == id);
   CHECK(listed.out.find("\"state\":\"active\"") != std::string::npos);
   CHECK(listed.out.find("\"lib\":\"" + fixture("fix_v1.so") + "\"") != std::string::npos);
-  CHECK(listed.out.find("\"name\":\"c_answer\"") != std::string::npos);
+  CHECK(listed.out.find(fmt_hex_function("c_answer", p.fn.at("c_answer"))) != std::string::npos);
   auto text = ctl_run({"list", "--pid", pid});
   CHECK(text.exit_code == 0);
   CHECK(text.out.find("c_answer") != std::string::npos);
@@ -581,6 +609,34 @@ TEST_CASE("a fix library's constructor runs exactly once per patch", "[patch]") 
   CHECK(p.value_of("ctorcount", "ctor") == 1);
   patch(p, "fix_ctor.so");
   CHECK(p.value_of("ctorcount", "ctor") == 2);
+  revert(p, {"--all"});
+  require_results(p, {}, "old");
+}
+
+TEST_CASE("a refused patch changes neither the other functions of the patch nor earlier patches", "[patch][refuse]") {
+  require_root();
+  Patchee p;
+  const std::string pid = std::to_string(p.pid());
+  int first = patch(p, "fix_v1.so", {"pricing::fee"});
+  auto before = snapshot(p);
+  REQUIRE(maps_contain(p.pid(), "hotfix-registry"));
+  auto listed = ctl_run({"list", "--pid", pid, "--json"});
+  REQUIRE(listed.exit_code == 0);
+
+  // One of the three Order functions is busy: none of them may switch.
+  REQUIRE(p.ask("park Order::total") == "ok parked Order::total");
+  auto r = ctl_run({"patch", "--pid", pid, "--lib", fixture("fix_v1.so"), "Order::*", "--timeout", "1"});
+  expect_refused(r, "is inside Order::total");
+  auto after = snapshot(p);
+  CHECK(after == before);
+  CHECK(status_field(p.pid(), "TracerPid") == 0);
+  CHECK(ctl_run({"list", "--pid", pid, "--json"}).out == listed.out);  // no record, same next id
+  require_results(p, {"pricing::fee"}, "new1");
+  CHECK(p.ask("unpark") == "ok unparked Order::total old -5439");
+
+  int second = patch(p, "fix_v1.so", {"Order::*"});
+  CHECK(second == first + 1);
+  require_results(p, {"pricing::fee", "Order::total", "Order::discount", "Order::weight"}, "new1");
   revert(p, {"--all"});
   require_results(p, {}, "old");
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -56,6 +57,21 @@ bool mapped(pid_t pid, const std::string& path) {
   return false;
 }
 
+// "S pipe_read 0 0x3 ..." : state, wait channel and /proc syscall line, for failure messages.
+std::string thread_state(pid_t pid, long tid) {
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path);
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return all;
+  };
+  auto stat = slurp(fmt::format("/proc/{}/task/{}/stat", pid, tid));
+  auto close = stat.rfind(')');
+  std::string state = close != std::string::npos ? stat.substr(close + 2, 1) : "?";
+  return fmt::format("tid {} state {} wchan {} syscall {} {}", tid, state, slurp(fmt::format("/proc/{}/task/{}/wchan", pid, tid)),
+                     slurp(fmt::format("/proc/{}/task/{}/syscall", pid, tid)),
+                     slurp(fmt::format("/proc/{}/task/{}/status", pid, tid)).find("TracerPid:\t0") != std::string::npos ? "untraced" : "TRACED");
+}
+
 // Counters keep moving: the busy thread spins, the sleeper wakes every 300 ms.
 void require_progress(Target& t) {
   auto before = t.counters();
@@ -98,8 +114,10 @@ TEST_CASE("stop_all stops every thread and resume_all lets them go on unchanged"
   }
   CHECK(process__tracer(target.pid()) == 0);
   require_progress(target);
-  CHECK(target.child.request("feed hello") == "ok fed 5");
-  CHECK(target.child.wait_for("got") == "got hello");
+  // send, not request: request() skips lines before "ok", and the reader may print first.
+  target.child.send("feed hello");
+  INFO(thread_state(target.pid(), target.tids["reader"]));
+  CHECK(target.child.wait_for("got", seconds(5)) == "got hello");
 }
 
 TEST_CASE("remote system calls run on one thread and restore it") {
@@ -157,8 +175,9 @@ TEST_CASE("remote system calls run on one thread and restore it") {
   CHECK(process__tracer(target.pid()) == 0);
   require_progress(target);
   // The reader was inside read() the whole time: it still gets exactly what is written.
-  CHECK(target.child.request("feed after") == "ok fed 5");
-  CHECK(target.child.wait_for("got") == "got after");
+  target.child.send("feed after");
+  INFO(thread_state(target.pid(), reader));
+  CHECK(target.child.wait_for("got", seconds(5)) == "got after");
   CHECK(target.counters()["eintr"] == 0);
 }
 
@@ -312,25 +331,26 @@ TEST_CASE("SIGTERM sent while the threads are stopped still terminates the targe
 TEST_CASE("a target already traced by someone else is refused and left alone") {
   hotfix::test::require_root();
   Target target;
-  int go[2];
-  REQUIRE(::pipe(go) == 0);
+  int ready[2];
+  REQUIRE(::pipe(ready) == 0);
   pid_t helper = ::fork();
-  if (helper == 0) {  // a second tracer, as gdb would be
-    if (::ptrace(PTRACE_SEIZE, target.pid(), nullptr, nullptr) != 0) ::_exit(1);
-    char c = 'x';
-    (void)!::write(go[1], &c, 1);
-    (void)!::read(go[0], &c, 1);  // until the test is done (gets EOF... we close our end)
-    ::_exit(0);
+  if (helper == 0) {  // a second tracer, as gdb would be; killed by the test
+    char ok = ::ptrace(PTRACE_SEIZE, target.pid(), nullptr, nullptr) == 0 ? 'y' : static_cast<char>(errno);
+    (void)!::write(ready[1], &ok, 1);
+    for (;;) ::pause();
   }
-  char c;
-  REQUIRE(::read(go[0], &c, 1) == 1);
+  ::close(ready[1]);
+  char ok = 0;
+  REQUIRE(::read(ready[0], &ok, 1) == 1);
+  ::close(ready[0]);
+  INFO("helper's PTRACE_SEIZE: " << (ok == 'y' ? "ok" : std::strerror(ok)));
+  REQUIRE(ok == 'y');
   auto t = Tracee::seize(target.pid());
   REQUIRE_FALSE(t);
   CHECK(t.error().what.find(fmt::format("already traced by pid {}", helper)) != std::string::npos);
   CHECK(t.error().hint.find("detach") != std::string::npos);
   ::kill(helper, SIGKILL);
   ::waitpid(helper, nullptr, 0);
-  ::close(go[0]), ::close(go[1]);
   CHECK(process__tracer(target.pid()) == 0);
   require_progress(target);
 }
@@ -349,6 +369,7 @@ TEST_CASE("a target exiting while attached gives a clean error") {
       std::this_thread::sleep_for(milliseconds(1));
     }
     REQUIRE_FALSE(r);
+    INFO(r.error().what);
     CHECK(r.error().what.find("exited with code 0 while hotfix was attached") != std::string::npos);
     t->detach();
     CHECK(target.child.wait(seconds(10)) == 0);

@@ -306,3 +306,14 @@ TEST_CASE("attach layer: a dead pid is refused with a clear error") {
   CHECK(watch.error().exit_code == 1);
   CHECK(watch.error().what.find(std::to_string(dead)) != std::string::npos);
 }
+
+TEST_CASE("entry probes (--no-inflight) are safe for code that throws through them") {
+  require_root();
+  Calls calls;
+  WatchCtl watch(calls.pid(), {"thrower", "catcher", "--no-inflight"});
+  CHECK(calls.child.request("call catcher 5") == "ok -1");  // every call threw and was caught
+  CHECK(calls.child.running());
+  auto rows = watch.stop();
+  CHECK(rows["_Z7throweri"].total == 5);
+  CHECK(rows["_Z7catcheri"].total == 5);
+}

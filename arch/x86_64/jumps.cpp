@@ -44,4 +44,20 @@ std::vector<uint8_t> encode_island_jump(uint64_t /*island: absolute, so position
   return out;
 }
 
+// push rax; movabs rax, counter; lock inc qword [rax]; pop rax; jmp [rip+0]; .quad to
+// The counter is addressed absolutely so that the counter page may sit anywhere. At a
+// function entry the slot below the stack pointer is free (the callee owns it) and the
+// flags are dead (the ABI does not preserve them across a call), so this is invisible to
+// both caller and callee. `lock` keeps the count exact across threads.
+std::vector<uint8_t> encode_counting_island(uint64_t island, uint64_t counter, uint64_t to) {
+  std::vector<uint8_t> out{0x50, 0x48, 0xb8};  // push rax; movabs rax, imm64
+  append_le(out, counter, 8);
+  for (uint8_t b : {0xf0, 0x48, 0xff, 0x00, 0x58}) out.push_back(b);  // lock inc qword [rax]; pop rax
+  auto jump = encode_island_jump(island + out.size(), to);
+  out.insert(out.end(), jump.begin(), jump.end());
+  return out;
+}
+
+size_t counting_island_size() { return 3 + 8 + 5 + island_jump_size(); }
+
 }  // namespace hotfix::arch

@@ -60,6 +60,7 @@ int verb_patch(const Args& args) {
       "object", po::value<std::string>(&opts.object), "only functions of this mapped object")(
       "consistency", po::value<std::string>(&consistency), "strict (default): no thread may have an old function on its stack; entry: only not inside the overwritten bytes")(
       "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
+      "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
       "dry-run", "print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -69,6 +70,7 @@ int verb_patch(const Args& args) {
   opts.consistency = *mode;
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
+  opts.abi_check = !vm.count("no-abi-check");
 
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());

@@ -24,10 +24,13 @@ constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--inter
 
 // Shown under --help: what a probe costs the target, measured (docs/performance.md).
 constexpr const char* kCost =
-    "\ncost: every call of a watched function traps into the kernel. Measured per call here:\n"
-    "~12 us on an ordinary prologue (int3 + single-step), ~0.9 us when the first instruction\n"
-    "is an emulated push, ~0.7 us on a 5-byte nop; a return probe adds more. --no-inflight\n"
-    "drops the return probes (no in-flight or latency columns). Watch hot functions briefly.\n";
+    "\ncost: every call of a watched function traps into the kernel. Per call, entry probe, on a\n"
+    "quiet 2-CPU VM: ~12 us on an ordinary prologue (int3 + single-step), ~0.9 us when the\n"
+    "first instruction is an emulated push, ~0.7 us on a 5-byte nop; several times more on a\n"
+    "loaded machine. A return probe roughly doubles it; --no-inflight drops the return probes\n"
+    "(no in-flight or latency columns). Watch hot functions briefly. See docs/performance.md.\n"
+    "\nwarning: a C++ exception thrown through a function watched with return probes terminates\n"
+    "the target (the uretprobe trampoline has no unwind info): use --no-inflight on such code.\n";
 
 struct WatchArgs {
   pid_t pid = 0;
@@ -48,7 +51,7 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("interval,i", po::value<double>()->default_value(1.0), "seconds between reports")
       ("duration,d", po::value<double>()->default_value(0), "stop after this many seconds (default: until Ctrl-C or the target exits)")
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
-      ("no-inflight", "entry probes only: cheaper, but no in-flight and latency");
+      ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kCost);

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "common/unique_fd.hpp"
+#include "observe/uprobe_multi.hpp"
 #include "process/maps.hpp"
 #include "watch.h"
 #include "watch.skel.h"
@@ -24,33 +25,8 @@ namespace hotfix {
 
 namespace {
 
-// The uprobe_multi part of the kernel's `union bpf_attr` (link_create, Linux 6.6+). Debian's
-// uapi headers (6.1) and libbpf 1.1 predate it, so the layout is spelled out here.
-constexpr uint32_t kAttachUprobeMulti = 48;  // BPF_TRACE_UPROBE_MULTI
-constexpr uint32_t kUprobeMultiReturn = 1;   // BPF_F_UPROBE_MULTI_RETURN
-constexpr int kKernelENOTSUPP = 524;         // the kernel-internal ENOTSUPP some paths leak
-
-struct LinkCreateUprobeMulti {
-  uint32_t prog_fd;
-  uint32_t target_fd;
-  uint32_t attach_type;
-  uint32_t flags;
-  alignas(8) uint64_t path;
-  uint64_t offsets;
-  uint64_t ref_ctr_offsets;
-  uint64_t cookies;
-  uint32_t cnt;
-  uint32_t multi_flags;
-  uint32_t pid;
-};
-static_assert(sizeof(LinkCreateUprobeMulti) == 64);
-
 // Functions of one object, grouped: one uprobe_multi link per direction.
-struct ObjectProbes {
-  std::string path;
-  std::vector<uint64_t> offsets;
-  std::vector<uint64_t> cookies;
-};
+using ObjectProbes = UprobeMultiSpec;
 
 int libbpf_print(enum libbpf_print_level, const char* fmt, va_list args) {
   // libbpf's own chatter would break the one-line error rule; keep it for debugging.
@@ -62,53 +38,24 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The object as the target sees it, through its root (it may live in a container).
-std::string target_path(pid_t pid, const std::string& object) { return fmt::format("/proc/{}/root{}", pid, object); }
 
 bool perf_forced() {
   const char* v = std::getenv("HOTFIX_FORCE_PERF_UPROBES");
   return v && *v && std::string(v) != "0";
 }
 
-// What a kernel without uprobe_multi answers to the program load or the link create.
-bool lacks_uprobe_multi(int err) { return err == EINVAL || err == EOPNOTSUPP || err == kKernelENOTSUPP; }
 
 std::vector<ObjectProbes> group_by_object(pid_t pid, const std::vector<Function>& functions) {
   std::map<std::string, ObjectProbes> by_path;
   for (size_t i = 0; i < functions.size(); ++i) {
     auto& group = by_path[functions[i].object];
-    group.path = target_path(pid, functions[i].object);
+    group.path = uprobe__target_path(pid, functions[i].object);
     group.offsets.push_back(functions[i].offset);
     group.cookies.push_back(i);
   }
   std::vector<ObjectProbes> groups;
   for (auto& [_, g] : by_path) groups.push_back(std::move(g));
   return groups;
-}
-
-Result<UniqueFd> uprobe_multi__link(int prog_fd, const ObjectProbes& group, pid_t pid, bool retprobe) {
-  union {
-    LinkCreateUprobeMulti link_create;
-    unsigned char bytes[sizeof(bpf_attr) > 64 ? sizeof(bpf_attr) : 64];
-  } attr;
-  std::memset(&attr, 0, sizeof attr);
-  auto& lc = attr.link_create;
-  lc.prog_fd = static_cast<uint32_t>(prog_fd);
-  lc.attach_type = kAttachUprobeMulti;
-  lc.path = reinterpret_cast<uint64_t>(group.path.c_str());
-  lc.offsets = reinterpret_cast<uint64_t>(group.offsets.data());
-  lc.cookies = reinterpret_cast<uint64_t>(group.cookies.data());
-  lc.cnt = static_cast<uint32_t>(group.offsets.size());
-  lc.multi_flags = retprobe ? kUprobeMultiReturn : 0;
-  lc.pid = static_cast<uint32_t>(pid);
-  long fd = ::syscall(__NR_bpf, BPF_LINK_CREATE, &attr, sizeof(LinkCreateUprobeMulti));
-  if (fd < 0) {
-    int err = errno;
-    return std::unexpected(Error{fmt::format("cannot attach {} uprobes to {}: {}", retprobe ? "return" : "entry",
-                                             group.path, errno_text(err)),
-                                 "", err});
-  }
-  return UniqueFd(static_cast<int>(fd));
 }
 
 }  // namespace
@@ -133,9 +80,10 @@ CallCounts& CallCounts::operator-=(const CallCounts& o) {
 
 namespace {
 
-// Releasing a uprobe link waits for RCU grace periods (the kernel's uprobe_unregister_sync):
-// ~30 ms per uprobe_multi link, ~100 ms per perf uprobe here. Released from parallel threads,
-// those waits overlap instead of adding up.
+// Releasing a uprobe_multi link waits for RCU grace periods (the kernel's
+// uprobe_unregister_sync, ~30 ms here). Released from parallel threads, those waits overlap
+// instead of adding up. (Perf uprobes, ~100 ms each, are serialized inside the kernel:
+// threads do not help them.)
 template <typename T, typename Release>
 void release_in_parallel(std::vector<T>& items, Release release) {
   constexpr size_t kMaxThreads = 64;
@@ -160,7 +108,7 @@ struct Watch::Links {
   std::vector<bpf_link*> perf;      // perf-event uprobes (libbpf links)
   ~Links() {
     release_in_parallel(multi, [](UniqueFd& fd) { fd.reset(); });
-    release_in_parallel(perf, [](bpf_link* l) { bpf_link__destroy(l); });
+    for (auto* l : perf) bpf_link__destroy(l);
   }
 };
 
@@ -180,8 +128,8 @@ Result<watch_bpf*> load_skeleton(pid_t pid, size_t n, bool returns, ProbeMechani
     bpf_map__set_max_entries(skel->maps.frames, 1);  // unused: keep it small
   }
   if (mechanism == ProbeMechanism::uprobe_multi) {
-    bpf_program__set_expected_attach_type(skel->progs.watch_entry, static_cast<bpf_attach_type>(kAttachUprobeMulti));
-    bpf_program__set_expected_attach_type(skel->progs.watch_return, static_cast<bpf_attach_type>(kAttachUprobeMulti));
+    uprobe_multi__prepare(skel->progs.watch_entry);
+    uprobe_multi__prepare(skel->progs.watch_return);
   }
   if (int err = watch_bpf__load(skel); err != 0) {
     watch_bpf__destroy(skel);
@@ -206,7 +154,7 @@ Result<void> attach_perf(const watch_bpf* skel, Watch& w, std::vector<bpf_link*>
     bool retprobe = pass == 0;
     for (size_t i = 0; i < fns.size(); ++i) {
       LIBBPF_OPTS(bpf_uprobe_opts, opts, .bpf_cookie = i, .retprobe = retprobe);
-      auto path = target_path(w.pid(), fns[i].object);
+      auto path = uprobe__target_path(w.pid(), fns[i].object);
       bpf_link* link = bpf_program__attach_uprobe_opts(retprobe ? skel->progs.watch_return : skel->progs.watch_entry,
                                                        w.pid(), path.c_str(), fns[i].offset, &opts);
       if (!link) {
@@ -263,7 +211,7 @@ Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const Wa
       attached = std::unexpected(skel.error());
     }
     if (!attached) {
-      if (!(may_fall_back && lacks_uprobe_multi(attached.error().exit_code) && process__alive(pid)))
+      if (!(may_fall_back && uprobe_multi__unsupported(attached.error().exit_code) && process__alive(pid)))
         return std::unexpected(explain_attach_failure(pid, attached.error()));
       w.detach();  // this kernel has no uprobe_multi: start over with perf uprobes
       w.links_ = std::make_unique<Links>();

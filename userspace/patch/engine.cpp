@@ -10,6 +10,7 @@
 #include <set>
 #include <thread>
 
+#include "patch/abi_check.hpp"
 #include "patch/binder.hpp"
 #include "patch/fixlib.hpp"
 #include "process/maps.hpp"
@@ -68,6 +69,11 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
     return fail(fmt::format("cannot patch {}: {}", fn.name, s.check.reason),
                 "patch its callers instead, or leave it out with a narrower pattern");
   s.stacked_on = registry.top_at(fn.address);
+  auto trap = arch::trap_instruction();
+  if (std::equal(trap.begin(), trap.end(), s.current.begin()))
+    return fail(fmt::format("cannot patch {}: its entry holds a breakpoint (a uprobe of a running `hotfix-ctl watch`, "
+                            "bpftrace or a debugger)", fn.name),
+                "stop the tool that probes it and retry; removing that breakpoint later would corrupt the jump");
   return s;
 }
 
@@ -90,11 +96,17 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   plan_opts.patterns = opts.patterns;
   plan_opts.object = opts.object;
   plan_opts.patch_dir = opts.patch_dir + "/";
+  plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
   p.id = p.registry.next_id;
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
   for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));
+  if (opts.abi_check) {
+    auto fix_table = HOTFIX_TRY(SymbolTable::for_file(opts.library));
+    for (auto& s : p.switches)
+      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement}));
+  }
   return p;
 }
 
@@ -282,9 +294,19 @@ AddressRange overwritten_range(uint64_t address, size_t covered, const std::stri
 
 }  // namespace
 
-Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
+namespace {
+
+// A step failed: if the target died meanwhile, that is what to say (the step's own error,
+// "cannot open the memory of process N" or "could not stop every thread", is a symptom).
+template <class T>
+Result<T> or_target_gone(Tracee& t, Result<T> r) {
+  if (!r)
+    if (auto alive = t.pump(); !alive) return std::unexpected(alive.error());
+  return r;
+}
+
+Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
   const pid_t pid = p.options.pid;
-  auto tracee = HOTFIX_TRY(Tracee::seize(pid));
   Undo undo(tracee);
 
   // Bind and load fix.so while every thread runs.
@@ -344,6 +366,13 @@ Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) 
   auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
   undo.commit();
   return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
+}
+
+}  // namespace
+
+Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
+  auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
+  return or_target_gone(tracee, apply_held(tracee, p, progress));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -458,6 +487,20 @@ Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertO
   return ids;
 }
 
+Result<void> revert_held(Tracee& tracee, const SymbolTable& table, Registry& registry, uint64_t registry_at,
+                         const std::vector<uint32_t>& ids, const RevertOptions& opts, const ProgressFn& progress,
+                         std::vector<RevertOutcome>& out) {
+  for (auto id : ids) out.push_back(HOTFIX_TRY(revert_one(tracee, table, registry, registry_at, id, opts, progress)));
+  // Give back the memory of every reverted patch no thread can run any more (older leftovers too).
+  for (auto& p : registry.patches) {
+    if (p.state != PatchState::reverted || p.released) continue;
+    auto held = HOTFIX_TRY(try_release(tracee, table, p, registry_at, registry));
+    for (auto& o : out)
+      if (o.id == p.id) o.released = held.empty(), o.held_by = held;
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress) {
@@ -469,14 +512,8 @@ Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, cons
   auto table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
   auto tracee = HOTFIX_TRY(Tracee::seize(opts.pid));
   std::vector<RevertOutcome> out;
-  for (auto id : ids) out.push_back(HOTFIX_TRY(revert_one(tracee, table, registry, *registry_at, id, opts, progress)));
-  // Give back the memory of every reverted patch no thread can run any more (older leftovers too).
-  for (auto& p : registry.patches) {
-    if (p.state != PatchState::reverted || p.released) continue;
-    auto held = HOTFIX_TRY(try_release(tracee, table, p, *registry_at, registry));
-    for (auto& o : out)
-      if (o.id == p.id) o.released = held.empty(), o.held_by = held;
-  }
+  auto reverted = revert_held(tracee, table, registry, *registry_at, ids, opts, progress, out);
+  HOTFIX_CHECK(or_target_gone(tracee, std::move(reverted)));
   return out;
 }
 

@@ -34,6 +34,7 @@ struct PatchOptions {
   Consistency consistency = Consistency::strict;
   std::chrono::milliseconds timeout = std::chrono::seconds(10);  // strict mode's wait for quiescence
   std::string patch_dir = "/run/hotfix";
+  bool abi_check = true;  // refuse replacements that break -fipa-ra callers (see abi_check.hpp)
 };
 
 // One function of a prepared patch: what will change where.

@@ -62,6 +62,19 @@ Result<std::vector<const Function*>> candidate_pool(const SymbolTable& target, c
   return pool;
 }
 
+// The paths under which `table` knows the executable (empty when not given).
+std::set<std::string> executable_objects(const SymbolTable& table, const std::string& executable) {
+  std::set<std::string> out;
+  if (executable.empty()) return out;
+  std::error_code ec;
+  auto exe = std::filesystem::canonical(executable, ec);
+  for (auto& o : table.objects()) {
+    std::error_code ec2;
+    if (o.path == executable || (!ec && std::filesystem::canonical(o.path, ec2) == exe)) out.insert(o.path);
+  }
+  return out;
+}
+
 // "compute(int), calls_address()": what fix.so could replace, for hints.
 std::string defined_list(const FixLibrary& fix) {
   std::string defined;
@@ -76,6 +89,7 @@ Result<std::vector<const Function*>> default_targets(const SymbolTable& target, 
                                                      const PlanOptions& opts) {
   auto pool = HOTFIX_TRY(candidate_pool(target, opts));
   auto index = index_by_mangled(pool);
+  auto exe_objects = executable_objects(target, opts.executable);
   std::vector<const Function*> out;
   for (auto& s : fix.functions) {
     if (!replaces_by_default(s)) continue;
@@ -86,7 +100,7 @@ Result<std::vector<const Function*>> default_targets(const SymbolTable& target, 
     // fix.cpp dropped `static` (an unused static function would be discarded by the compiler).
     LocalNameMatcher same_local(s.name);
     for (const Function* f : pool)
-      if (same_local(*f)) out.push_back(f);
+      if (same_local(*f) && (exe_objects.empty() || exe_objects.count(f->object))) out.push_back(f);
   }
   if (out.empty()) {
     std::string defined = defined_list(fix);

@@ -29,6 +29,10 @@ struct PlanOptions {
   std::string object;                 // --object: restrict the target functions to one object
   // Objects under this directory are earlier fix libraries, never patch targets themselves.
   std::string patch_dir = "/run/hotfix/";
+  // The target's main executable (e.g. /proc/PID/exe). When set, the default selection
+  // matches a fix.so function to a target `static` function of the same demangled name only
+  // in the executable, never to a library's private helper that happens to share the name.
+  std::string executable;
 };
 
 // Match `fix` against the target's functions. Errors: a selected target function without a

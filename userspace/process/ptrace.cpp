@@ -426,6 +426,9 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
   std::vector<size_t> pending;
   for (size_t i = 0; i < threads_.size(); ++i)
     if (!threads_[i].exited && !threads_[i].stopped()) pending.push_back(i);
+  // The leader reports its death only after every other thread's: collect it last, or a process
+  // killed in the window would wait here on the leader while the others' exits go unreaped.
+  std::stable_partition(pending.begin(), pending.end(), [&](size_t i) { return threads_[i].tid != pid_; });
 
   // Collect in interrupt order with blocking waits on one tid at a time (O(1) in the kernel
   // for a specific pid, and no CPU burnt polling); the others stop meanwhile and are
@@ -437,6 +440,12 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
   size_t done = 0;
   while (done < pending.size() && !gone_) {
     size_t i = pending[done];
+    if (threads_[i].tid == pid_ && done + 1 < pending.size()) {
+      // The leader's exit is reported only once every other thread is reaped: collect it last.
+      std::rotate(pending.begin() + static_cast<std::ptrdiff_t>(done), pending.begin() + static_cast<std::ptrdiff_t>(done) + 1,
+                  pending.end());
+      continue;
+    }
     int status = 0;
     pid_t r = poll(threads_[i].tid, status, alarm.armed());
     if (r == 0 || (r < 0 && errno == EINTR)) {

@@ -1,0 +1,80 @@
+#include "observe/callers.hpp"
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include <algorithm>
+#include <map>
+#include <thread>
+
+#include "observe/uprobe_multi.hpp"
+#include "patchcount.h"
+#include "patchcount.skel.h"
+#include "process/maps.hpp"
+
+namespace hotfix {
+
+namespace {
+
+Result<patchcount_bpf*> open_sampler() {
+  patchcount_bpf* skel = patchcount_bpf__open();
+  if (!skel) return fail(fmt::format("cannot open the patchcount BPF object: {}", errno_text(errno)));
+  bpf_program__set_autoload(skel->progs.count_old_exit, false);
+  uprobe_multi__prepare(skel->progs.sample_caller);
+  if (int err = patchcount_bpf__load(skel); err != 0) {
+    patchcount_bpf__destroy(skel);
+    return fail(fmt::format("cannot load the caller sampler: {}", errno_text(-err)),
+                "HOTFIX_DEBUG_LIBBPF=1 shows libbpf's details");
+  }
+  return skel;
+}
+
+std::vector<CallerStack> collect(int map_fd) {
+  std::vector<CallerStack> out;
+  callers_key key{}, next{};
+  bool first = true;
+  while (bpf_map_get_next_key(map_fd, first ? nullptr : &key, &next) == 0) {
+    first = false;
+    key = next;
+    uint64_t count = 0;
+    if (bpf_map_lookup_elem(map_fd, &key, &count) != 0) continue;
+    CallerStack s{key.cookie, count, {}};
+    unsigned depth = std::min<unsigned>(key.depth, CALLERS_MAX_DEPTH);
+    for (unsigned i = 0; i < depth; ++i)
+      if (i != 1) s.frames.push_back(key.ips[i]);  // ips[1] is the probed entry itself
+    out.push_back(std::move(s));
+  }
+  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a.count > b.count; });
+  return out;
+}
+
+}  // namespace
+
+Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
+                                                 std::chrono::milliseconds window) {
+  HOTFIX_CHECK(process__check_alive(pid));
+  auto skel = HOTFIX_TRY(open_sampler());
+  std::unique_ptr<patchcount_bpf, void (*)(patchcount_bpf*)> guard(skel, patchcount_bpf__destroy);
+  std::map<std::string, UprobeMultiSpec> by_object;
+  for (auto& p : probes) {
+    auto& spec = by_object[p.object];
+    spec.path = uprobe__target_path(pid, p.object);
+    spec.offsets.push_back(p.offset);
+    spec.cookies.push_back(p.function);
+  }
+  std::vector<UniqueFd> links;
+  for (auto& [_, spec] : by_object) {
+    auto link = uprobe_multi__link(bpf_program__fd(skel->progs.sample_caller), spec, pid, false);
+    if (!link) {
+      Error e = link.error();
+      e.exit_code = 1;
+      return std::unexpected(e);
+    }
+    links.push_back(std::move(*link));
+  }
+  std::this_thread::sleep_for(window);
+  links.clear();  // detach before reading: the table no longer changes
+  return collect(bpf_map__fd(skel->maps.callers));
+}
+
+}  // namespace hotfix

@@ -1,0 +1,33 @@
+// Who calls a function: a short sampling window with a uprobe on its entry (`stats --callers`).
+// Unlike the hit counters, this traps on every call while it runs (~1-12 us per call).
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"
+
+namespace hotfix {
+
+struct CallerProbe {
+  uint32_t function = 0;  // reported back in CallerStack::function
+  std::string object;     // ELF object as mapped
+  uint64_t offset = 0;    // file offset of the entry
+};
+
+struct CallerStack {
+  uint32_t function = 0;
+  uint64_t count = 0;
+  // frames[0]: the return address into the caller (exact). Further frames come from the
+  // user frame-pointer chain: right only where the callers keep frame pointers.
+  std::vector<uint64_t> frames;
+};
+
+// Attach, sample for `window`, detach. Stacks sorted by count, most first.
+Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
+                                                 std::chrono::milliseconds window);
+
+}  // namespace hotfix

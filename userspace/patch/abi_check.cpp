@@ -1,0 +1,68 @@
+#include "patch/abi_check.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "arch/arch.hpp"
+#include "common/unique_fd.hpp"
+#include "process/memory.hpp"
+
+namespace hotfix {
+
+namespace {
+
+constexpr uint64_t kMaxBody = 1 << 16;  // longer bodies are read in part: the rest counts as unknown
+
+const Function* replacement_in(const SymbolTable& fix, const std::string& symbol) {
+  for (auto& f : fix.functions())
+    if (f.mangled == symbol || std::find(f.aliases.begin(), f.aliases.end(), symbol) != f.aliases.end()) return &f;
+  return nullptr;
+}
+
+std::optional<arch::CodeAt> file_code(const std::string& path, const Function& f) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd || f.size == 0) return std::nullopt;
+  std::vector<uint8_t> bytes(std::min(f.size, kMaxBody));
+  if (::pread(fd.get(), bytes.data(), bytes.size(), static_cast<off_t>(f.offset)) != static_cast<ssize_t>(bytes.size()))
+    return std::nullopt;
+  return arch::CodeAt{std::move(bytes), f.address};
+}
+
+std::optional<arch::CodeAt> live_code(const ProcessMemory& mem, const Function& f) {
+  if (f.size == 0) return std::nullopt;
+  auto bytes = mem.read(f.address, std::min(f.size, kMaxBody));
+  if (!bytes) return std::nullopt;
+  return arch::CodeAt{std::move(*bytes), f.address};
+}
+
+}  // namespace
+
+Result<void> abi__check_replacement(const AbiCheckInput& in) {
+  const Function* repl = replacement_in(in.fix, in.replacement);
+  auto old_code = live_code(in.memory, in.original);
+  std::optional<arch::CodeAt> new_code = repl ? file_code(repl->object, *repl) : std::nullopt;
+  if (!old_code || !new_code) return {};  // nothing to compare: the planner reports missing pieces
+
+  auto live_callee = [&](uint64_t entry) -> std::optional<arch::CodeAt> {
+    const Function* f = in.target.function_at(entry);
+    return f && f->address == entry ? live_code(in.memory, *f) : std::nullopt;
+  };
+  auto fix_callee = [&](uint64_t entry) -> std::optional<arch::CodeAt> {
+    const Function* f = in.fix.function_at(entry);
+    return f && f->address == entry ? file_code(f->object, *f) : std::nullopt;
+  };
+  auto before = arch::clobbered_registers(old_code->bytes, old_code->address, live_callee);
+  auto after = arch::clobbered_registers(new_code->bytes, new_code->address, fix_callee);
+  uint64_t excess = arch::clobber_excess(before, after);
+  if (!excess) return {};
+  return fail(fmt::format("the replacement of {} changes {}, which the original never does: callers compiled with "
+                          "GCC's -fipa-ra (the default at -O2) may keep live values there across the call",
+                          in.original.name, arch::register_names(excess)),
+              fmt::format("rebuild fix.so with `{}` so the replacement preserves them, or pass --no-abi-check if no "
+                          "caller of it was compiled in the same file with optimisation",
+                          arch::preserve_flags(excess)));
+}
+
+}  // namespace hotfix

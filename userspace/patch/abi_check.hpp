@@ -1,0 +1,26 @@
+// Does a replacement keep the promises the original's callers may rely on beyond the ABI?
+// GCC at -O2 (-fipa-ra) lets a caller in the same translation unit keep values in
+// call-clobbered registers the callee is seen never to write. A replacement that writes
+// more of them would corrupt those callers silently, so such a patch is refused, with the
+// compiler flags that make the replacement preserve them.
+#pragma once
+#include <string>
+
+#include "common/error.hpp"
+#include "symbols/symbols.hpp"
+
+namespace hotfix {
+
+class ProcessMemory;
+
+struct AbiCheckInput {
+  const SymbolTable& target;      // the live process
+  const ProcessMemory& memory;    // its memory
+  const Function& original;       // the function to be replaced
+  const SymbolTable& fix;         // fix.so read as a file (addresses = st_value)
+  const std::string& replacement; // its symbol in fix.so
+};
+
+Result<void> abi__check_replacement(const AbiCheckInput& in);
+
+}  // namespace hotfix
