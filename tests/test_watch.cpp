@@ -72,6 +72,7 @@ struct WatchCtl {
           return argv;
         }()) {
     auto line = child.read_stderr_line(30s);
+    while (line && line->rfind("note: ", 0) == 0) line = child.read_stderr_line(30s);  // notes come first
     REQUIRE(line);
     banner = *line;
     INFO(banner << child.drain_stderr());
@@ -121,7 +122,7 @@ TEST_CASE("watch counts exactly N calls of every kind of function") {
   calls.call("c_add", 0);
   REQUIRE(calls.child.request("load") == "ok");
   WatchCtl watch(calls.pid(), {"c_add", "static_helper", "pricing::discount", "Order::add", "Order::total",
-                               "scale(int)", "scale(double)", "max_of<int>", "callee_work"});
+                               "scale(int)", "scale(double)", "max_of<int>", "callee_work", "--inflight"});
   CHECK(watch.banner.find("9 functions") != std::string::npos);
   CHECK(watch.banner.find("uprobe_multi") != std::string::npos);
   // Distinct counts, so a probe attached to the wrong function shows.
@@ -150,7 +151,7 @@ TEST_CASE("watch counts exactly N calls of every kind of function") {
 TEST_CASE("watch shows K threads in flight inside a function, then none") {
   require_root();
   Calls calls;
-  WatchCtl watch(calls.pid(), {"slow_request"});
+  WatchCtl watch(calls.pid(), {"slow_request", "--inflight"});
   REQUIRE(calls.child.request("block slow_request 3") == "ok");
   // Every report taken after the 3 entries must say 3 in flight: none can return yet.
   std::optional<Row> seen;
@@ -246,7 +247,7 @@ TEST_CASE("no watch link outlives watch, even a SIGKILLed one") {
   for (int sig : {SIGINT, SIGKILL}) {
     INFO("signal " << sig);
     {
-      WatchCtl watch(calls.pid(), {"c_add", "scale(int)"});
+      WatchCtl watch(calls.pid(), {"c_add", "scale(int)", "--inflight"});
       auto during = watch_links();
       CHECK(during.size() >= before.size() + 2);  // entry + return link of one object
       watch.child.signal(sig);
@@ -305,6 +306,17 @@ TEST_CASE("attach layer: a dead pid is refused with a clear error") {
   REQUIRE(!watch);
   CHECK(watch.error().exit_code == 1);
   CHECK(watch.error().what.find(std::to_string(dead)) != std::string::npos);
+}
+
+TEST_CASE("by default, C++ code is watched without return probes, so exceptions stay safe") {
+  require_root();
+  Calls calls;
+  WatchCtl watch(calls.pid(), {"thrower", "catcher"});
+  CHECK(calls.child.request("call catcher 5") == "ok -1");  // every call threw and was caught
+  CHECK(calls.child.running());
+  auto rows = watch.stop();
+  CHECK(rows["_Z7throweri"].total == 5);
+  CHECK(rows["_Z7catcheri"].inflight == "null");
 }
 
 TEST_CASE("entry probes (--no-inflight) are safe for code that throws through them") {

@@ -12,7 +12,9 @@
 #include "cli/cli.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/report.hpp"
+#include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
+#include "patch/registry.hpp"
 #include "process/maps.hpp"
 #include "symbols/pattern.hpp"
 
@@ -29,8 +31,10 @@ constexpr const char* kCost =
     "first instruction is an emulated push, ~0.7 us on a 5-byte nop; several times more on a\n"
     "loaded machine. A return probe roughly doubles it; --no-inflight drops the return probes\n"
     "(no in-flight or latency columns). Watch hot functions briefly. See docs/performance.md.\n"
-    "\nwarning: a C++ exception thrown through a function watched with return probes terminates\n"
-    "the target (the uretprobe trampoline has no unwind info): use --no-inflight on such code.\n";
+    "\nexceptions: a C++ exception thrown through a function watched with return probes terminates\n"
+    "the target (the uretprobe trampoline has no unwind info). So return probes are off by default\n"
+    "for functions of objects with C++ exception tables; --inflight turns them on when you know\n"
+    "the watched functions do not propagate exceptions.\n";
 
 struct WatchArgs {
   pid_t pid = 0;
@@ -39,7 +43,7 @@ struct WatchArgs {
   double interval = 1.0;
   double duration = 0;  // 0 = until Ctrl-C or the target exits
   bool json = false;
-  bool inflight = true;
+  std::optional<bool> inflight;  // unset: on unless an object has C++ exception tables
 };
 
 std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
@@ -51,6 +55,7 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("interval,i", po::value<double>()->default_value(1.0), "seconds between reports")
       ("duration,d", po::value<double>()->default_value(0), "stop after this many seconds (default: until Ctrl-C or the target exits)")
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
+      ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
       ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
@@ -69,7 +74,9 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   if (!(out.interval > 0) || !std::isfinite(out.interval)) return usage(fmt::format("bad --interval {}: give a positive number of seconds", out.interval));
   if (!(out.duration >= 0) || !std::isfinite(out.duration)) return usage(fmt::format("bad --duration {}: give a number of seconds >= 0", out.duration));
   out.json = vm.count("json") > 0;
-  out.inflight = vm.count("no-inflight") == 0;
+  if (vm.count("inflight") && vm.count("no-inflight")) return usage("--inflight and --no-inflight exclude each other");
+  if (vm.count("inflight")) out.inflight = true;
+  if (vm.count("no-inflight")) out.inflight = false;
   return std::nullopt;
 }
 
@@ -131,7 +138,22 @@ int run_watch(const WatchArgs& a) {
   if (!table) return report(table.error());
   auto functions = symbols__select(*table, a.patterns, SelectOptions{a.object});
   if (!functions) return report(functions.error());
-  auto watch = Watch::attach(a.pid, std::move(*functions), WatchOptions{.returns = a.inflight});
+  auto registry = registry__read(a.pid);
+  if (!registry) return report(registry.error());
+  std::vector<std::string> notes;
+  auto live = registry__live_functions(*registry, *table, std::move(*functions), kPatchDir, &notes);
+  if (live.empty()) return report(Error{"every matching function is a fix library's copy", "name the original functions"});
+  bool inflight = a.inflight.value_or(true);
+  if (!a.inflight) {
+    if (auto risky = probe__objects_with_exceptions(live); !risky.empty()) {
+      inflight = false;
+      notes.push_back(fmt::format("in-flight and latency are off: {} has C++ exception tables, and an exception "
+                                  "unwinding through a return probe terminates the process (--inflight forces them)",
+                                  risky.front()));
+    }
+  }
+  for (auto& note : notes) fmt::print(stderr, "note: {}\n", note);
+  auto watch = Watch::attach(a.pid, std::move(live), WatchOptions{.returns = inflight});
   if (!watch) return report(watch.error());
 
   auto n = watch->functions().size();
@@ -146,7 +168,7 @@ int run_watch(const WatchArgs& a) {
   std::vector<CallCounts> previous(n);
   auto last_tick = start;
   WatchSample sample;
-  sample.inflight_known = a.inflight;
+  sample.inflight_known = inflight;
   sample.functions = &watch->functions();
   int exit_code = 0;
   for (auto next = start + interval;; next += interval) {

@@ -1,4 +1,5 @@
 #include "observe/watch.hpp"
+#include "observe/probe_safety.hpp"
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -189,6 +190,7 @@ Error explain_attach_failure(pid_t pid, Error e) {
 Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const WatchOptions& opts) {
   HOTFIX_CHECK(process__check_alive(pid));
   if (functions.empty()) return fail("no functions to watch", "give at least one pattern that matches");
+  HOTFIX_CHECK(probe__check_entries(pid, functions));
   auto t0 = std::chrono::steady_clock::now();
   Watch w;
   w.pid_ = pid;

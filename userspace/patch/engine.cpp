@@ -95,7 +95,7 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   PlanOptions plan_opts;
   plan_opts.patterns = opts.patterns;
   plan_opts.object = opts.object;
-  plan_opts.patch_dir = opts.patch_dir + "/";
+  plan_opts.patch_dir = opts.patch_dir;
   plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
@@ -310,7 +310,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   Undo undo(tracee);
 
   // Bind and load fix.so while every thread runs.
-  std::string copy = fmt::format("{}/{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
   auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
   undo.copy = bound.path;
   auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));

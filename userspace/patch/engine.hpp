@@ -33,7 +33,7 @@ struct PatchOptions {
   std::string object;                 // --object
   Consistency consistency = Consistency::strict;
   std::chrono::milliseconds timeout = std::chrono::seconds(10);  // strict mode's wait for quiescence
-  std::string patch_dir = "/run/hotfix";
+  std::string patch_dir = kPatchDir;
   bool abi_check = true;  // refuse replacements that break -fipa-ra callers (see abi_check.hpp)
 };
 

@@ -8,6 +8,7 @@
 
 #include "common/error.hpp"
 #include "patch/fixlib.hpp"
+#include "patch/registry.hpp"
 #include "symbols/symbols.hpp"
 
 namespace hotfix {
@@ -28,7 +29,7 @@ struct PlanOptions {
   std::vector<std::string> patterns;  // symbols__select syntax; empty = everything fix.so replaces
   std::string object;                 // --object: restrict the target functions to one object
   // Objects under this directory are earlier fix libraries, never patch targets themselves.
-  std::string patch_dir = "/run/hotfix/";
+  std::string patch_dir = kPatchDir;
   // The target's main executable (e.g. /proc/PID/exe). When set, the default selection
   // matches a fix.so function to a target `static` function of the same demangled name only
   // in the executable, never to a library's private helper that happens to share the name.

@@ -186,3 +186,33 @@ Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const R
 }
 
 }  // namespace hotfix
+
+#include "symbols/symbols.hpp"
+
+namespace hotfix {
+
+std::vector<Function> registry__live_functions(const Registry& r, const SymbolTable& table,
+                                               std::vector<Function> functions, const std::string& patch_dir,
+                                               std::vector<std::string>* notes) {
+  std::vector<Function> out;
+  for (auto& f : functions) {
+    if (f.object.rfind(patch_dir, 0) == 0) continue;  // a fix copy's own symbol
+    const PatchRecord* top = r.top_at(f.address);
+    const FunctionRecord* rec = nullptr;
+    if (top)
+      for (auto& fr : top->functions)
+        if (fr.old_address == f.address) rec = &fr;
+    const Function* repl = rec ? table.function_at(rec->new_address) : nullptr;
+    if (!repl) {
+      out.push_back(f);
+      continue;
+    }
+    Function live = *repl;
+    live.name = f.name;
+    if (notes) notes->push_back(fmt::format("{} is patched (patch {}): watching its replacement in {}", f.name, top->id, repl->object));
+    out.push_back(std::move(live));
+  }
+  return out;
+}
+
+}  // namespace hotfix

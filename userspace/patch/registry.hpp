@@ -55,6 +55,8 @@ struct Registry {
 };
 
 constexpr const char* kRegistryName = "hotfix-registry";
+// Where bound copies of fix libraries live: /run/hotfix/<pid>/<id>-<name>.so.
+constexpr const char* kPatchDir = "/run/hotfix/";
 constexpr size_t kRegistrySize = 1 << 20;  // memfd size; pages are only used as written
 
 // Serialised form (header + text) and back. decode fails on a bad magic or checksum.
@@ -68,5 +70,20 @@ Result<Registry> registry__read(pid_t pid);
 // Overwrite the registry mapped at `address` (the caller holds the target with ptrace, which
 // is what keeps two hotfix-ctl from writing at once: a second one cannot seize it).
 Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const Registry& r);
+
+}  // namespace hotfix
+
+namespace hotfix {
+
+class SymbolTable;
+struct Function;
+
+// The functions that really run when `functions` of `pid` are called: a patched function is
+// replaced by its replacement in the loaded fix copy (keeping the original's name), and the
+// fix copies' own symbols are dropped (they are reached through the originals). Probing the
+// original entry of a patched function would crash the target (see observe/probe_safety.hpp).
+std::vector<Function> registry__live_functions(const Registry& r, const SymbolTable& table,
+                                               std::vector<Function> functions, const std::string& patch_dir,
+                                               std::vector<std::string>* notes);
 
 }  // namespace hotfix
