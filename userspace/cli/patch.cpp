@@ -53,7 +53,7 @@ int verb_patch(const Args& args) {
   po::options_description desc("patch options");
   PatchOptions opts;
   std::string consistency = "strict";
-  double timeout_s = 10;
+  double timeout_s = 10, observe_s = 1;
   desc.add_options()("pid,p", po::value<pid_t>(&opts.pid)->required(), "target process")(
       "lib,l", po::value<std::string>(&opts.library)->required(), "the fix library (fix.so)")(
       "pattern", po::value<std::vector<std::string>>(&opts.patterns), "functions to replace (default: all fix.so replaces)")(
@@ -61,6 +61,8 @@ int verb_patch(const Args& args) {
       "consistency", po::value<std::string>(&consistency), "strict (default): no thread may have an old function on its stack; entry: only not inside the overwritten bytes")(
       "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
       "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
+      "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
+      "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(
       "dry-run", "print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -71,6 +73,9 @@ int verb_patch(const Args& args) {
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
   opts.abi_check = !vm.count("no-abi-check");
+  opts.count = !vm.count("no-count");
+  if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
+  opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
 
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());

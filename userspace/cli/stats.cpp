@@ -301,7 +301,12 @@ Result<std::map<uint32_t, std::vector<NamedStack>>> sample_callers(pid_t pid, co
       probes.push_back({static_cast<uint32_t>(p << 16 | i), f->object, f->offset + (patches[p]->functions[i].new_address - f->address)});
     }
   if (probes.empty()) return std::map<uint32_t, std::vector<NamedStack>>{};
-  return name_stacks(table, HOTFIX_TRY(callers__sample(pid, probes, window)));
+  auto say_attached = [&] {
+    // Tests and operators wait for this line before they make calls.
+    fmt::print(stderr, "sampling callers of {} function(s) in pid {} for {:.1f} s ({})\n", probes.size(), pid,
+               std::chrono::duration<double>(window).count(), kCallersSource);
+  };
+  return name_stacks(table, HOTFIX_TRY(callers__sample(pid, probes, window, say_attached)));
 }
 
 constexpr size_t kTopStacks = 10;

@@ -51,7 +51,8 @@ std::vector<CallerStack> collect(int map_fd) {
 }  // namespace
 
 Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
-                                                 std::chrono::milliseconds window) {
+                                                 std::chrono::milliseconds window,
+                                                 const std::function<void()>& attached) {
   HOTFIX_CHECK(process__check_alive(pid));
   auto skel = HOTFIX_TRY(open_sampler());
   std::unique_ptr<patchcount_bpf, void (*)(patchcount_bpf*)> guard(skel, patchcount_bpf__destroy);
@@ -72,6 +73,7 @@ Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<Ca
     }
     links.push_back(std::move(*link));
   }
+  if (attached) attached();
   std::this_thread::sleep_for(window);
   links.clear();  // detach before reading: the table no longer changes
   return collect(bpf_map__fd(skel->maps.callers));

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,8 +27,10 @@ struct CallerStack {
   std::vector<uint64_t> frames;
 };
 
-// Attach, sample for `window`, detach. Stacks sorted by count, most first.
+// Attach, sample for `window`, detach. Stacks sorted by count, most first. `attached` runs
+// once the probes are in, when the window starts.
 Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
-                                                 std::chrono::milliseconds window);
+                                                 std::chrono::milliseconds window,
+                                                 const std::function<void()>& attached = {});
 
 }  // namespace hotfix

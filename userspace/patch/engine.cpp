@@ -12,6 +12,7 @@
 
 #include "patch/abi_check.hpp"
 #include "patch/binder.hpp"
+#include "patch/counting.hpp"
 #include "patch/fixlib.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
@@ -122,6 +123,7 @@ class Undo {
   void commit() { committed_ = true; }
 
   uint64_t handle = 0;                                   // dlopen handle to dlclose
+  std::optional<uint32_t> counters;                      // pinned hit counters of this patch id
   std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
   std::string copy;                                      // the bound copy on disk
 
@@ -137,6 +139,7 @@ class Undo {
       }
     }
     if (!copy.empty()) ::unlink(copy.c_str());
+    if (counters) (void)patchcount__remove(t_.pid(), *counters);
   }
   Tracee& t_;
   bool committed_ = false;
@@ -150,8 +153,8 @@ struct IslandPages {
   std::vector<Page> pages;
 };
 
-Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islands, uint64_t near) {
-  const uint64_t size = arch::island_jump_size(), page = static_cast<uint64_t>(::getpagesize());
+Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islands, uint64_t near, uint64_t size) {
+  const uint64_t page = static_cast<uint64_t>(::getpagesize());
   auto reachable = [&](uint64_t a) {
     int64_t d = static_cast<int64_t>(a - near);
     return d > -arch::near_jump_reach() + static_cast<int64_t>(page) && d < arch::near_jump_reach() - static_cast<int64_t>(page);
@@ -168,17 +171,23 @@ Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islan
   return addr;
 }
 
-// Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed.
-Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p, uint64_t load_base) {
+// Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed: for
+// every function when counting (the island counts), else only beyond a direct jump's reach.
+Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p, uint64_t load_base,
+                             const TargetCounters* counters) {
   IslandPages islands;
-  for (auto& s : p.switches) {
+  for (uint32_t i = 0; i < p.switches.size(); ++i) {
+    auto& s = p.switches[i];
     s.new_address = load_base + s.entry.replacement_value;
-    if (auto jump = arch::encode_entry_jump(s.entry.target.address, s.new_address)) {
-      s.jump = *jump;
+    auto direct = arch::encode_entry_jump(s.entry.target.address, s.new_address);
+    if (direct && !counters) {
+      s.jump = *direct;
       continue;
     }
-    s.island = HOTFIX_TRY(island_for(t, tid, undo, islands, s.entry.target.address));
-    HOTFIX_CHECK(t.memory().write(s.island, arch::encode_island_jump(s.island, s.new_address)));
+    uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
+    s.island = HOTFIX_TRY(island_for(t, tid, undo, islands, s.entry.target.address, size));
+    HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
+                                                     : arch::encode_island_jump(s.island, s.new_address)));
     auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
     if (!jump) return fail(fmt::format("the island for {} is out of reach", s.entry.target.name));
     s.jump = *jump;
@@ -305,6 +314,24 @@ Result<T> or_target_gone(Tracee& t, Result<T> r) {
   return r;
 }
 
+// Calls still running the old code (threads that were inside) are counted where they leave
+// it: uprobes on its exits, which new calls never reach. Exits under the jump are skipped:
+// a probe there would sit inside the jump (and no thread can be there after the switch).
+void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
+  std::vector<OldCodeExits> all;
+  for (uint32_t i = 0; i < p.switches.size(); ++i) {
+    const auto& s = p.switches[i];
+    auto exits = patchcount__old_exits(p.options.pid, s.entry.target, i);
+    if (!exits) continue;
+    uint64_t first_free = s.entry.target.offset + s.check.covered;
+    std::erase_if(exits->offsets, [&](uint64_t off) { return off < first_free; });
+    if (!exits->offsets.empty()) all.push_back(std::move(*exits));
+  }
+  if (all.empty()) return;
+  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all); !probes)
+    progress(fmt::format("note: old-code hits are not counted: {}", probes.error().line()));
+}
+
 Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
   const pid_t pid = p.options.pid;
   Undo undo(tracee);
@@ -323,8 +350,14 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   // Islands and the registry need one stopped thread; the others keep running.
   pid_t tid = tracee.threads().front().tid;
   HOTFIX_CHECK(tracee.stop_thread(tid));
+  std::optional<TargetCounters> counters;
   auto prepared = [&]() -> Result<uint64_t> {
-    HOTFIX_CHECK(finish_switches(tracee, tid, undo, p, load_base));
+    if (p.options.count) {
+      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size())));
+      undo.counters = p.id;
+      undo.mappings.push_back({counters->address, counters->length});
+    }
+    HOTFIX_CHECK(finish_switches(tracee, tid, undo, p, load_base, counters ? &*counters : nullptr));
     return ensure_registry(tracee, tid, undo);
   }();
   HOTFIX_CHECK(tracee.resume_thread(tid));
@@ -339,6 +372,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   record.handle = injection.handle;
   record.load_base = load_base;
   record.consistency = consistency__name(p.options.consistency);
+  if (counters) record.counters = counters->address, record.counters_len = counters->length;
   for (auto& s : p.switches) {
     const Function& fn = s.entry.target;
     progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),
@@ -365,6 +399,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   };
   auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
   undo.commit();
+  if (counters) count_old_code(p, progress);
   return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
 }
 
@@ -423,10 +458,11 @@ Result<std::string> try_release(Tracee& t, const SymbolTable& table, PatchRecord
   if (!blockers) return std::unexpected(blockers.error());
   if (!blockers->empty()) return blocker__describe(blockers->front());
   HOTFIX_CHECK(remote__dlclose(t, p.handle));
-  if (auto pages = island_pages(p); !pages.empty()) {
+  if (auto pages = island_pages(p); !pages.empty() || p.counters) {
     pid_t tid = t.threads().front().tid;
     HOTFIX_CHECK(t.stop_thread(tid));
     for (auto page : pages) (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
+    if (p.counters) (void)remote__munmap(t, tid, p.counters, p.counters_len);
     HOTFIX_CHECK(t.resume_thread(tid));
   }
   ::unlink(p.loaded_copy.c_str());
@@ -465,6 +501,8 @@ Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& 
   };
   auto sw = HOTFIX_TRY(switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress));
   registry = updated;
+  if (auto removed = patchcount__remove(t.pid(), id); !removed)  // its old-code probes go with the pins
+    progress(fmt::format("note: {}", removed.error().line()));
   return RevertOutcome{id, sw.pause, sw.attempts, false, {}};
 }
 

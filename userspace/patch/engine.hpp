@@ -35,6 +35,8 @@ struct PatchOptions {
   std::chrono::milliseconds timeout = std::chrono::seconds(10);  // strict mode's wait for quiescence
   std::string patch_dir = kPatchDir;
   bool abi_check = true;  // refuse replacements that break -fipa-ra callers (see abi_check.hpp)
+  bool count = true;      // count hits: new code through counting islands, old code at its exits
+  std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
 };
 
 // One function of a prepared patch: what will change where.

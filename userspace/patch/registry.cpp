@@ -60,9 +60,9 @@ std::string unescape(const std::string& s) {
 std::string encode_text(const Registry& r) {
   std::string t = fmt::format("hotfix-registry 1\nnext_id {}\n", r.next_id);
   for (auto& p : r.patches) {
-    t += fmt::format("patch {} {} {} {} {} {} {:#x} {:#x} {} {}\n", p.id, patch_state__name(p.state), p.applied_ns,
-                     p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
-                     p.released ? 1 : 0, escape(p.consistency));
+    t += fmt::format("patch {} {} {} {} {} {} {:#x} {:#x} {} {} {:#x} {:#x}\n", p.id, patch_state__name(p.state),
+                     p.applied_ns, p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
+                     p.released ? 1 : 0, escape(p.consistency), p.counters, p.counters_len);
     for (auto& f : p.functions)
       t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}\n", f.old_address, f.new_address, f.island, hex(f.original),
                        hex(f.written), escape(f.mangled));
@@ -86,14 +86,16 @@ Result<Registry> decode_text(const std::string& text) {
       f >> r.next_id;
     } else if (kind == "patch") {
       PatchRecord p;
-      std::string state, lib, copy, handle, base, consistency;
+      std::string state, lib, copy, handle, base, consistency, counters, counters_len;
       int released = 0;
-      f >> p.id >> state >> p.applied_ns >> p.reverted_ns >> lib >> copy >> handle >> base >> released >> consistency;
+      f >> p.id >> state >> p.applied_ns >> p.reverted_ns >> lib >> copy >> handle >> base >> released >> consistency >>
+          counters >> counters_len;
       if (!f) return bad(line);
       p.state = state == "active" ? PatchState::active : PatchState::reverted;
       p.library = unescape(lib), p.loaded_copy = unescape(copy), p.consistency = unescape(consistency);
       p.handle = std::stoull(handle, nullptr, 16), p.load_base = std::stoull(base, nullptr, 16);
       p.released = released != 0;
+      p.counters = std::stoull(counters, nullptr, 16), p.counters_len = std::stoull(counters_len, nullptr, 16);
       r.patches.push_back(std::move(p));
     } else if (kind == "func" && !r.patches.empty()) {
       FunctionRecord fr;

@@ -42,6 +42,8 @@ struct PatchRecord {
   uint64_t load_base = 0;
   bool released = false;    // reverted and its memory given back (dlclose, islands unmapped)
   std::string consistency;  // "strict" or "entry"
+  uint64_t counters = 0;    // where the hit counters are mapped in the target, 0 if not counted
+  uint64_t counters_len = 0;
   std::vector<FunctionRecord> functions;
 };
 

@@ -1,0 +1,58 @@
+#include "patch/counting.hpp"
+
+#include <linux/bpf.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+#include <cstring>
+
+#include "process/remote.hpp"
+
+namespace hotfix {
+
+namespace {
+
+// The target opens the pin itself: bpf(BPF_OBJ_GET, {pathname}) needs the path and the
+// attribute in its memory, so both go on a scratch page that is unmapped right after.
+Result<int> remote_obj_get(Tracee& t, pid_t tid, const std::string& path) {
+  const uint64_t page = 4096;
+  uint64_t scratch = HOTFIX_TRY(remote__mmap(t, tid, 0, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
+  auto obj_get = [&]() -> Result<int> {
+    union bpf_attr attr;
+    std::memset(&attr, 0, sizeof attr);
+    attr.pathname = scratch + 64;
+    std::vector<uint8_t> bytes(64 + path.size() + 1, 0);
+    std::memcpy(bytes.data(), &attr, 16);  // pathname, bpf_fd, file_flags: the BPF_OBJ_GET fields
+    std::memcpy(bytes.data() + 64, path.c_str(), path.size());
+    HOTFIX_CHECK(t.memory().write(scratch, bytes));
+    long fd = HOTFIX_TRY(remote__syscall(t, tid, SYS_bpf, {BPF_OBJ_GET, scratch, 16}));
+    if (fd < 0)
+      return fail(fmt::format("the target could not open its hit counters {}: {}", path, errno_text(static_cast<int>(-fd))),
+                  "the target needs CAP_BPF or root to open a pinned map; patch with --no-count");
+    return static_cast<int>(fd);
+  }();
+  (void)remote__munmap(t, tid, scratch, page);
+  return obj_get;
+}
+
+}  // namespace
+
+Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions) {
+  TargetCounters tc;
+  tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));
+  auto mapped = [&]() -> Result<void> {
+    int fd = HOTFIX_TRY(remote_obj_get(t, tid, tc.counters.new_hits_path));
+    tc.length = tc.counters.mmap_size();
+    auto at = remote__mmap(t, tid, 0, tc.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    (void)remote__close(t, tid, fd);  // the mapping keeps the map alive
+    tc.address = HOTFIX_TRY(std::move(at));
+    return {};
+  }();
+  if (!mapped) {
+    (void)patchcount__remove(t.pid(), id);
+    return std::unexpected(mapped.error());
+  }
+  return tc;
+}
+
+}  // namespace hotfix

@@ -1,0 +1,27 @@
+// Hit counting of a patch, target side: the pinned counters (observe/patchcount.hpp) are
+// mapped into the target so that each counting island can add to its slot with one atomic
+// instruction -- no trap on the new code's hot path.
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+
+#include "common/error.hpp"
+#include "observe/patchcount.hpp"
+
+namespace hotfix {
+
+class Tracee;
+
+struct TargetCounters {
+  PatchCounters counters;  // the pinned maps, and their fds in hotfix-ctl
+  uint64_t address = 0;    // where new_hits is mapped in the target
+  uint64_t length = 0;
+  uint64_t slot(uint32_t index) const { return address + index * PatchCounters::value_stride; }
+};
+
+// Create the counters of patch `id` and map new_hits into the target with a remote
+// bpf(BPF_OBJ_GET) of its pin and mmap(MAP_SHARED) on `tid`, which must be stopped.
+Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions);
+
+}  // namespace hotfix
