@@ -30,6 +30,14 @@ void print_plan(const PreparedPatch& p) {
   }
 }
 
+void print_liveness(const std::vector<FunctionLiveness>& live, std::chrono::milliseconds window) {
+  fmt::print("observed for {:.1f} s (uprobes):\n", window.count() / 1000.0);
+  for (auto& f : live)
+    fmt::print("  {:<50} {:>10.1f} calls/s  {:<5} {}\n", f.name, f.calls_per_s, f.calls_per_s > 0 ? "live" : "idle",
+               f.inflight < 0 ? std::string("threads inside: n/a (C++ code: no return probes)")
+                              : fmt::format("threads inside: {}", f.inflight));
+}
+
 std::string functions_json(const std::vector<FunctionRecord>& functions) {
   std::string out;
   for (auto& f : functions)
@@ -80,6 +88,11 @@ int verb_patch(const Args& args) {
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());
   if (!json) print_plan(*prepared);
+  if (opts.observe.count() > 0) {
+    auto liveness = patch__observe(*prepared, opts.observe);
+    if (!liveness) return report(liveness.error());
+    if (!json) print_liveness(*liveness, opts.observe);
+  }
   if (vm.count("dry-run")) {
     if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{}}}\n", prepared->switches.size());
     else fmt::print("dry run: nothing was changed\n");

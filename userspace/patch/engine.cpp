@@ -11,6 +11,9 @@
 #include <thread>
 
 #include "patch/abi_check.hpp"
+#include "observe/liveness.hpp"
+#include "observe/probe_safety.hpp"
+#include "observe/watch.hpp"
 #include "patch/binder.hpp"
 #include "patch/counting.hpp"
 #include "patch/fixlib.hpp"
@@ -109,6 +112,22 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
       HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement}));
   }
   return p;
+}
+
+Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, milliseconds window) {
+  std::vector<Function> targets;
+  for (auto& s : p.switches) targets.push_back(s.entry.target);
+  auto live = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  bool returns = probe__objects_with_exceptions(live).empty();
+  auto watch = HOTFIX_TRY(Watch::attach(p.options.pid, live, WatchOptions{.returns = returns}));
+  auto began = steady_clock::now();
+  std::this_thread::sleep_for(window);
+  auto counts = HOTFIX_TRY(watch.read());
+  double seconds = duration<double>(steady_clock::now() - began).count();
+  std::vector<FunctionLiveness> out;
+  for (size_t i = 0; i < live.size(); ++i)
+    out.push_back({targets[i].name, counts[i].calls / seconds, returns ? counts[i].inflight() : -1});
+  return out;
 }
 
 namespace {
@@ -216,6 +235,20 @@ struct Guard {
   Consistency mode;
   std::vector<AddressRange> overwritten;  // entry mode: the bytes under the jump
   std::optional<ConsistencyChecker> strict;
+  std::optional<QuietWaiter> waiter;      // strict mode: uprobes pick the moment to stop
+
+  // Until the probes see no thread inside (or the deadline), servicing the target's signals;
+  // then the probes go, so that no breakpoint sits where bytes will change.
+  void wait_for_quiet(Tracee& t, steady_clock::time_point deadline) {
+    if (!waiter) return;
+    while (!waiter->wait_quiet(std::min(deadline, steady_clock::now() + milliseconds(10))) &&
+           steady_clock::now() < deadline)
+      if (!t.pump()) break;
+    waiter->detach();
+  }
+  void rearm() {
+    if (waiter && !waiter->reattach()) waiter.reset();  // fall back to blind retries
+  }
 
   Result<std::vector<Blocker>> check(const std::vector<StoppedThread>& threads) {
     auto blockers = consistency__check_entry(threads, overwritten);
@@ -224,10 +257,15 @@ struct Guard {
   }
 };
 
+// `quiet`: functions whose in-flight count drives the moment of the stop (strict mode only,
+// and only where return probes are safe: no C++ exception can unwind through them).
 Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
-                         std::vector<AddressRange> bodies) {
-  Guard g{mode, std::move(overwritten), std::nullopt};
-  if (mode == Consistency::strict) g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
+                         std::vector<AddressRange> bodies, const std::vector<Function>& quiet = {}) {
+  Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt};
+  if (mode != Consistency::strict) return g;
+  g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
+  if (!quiet.empty() && probe__objects_with_exceptions(quiet).empty())
+    if (auto w = QuietWaiter::attach(pid, quiet)) g.waiter.emplace(std::move(*w));
   return g;
 }
 
@@ -271,6 +309,7 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
   auto backoff = milliseconds(2);
   for (;;) {
     ++r.attempts;
+    guard.wait_for_quiet(t, deadline);
     HOTFIX_CHECK(t.stop_all());
     auto blockers = guard.check(stopped_threads(t));
     Result<void> done = blockers ? Result<void>{} : std::unexpected(blockers.error());
@@ -291,6 +330,7 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
                       ? "retry when it is idle, raise --timeout, or use --consistency entry to let running calls finish in the old code"
                       : "retry; a thread is executing the very bytes the jump would overwrite");
     progress(fmt::format("attempt {}: {}; retrying", r.attempts, blocker__describe(b)));
+    guard.rearm();
     std::this_thread::sleep_for(backoff);
     backoff = std::min(backoff * 2, milliseconds(50));
   }
@@ -389,7 +429,10 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
     record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump});
   }
 
-  auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies));
+  std::vector<Function> targets;
+  for (auto& s : p.switches) targets.push_back(s.entry.target);
+  auto quiet = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
   Registry registry = p.registry;
   auto commit_record = [&]() -> Result<void> {
     record.applied_ns = realtime_ns();

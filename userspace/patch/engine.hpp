@@ -64,6 +64,16 @@ struct PreparedPatch {
 // branch into its first bytes).
 Result<PreparedPatch> patch__prepare(const PatchOptions& opts);
 
+// Before acting: watch the functions to be patched for `window` with uprobes (their current
+// code: a patched function's replacement) and report calls/s and threads inside. Return
+// probes are used only where no C++ exception can unwind through them (then in-flight is -1).
+struct FunctionLiveness {
+  std::string name;
+  double calls_per_s = 0;
+  int64_t inflight = -1;  // -1: not measured
+};
+Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, std::chrono::milliseconds window);
+
 // Progress lines for the CLI ("injected ...", "attempt 2: thread 77 is inside ...").
 using ProgressFn = std::function<void(const std::string&)>;
 
