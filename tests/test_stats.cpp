@@ -108,11 +108,11 @@ uint32_t patch(pid_t pid, const std::string& consistency = "strict") {
   return 1;
 }
 
-// Whether `hotfix-ctl patch` creates counters itself (the engine integration); until it does,
-// the tests create them the way the engine will.
-bool engine_counts(pid_t pid, uint32_t id) {
+// `hotfix-ctl patch` creates the counters and attaches the old-code probes itself.
+void require_engine_counts(pid_t pid, uint32_t id) {
   auto h = patchcount__read(pid, id);
-  return h && h->has_value();
+  REQUIRE(h);
+  REQUIRE(h->has_value());
 }
 
 }  // namespace
@@ -233,6 +233,25 @@ TEST_CASE("gc removes the pins and patch files of a process that is gone, and ke
   CHECK(again.out.find("nothing to remove") != std::string::npos);
 }
 
+TEST_CASE("a patched target that exits leaves pins and files that gc removes; nothing else is left", "[stats][gc][e2e]") {
+  require_root();
+  auto t = std::make_unique<Target>();
+  pid_t pid = t->pid();
+  PinGuard guard{pid};
+  uint32_t id = patch(pid, "entry");
+  require_engine_counts(pid, id);
+  uint32_t link = link_id_of_pin(patchcount__dir(pid, id) + "/old_exits");
+  std::string files = fmt::format("{}/{}", kPatchFilesRoot, pid);
+  CHECK(fs::exists(files));
+  t.reset();
+  auto r = ctl_run({"gc"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 0);
+  CHECK_FALSE(fs::exists(fmt::format("{}/{}", kPinRoot, pid)));
+  CHECK_FALSE(fs::exists(files));
+  CHECK(link_gone(link));
+}
+
 TEST_CASE("a thread inside during an entry-mode patch is counted as an old-code hit; new calls are not",
           "[stats][e2e]") {
   require_root();
@@ -240,19 +259,16 @@ TEST_CASE("a thread inside during an entry-mode patch is counted as an old-code 
   PinGuard guard{t.pid()};
   REQUIRE(t.ask("block") == "ok blocked");
   uint32_t id = patch(t.pid(), "entry");
-  bool by_engine = engine_counts(t.pid(), id);
-  if (!by_engine) {  // until the engine attaches them itself, as it will during the patch
-    REQUIRE(patchcount__create(t.pid(), id, 1));
-    attach_old(t.pid(), id, {"stats_work"});
-  }
+  require_engine_counts(t.pid(), id);
   REQUIRE(t.ask("release") == "ok released");
   REQUIRE(t.ask("call 500").rfind("ok", 0) == 0);
   auto r = ctl_run({"stats", "--pid", std::to_string(t.pid()), "--json"});
   INFO(r.out << r.err);
   REQUIRE(r.exit_code == 0);
-  CHECK(json_u64(r.out, "old_hits") == 1);
-  if (by_engine) CHECK(json_u64(r.out, "new_hits") == 500);
-  else WARN("the engine does not count new-code hits yet: new_hits not checked");
+  CHECK(json_u64(r.out, "old_hits", 0) == 1);    // stats_work: the blocked call, finished in the old code
+  CHECK(json_u64(r.out, "new_hits", 0) == 500);  // every later call entered the replacement
+  CHECK(json_u64(r.out, "old_hits", 1) == 0);    // stats_tail: nobody was inside
+  CHECK(json_u64(r.out, "new_hits", 1) == 500);
   auto table = ctl_run({"stats", "--pid", std::to_string(t.pid())});
   CHECK(table.out.find("old hits: uprobe on returns of the old code") != std::string::npos);
 }
@@ -262,10 +278,7 @@ TEST_CASE("stats shows exactly N new-code hits of a patched function", "[stats][
   Target t;
   PinGuard guard{t.pid()};
   uint32_t id = patch(t.pid());
-  if (!engine_counts(t.pid(), id)) {
-    WARN("the engine does not create hit counters yet (no patchcount__create in patch): skipped");
-    return;
-  }
+  require_engine_counts(t.pid(), id);
   REQUIRE(t.ask("call 777").rfind("ok", 0) == 0);
   auto r = ctl_run({"stats", "--pid", std::to_string(t.pid()), "--json"});
   INFO(r.out << r.err);
@@ -284,17 +297,7 @@ TEST_CASE("stats --json and --prometheus show the pinned counts of a patch", "[s
   Target t;
   PinGuard guard{t.pid()};
   uint32_t id = patch(t.pid());
-  if (!engine_counts(t.pid(), id)) {
-    auto c = patchcount__create(t.pid(), id, 2);
-    REQUIRE(c);
-    void* mem = ::mmap(nullptr, c->mmap_size(), PROT_READ | PROT_WRITE, MAP_SHARED, c->new_hits.get(), 0);
-    REQUIRE(mem != MAP_FAILED);
-    static_cast<uint64_t*>(mem)[0] = 42;  // what the islands would have counted
-    static_cast<uint64_t*>(mem)[1] = 0;
-    ::munmap(mem, c->mmap_size());
-  } else {
-    REQUIRE(t.ask("call 42").rfind("ok", 0) == 0);
-  }
+  REQUIRE(t.ask("call 42").rfind("ok", 0) == 0);
   std::string pid = std::to_string(t.pid());
   auto j = ctl_run({"stats", "--pid", pid, "--json"});
   INFO(j.out << j.err);

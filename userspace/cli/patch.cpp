@@ -71,6 +71,7 @@ int verb_patch(const Args& args) {
       "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
       "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(
+      "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "dry-run", "print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -82,6 +83,7 @@ int verb_patch(const Args& args) {
   bool json = vm.count("json");
   opts.abi_check = !vm.count("no-abi-check");
   opts.count = !vm.count("no-count");
+  opts.quiesce_probes = !vm.count("blind-retry");
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
 

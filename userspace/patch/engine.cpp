@@ -431,7 +431,9 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
 
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
-  auto quiet = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  auto quiet = p.options.quiesce_probes
+                   ? registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr)
+                   : std::vector<Function>{};
   auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
   Registry registry = p.registry;
   auto commit_record = [&]() -> Result<void> {

@@ -37,6 +37,7 @@ struct PatchOptions {
   bool abi_check = true;  // refuse replacements that break -fipa-ra callers (see abi_check.hpp)
   bool count = true;      // count hits: new code through counting islands, old code at its exits
   std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
+  bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
 };
 
 // One function of a prepared patch: what will change where.
