@@ -2,20 +2,23 @@
 
 #include <thread>
 
+#include "observe/probe_safety.hpp"
+
 namespace hotfix {
 
 using namespace std::chrono;
 
 Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Function>& functions,
                                                 milliseconds window) {
-  auto watch = HOTFIX_TRY(Watch::attach(pid, functions));
+  bool returns = probe__objects_with_exceptions(functions).empty();
+  auto watch = HOTFIX_TRY(Watch::attach(pid, functions, WatchOptions{.returns = returns}));
   auto began = steady_clock::now();
   std::this_thread::sleep_for(window);
   auto counts = HOTFIX_TRY(watch.read());
   double seconds = duration<double>(steady_clock::now() - began).count();
   std::vector<Liveness> out;
   for (size_t i = 0; i < functions.size(); ++i)
-    out.push_back({functions[i], counts[i].calls, counts[i].calls / seconds, counts[i].inflight()});
+    out.push_back({functions[i], counts[i].calls, counts[i].calls / seconds, returns ? counts[i].inflight() : -1});
   return out;
 }
 

@@ -118,15 +118,9 @@ Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, mil
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
   auto live = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
-  bool returns = probe__objects_with_exceptions(live).empty();
-  auto watch = HOTFIX_TRY(Watch::attach(p.options.pid, live, WatchOptions{.returns = returns}));
-  auto began = steady_clock::now();
-  std::this_thread::sleep_for(window);
-  auto counts = HOTFIX_TRY(watch.read());
-  double seconds = duration<double>(steady_clock::now() - began).count();
+  auto seen = HOTFIX_TRY(liveness__observe(p.options.pid, live, window));
   std::vector<FunctionLiveness> out;
-  for (size_t i = 0; i < live.size(); ++i)
-    out.push_back({targets[i].name, counts[i].calls / seconds, returns ? counts[i].inflight() : -1});
+  for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight});
   return out;
 }
 
