@@ -43,6 +43,7 @@ class Proc {
     int in[2], out[2];
     if (::pipe2(in, O_CLOEXEC) || ::pipe2(out, O_CLOEXEC)) throw std::runtime_error("pipe");
     pid_ = ::fork();
+    if (pid_ < 0) throw std::runtime_error("fork");
     if (pid_ == 0) {
       ::dup2(in[0], 0);
       int null = ::open("/dev/null", O_WRONLY);
@@ -60,8 +61,10 @@ class Proc {
     in_ = in[1], out_ = ::fdopen(out[0], "r");
   }
   ~Proc() {
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
+    if (pid_ > 0) {  // never kill(-1): that would signal every process
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
     ::close(in_);
     if (out_) ::fclose(out_);
   }
@@ -78,6 +81,7 @@ class Proc {
     return line();
   }
   void interrupt_and_wait() {
+    if (pid_ <= 0) return;
     ::kill(pid_, SIGINT);
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
@@ -106,6 +110,7 @@ Run run(std::vector<std::string> argv) {
   if (::pipe2(out, O_CLOEXEC)) throw std::runtime_error("pipe");
   auto t0 = clk::now();
   pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork");
   if (pid == 0) {
     ::dup2(out[1], 1);
     int null = ::open("/dev/null", O_WRONLY);
@@ -232,7 +237,7 @@ void end_to_end(bool quick) {
   int reps = quick ? 5 : 9;
   auto target = start_target();
   std::string pid = std::to_string(target->pid());
-  std::vector<double> bare, list, dry, full, nocount, entry, rev, observe1;
+  std::vector<double> bare, list, dry, full, nocount, entry, entry_nocount, blind, rev, observe1;
   for (int r = 0; r < reps; ++r) {
     bare.push_back(run({kCtl, "--help"}).ms);
     list.push_back(run({kCtl, "list", "--pid", pid}).ms);
@@ -242,6 +247,10 @@ void end_to_end(bool quick) {
     nocount.push_back(patch(target->pid(), {"--no-count", "bp_trivial"}).ms);
     revert(target->pid());
     entry.push_back(patch(target->pid(), {"--consistency", "entry", "bp_trivial"}).ms);
+    revert(target->pid());
+    entry_nocount.push_back(patch(target->pid(), {"--consistency", "entry", "--no-count", "bp_trivial"}).ms);
+    revert(target->pid());
+    blind.push_back(patch(target->pid(), {"--blind-retry", "bp_trivial"}).ms);
     revert(target->pid());
   }
   for (int r = 0; r < 3; ++r) {  // the default liveness window, for scale
@@ -264,8 +273,12 @@ void end_to_end(bool quick) {
     std::printf("| %s | %.1f | %s |\n", row.what, row.ms, prev ? fmt::format("{:+.1f}", row.ms - prev).c_str() : "");
     prev = row.ms;
   }
-  std::printf("| `patch --observe 0 --consistency entry` | %.1f | (vs default %+.1f) |\n", median(entry),
-              median(entry) - median(full));
+  std::printf("| `patch --observe 0 --consistency entry --no-count` (no uprobes at all) | %.1f | (vs default %+.1f) |\n",
+              median(entry_nocount), median(entry_nocount) - median(full));
+  std::printf("| `patch --observe 0 --consistency entry` (counting, no quiescence probes) | %.1f | (vs default %+.1f) |\n",
+              median(entry), median(entry) - median(full));
+  std::printf("| `patch --observe 0 --blind-retry` (strict, counting, no quiescence probes) | %.1f | (vs default %+.1f) |\n",
+              median(blind), median(blind) - median(full));
   std::printf("| `revert --pid P --all` | %.1f | |\n", median(rev));
   std::printf("| `patch` (default --observe 1, median of %zu) | %.1f | |\n\n", observe1.size(), median(observe1));
   std::fflush(stdout);
@@ -348,7 +361,7 @@ double load_average() {
 
 int main(int argc, char** argv) {
   bool quick = argc > 1 && !std::strcmp(argv[1], "--quick");
-  std::signal(SIGPIPE, SIG_IGN);
+  ::signal(SIGPIPE, SIG_IGN);
   std::string only = std::getenv("BENCH_PATCH_ONLY") ? std::getenv("BENCH_PATCH_ONLY") : "1234";
   std::printf("## bench_patch (load average at start: %.1f)\n\n", load_average());
   try {

@@ -163,7 +163,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
   out += fmt::format("  rates per second {}\n", interval > 0 ? fmt::format("over the last {:.1f} s", interval)
                                                             : "since the patch was applied");
   out += fmt::format("  new hits: {}\n  old hits: {}", kNewSource, kOldSource);
-  out += v.hits->exit_probes ? fmt::format(", {} probe(s)\n", v.hits->exit_probes) : "; none attached: old hits not counted\n";
+  out += v.hits->exit_probes ? fmt::format(", {} probe(s)\n", v.hits->exit_probes) : "; no probes: no exit of the old code lies past the entry jump\n";
   return out;
 }
 

@@ -28,7 +28,7 @@ Result<int> remote_obj_get(Tracee& t, pid_t tid, const std::string& path) {
     long fd = HOTFIX_TRY(remote__syscall(t, tid, SYS_bpf, {BPF_OBJ_GET, scratch, 16}));
     if (fd < 0)
       return fail(fmt::format("the target could not open its hit counters {}: {}", path, errno_text(static_cast<int>(-fd))),
-                  "the target needs CAP_BPF or root to open a pinned map; patch with --no-count");
+                  "check that bpffs is mounted and the pin is readable by the target's user, or patch with --no-count");
     return static_cast<int>(fd);
   }();
   (void)remote__munmap(t, tid, scratch, page);

@@ -90,6 +90,7 @@ const char* consistency__name(Consistency c) { return c == Consistency::strict ?
 Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   HOTFIX_CHECK(process__check_privileges(false, true));
   HOTFIX_CHECK(process__check_alive(opts.pid));
+  (void)patchcount__gc();  // counters and copies of processes that are gone go first (cheap)
   PreparedPatch p;
   p.options = opts;
   p.executable = executable_of(opts.pid);
@@ -343,8 +344,10 @@ namespace {
 // "cannot open the memory of process N" or "could not stop every thread", is a symptom).
 template <class T>
 Result<T> or_target_gone(Tracee& t, Result<T> r) {
-  if (!r)
-    if (auto alive = t.pump(); !alive) return std::unexpected(alive.error());
+  if (r) return r;
+  // A dying process reports its threads' exits one by one, the leader's last: collect them.
+  auto budget = process__alive(t.pid()) ? milliseconds(0) : milliseconds(500);
+  if (auto alive = t.pump(budget); !alive) return std::unexpected(alive.error());
   return r;
 }
 
