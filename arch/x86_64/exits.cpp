@@ -1,28 +1,10 @@
 // Exits of a function, with Capstone: every `ret`, and every jump that leaves the function
 // (a tail call). A probe on each counts the calls that ran this code exactly once.
-#include <capstone/capstone.h>
-
 #include "arch/arch.hpp"
+#include "arch/x86_64/decoder.hpp"
 
 namespace hotfix::arch {
 namespace {
-
-// Capstone handle with operand detail, closed on scope exit.
-struct Handle {
-  csh h = 0;
-  cs_insn* insn = nullptr;
-  Handle() {
-    if (cs_open(CS_ARCH_X86, CS_MODE_64, &h) != CS_ERR_OK) return;
-    cs_option(h, CS_OPT_DETAIL, CS_OPT_ON);
-    insn = cs_malloc(h);
-  }
-  ~Handle() {
-    if (insn) cs_free(insn, 1);
-    if (h) cs_close(&h);
-  }
-  Handle(const Handle&) = delete;
-  Handle& operator=(const Handle&) = delete;
-};
 
 enum class Leaves { no, yes, unknown };
 
@@ -56,31 +38,29 @@ bool conditional_exit(csh h, const cs_insn& i, uint64_t begin, uint64_t end) {
 
 ExitPoints exit_points(std::span<const uint8_t> code, uint64_t address) {
   ExitPoints out;
-  Handle d;
-  if (!d.insn) {
+  Decoder d;
+  if (!d.ok()) {
     out.decoded_all = false;
     return out;
   }
   const uint64_t end = address + code.size();
-  const uint8_t* p = code.data();
-  size_t left = code.size();
-  uint64_t at = address;
-  while (left > 0) {
-    uint64_t here = at;
-    if (!cs_disasm_iter(d.h, &p, &left, &at, d.insn)) {
+  for (size_t off = 0; off < code.size();) {
+    const cs_insn* insn = d.decode(code, address, off);
+    if (!insn) {
       out.decoded_all = false;
       break;
     }
-    const cs_insn& i = *d.insn;
+    const cs_insn& i = *insn;
     if (is_return(i)) {
-      out.offsets.push_back(here - address);
+      out.offsets.push_back(off);
     } else if (i.id == X86_INS_JMP) {
       Leaves l = jmp_leaves(i, address, end);
-      if (l == Leaves::yes) out.offsets.push_back(here - address);
+      if (l == Leaves::yes) out.offsets.push_back(off);
       if (l == Leaves::unknown) ++out.unresolved;
-    } else if (conditional_exit(d.h, i, address, end)) {
+    } else if (conditional_exit(d.handle(), i, address, end)) {
       ++out.unresolved;
     }
+    off += i.size;
   }
   return out;
 }
