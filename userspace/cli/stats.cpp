@@ -13,6 +13,7 @@
 #include <map>
 
 #include "cli/cli.hpp"
+#include "cli/stop.hpp"
 #include "common/json.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/callers.hpp"
@@ -373,39 +374,8 @@ int run_callers(const StatsArgs& a, const std::vector<const PatchRecord*>& patch
 
 // ---- --interval ----
 
-// SIGINT/SIGTERM and the target's exit as file descriptors, for the report loop.
-struct StopSources {
-  UniqueFd signals, target;
-};
-
-Result<StopSources> open_stop_sources(pid_t pid) {
-  StopSources s;
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  sigprocmask(SIG_BLOCK, &set, nullptr);
-  s.signals.reset(::signalfd(-1, &set, SFD_CLOEXEC));
-  s.target.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-  if (!s.signals || !s.target) return fail(fmt::format("cannot wait for pid {} and signals: {}", pid, errno_text(errno)));
-  return s;
-}
-
-enum class Wake { tick, stop, target_exited };
-
-Wake wait_until(const StopSources& stop, std::chrono::steady_clock::time_point deadline) {
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-    if (left <= 0) return Wake::tick;
-    pollfd fds[2] = {{stop.signals.get(), POLLIN, 0}, {stop.target.get(), POLLIN, 0}};
-    if (::poll(fds, 2, static_cast<int>(left) + 1) <= 0) continue;
-    if (fds[0].revents & POLLIN) return Wake::stop;
-    if (fds[1].revents & POLLIN) return Wake::target_exited;
-  }
-}
-
 int run_interval(const StatsArgs& a, const std::vector<const PatchRecord*>& patches) {
-  auto stop = open_stop_sources(a.pid);
+  auto stop = StopSources::open(a.pid);
   if (!stop) return report(stop.error());
   auto start = std::chrono::steady_clock::now();
   auto before = take_snapshot(a.pid, patches);
@@ -422,7 +392,7 @@ int run_interval(const StatsArgs& a, const std::vector<const PatchRecord*>& patc
     auto now = take_snapshot(a.pid, patches);
     if (!now) return report(now.error());
     print(a, *now, &*before);
-    if (w == Wake::stop || std::chrono::steady_clock::now() >= end) return 0;
+    if (w == Wake::signal || std::chrono::steady_clock::now() >= end) return 0;
     before = std::move(now);
   }
 }
