@@ -21,7 +21,7 @@ Result<StopSources> StopSources::open(pid_t pid) {
   if (!s.signals) return fail(fmt::format("cannot watch for signals: {}", errno_text(errno)));
   s.target.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
   if (!s.target) {
-    if (errno == ESRCH) return fail(fmt::format("no process with pid {}", pid), "check the pid with `ps -p PID`");
+      if (errno == ESRCH) return fail(fmt::format("no process with pid {}", pid), "check the pid with `ps -p PID`");
     return fail(fmt::format("cannot watch pid {} for exit: {}", pid, errno_text(errno)));
   }
   return s;
@@ -29,12 +29,12 @@ Result<StopSources> StopSources::open(pid_t pid) {
 
 Wake wait_until(StopSources& stop, std::chrono::steady_clock::time_point deadline) {
   for (;;) {
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-  if (left <= 0) return Wake::tick;
-  pollfd fds[2] = {{stop.signals.get(), POLLIN, 0}, {stop.target.get(), POLLIN, 0}};
-  if (::poll(fds, 2, static_cast<int>(left) + 1) <= 0) continue;
-  if (fds[0].revents & POLLIN) return Wake::signal;
-  if (fds[1].revents & POLLIN) return Wake::target_exited;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) return Wake::tick;
+    pollfd fds[2] = {{stop.signals.get(), POLLIN, 0}, {stop.target.get(), POLLIN, 0}};
+    if (::poll(fds, 2, static_cast<int>(left) + 1) <= 0) continue;
+    if (fds[0].revents & POLLIN) return Wake::signal;
+    if (fds[1].revents & POLLIN) return Wake::target_exited;
   }
 }
 
