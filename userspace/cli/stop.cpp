@@ -21,7 +21,7 @@ Result<StopSources> StopSources::open(pid_t pid) {
   if (!s.signals) return fail(fmt::format("cannot watch for signals: {}", errno_text(errno)));
   s.target.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
   if (!s.target) {
-      if (errno == ESRCH) return fail(fmt::format("no process with pid {}", pid), "check the pid with `ps -p PID`");
+    if (errno == ESRCH) return fail(fmt::format("no process with pid {}", pid), "check the pid with `ps -p PID`");
     return fail(fmt::format("cannot watch pid {} for exit: {}", pid, errno_text(errno)));
   }
   return s;
