@@ -259,26 +259,26 @@ void end_to_end(bool quick) {
     revert(target->pid());
   }
   std::printf("### End-to-end wall time, idle target, one function (ms, median of %d)\n\n", reps);
-  std::printf("| command | wall | minus the one above |\n|---|---:|---:|\n");
+  // Each row adds one thing to the row above (or says what it is compared with).
+  std::printf("| command | wall (ms) | difference |\n|---|---:|---:|\n");
   struct Row {
     const char* what;
     double ms;
-  } rows[] = {{"`hotfix-ctl --help` (process start, no work)", median(bare)},
-              {"`list --pid P` (reads the registry)", median(list)},
-              {"`patch --dry-run --observe 0` (resolve + plan)", median(dry)},
-              {"`patch --observe 0 --no-count` (inject, island, stop, write)", median(nocount)},
-              {"`patch --observe 0` (default: + counting map, island, exit probes)", median(full)}};
-  double prev = 0;
-  for (auto& row : rows) {
-    std::printf("| %s | %.1f | %s |\n", row.what, row.ms, prev ? fmt::format("{:+.1f}", row.ms - prev).c_str() : "");
-    prev = row.ms;
-  }
-  std::printf("| `patch --observe 0 --consistency entry --no-count` (no uprobes at all) | %.1f | (vs default %+.1f) |\n",
-              median(entry_nocount), median(entry_nocount) - median(full));
-  std::printf("| `patch --observe 0 --consistency entry` (counting, no quiescence probes) | %.1f | (vs default %+.1f) |\n",
-              median(entry), median(entry) - median(full));
-  std::printf("| `patch --observe 0 --blind-retry` (strict, counting, no quiescence probes) | %.1f | (vs default %+.1f) |\n",
-              median(blind), median(blind) - median(full));
+    double vs;
+  } rows[] = {
+      {"`hotfix-ctl --help` (process start, no work)", median(bare), 0},
+      {"`list --pid P` (reads the registry)", median(list), median(bare)},
+      {"`patch --dry-run --observe 0` (resolve + plan)", median(dry), median(list)},
+      {"`patch --observe 0 --consistency entry --no-count` (inject, island, stop, write; no uprobes)",
+       median(entry_nocount), median(dry)},
+      {"`patch --observe 0 --consistency entry` (+ counting map, counting island, exit probes)", median(entry),
+       median(entry_nocount)},
+      {"`patch --observe 0 --blind-retry` (strict: + stack check, no quiescence probes)", median(blind),
+       median(entry)},
+      {"`patch --observe 0` (default: strict, + entry/return uprobes for quiescence)", median(full), median(blind)},
+      {"`patch --observe 0 --no-count` (strict, quiescence probes, no counting)", median(nocount), median(full)}};
+  for (auto& row : rows)
+    std::printf("| %s | %.1f | %s |\n", row.what, row.ms, row.vs ? fmt::format("{:+.1f}", row.ms - row.vs).c_str() : "");
   std::printf("| `revert --pid P --all` | %.1f | |\n", median(rev));
   std::printf("| `patch` (default --observe 1, median of %zu) | %.1f | |\n\n", observe1.size(), median(observe1));
   std::fflush(stdout);

@@ -245,8 +245,20 @@ struct Guard {
     if (waiter && !waiter->reattach()) waiter.reset();  // fall back to blind retries
   }
 
+  // The kernel's out-of-line area for probed instructions ("[uprobes]"), read before each stop:
+  // a thread stopped there is executing some function's displaced first instruction and will
+  // resume right after it -- possibly inside bytes we are about to overwrite.
+  std::optional<AddressRange> xol;
+  void note_xol_area(pid_t pid) {
+    if (auto maps = process__read_maps(pid))
+      for (auto& m : *maps)
+        if (m.path == "[uprobes]") xol = AddressRange{m.start, m.end, "a probed instruction (uprobe single-step)"};
+  }
+
   Result<std::vector<Blocker>> check(const std::vector<StoppedThread>& threads) {
-    auto blockers = consistency__check_entry(threads, overwritten);
+    auto guarded = overwritten;
+    if (xol) guarded.push_back(*xol);
+    auto blockers = consistency__check_entry(threads, guarded);
     if (!blockers.empty() || !strict) return blockers;
     return strict->check(threads);
   }
@@ -305,6 +317,7 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
   for (;;) {
     ++r.attempts;
     guard.wait_for_quiet(t, deadline);
+    guard.note_xol_area(t.pid());
     HOTFIX_CHECK(t.stop_all());
     auto blockers = guard.check(stopped_threads(t));
     Result<void> done = blockers ? Result<void>{} : std::unexpected(blockers.error());
