@@ -268,7 +268,7 @@ struct Guard {
 // and only where return probes are safe: no C++ exception can unwind through them).
 Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
                          std::vector<AddressRange> bodies, const std::vector<Function>& quiet = {}) {
-  Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt};
+  Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt, std::nullopt};
   if (mode != Consistency::strict) return g;
   g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
   if (!quiet.empty() && probe__objects_with_exceptions(quiet).empty())
