@@ -231,6 +231,8 @@ struct Guard {
   std::vector<AddressRange> overwritten;  // entry mode: the bytes under the jump
   std::optional<ConsistencyChecker> strict;
   std::optional<QuietWaiter> waiter;      // strict mode: uprobes pick the moment to stop
+  std::vector<Function> quiet;            // what the waiter watches, once a first stop was blocked
+  pid_t pid = 0;
 
   // Until the probes see no thread inside (or the deadline), servicing the target's signals;
   // then the probes go, so that no breakpoint sits where bytes will change.
@@ -241,8 +243,16 @@ struct Guard {
       if (!t.pump()) break;
     waiter->detach();
   }
+  // After a blocked stop: (re)attach the probes. The first attempt goes without them, because
+  // attaching and detaching costs tens of ms, more than most patches need in all.
   void rearm() {
-    if (waiter && !waiter->reattach()) waiter.reset();  // fall back to blind retries
+    if (quiet.empty()) return;
+    if (!waiter) {
+      if (auto w = QuietWaiter::attach(pid, quiet)) waiter.emplace(std::move(*w));
+      else quiet.clear();  // fall back to blind retries
+    } else if (!waiter->reattach()) {
+      waiter.reset(), quiet.clear();
+    }
   }
 
   // The kernel's out-of-line area for probed instructions ("[uprobes]"), read before each stop:
@@ -268,11 +278,10 @@ struct Guard {
 // and only where return probes are safe: no C++ exception can unwind through them).
 Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
                          std::vector<AddressRange> bodies, const std::vector<Function>& quiet = {}) {
-  Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt, std::nullopt};
+  Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt, {}, pid, std::nullopt};
   if (mode != Consistency::strict) return g;
   g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
-  if (!quiet.empty() && probe__objects_with_exceptions(quiet).empty())
-    if (auto w = QuietWaiter::attach(pid, quiet)) g.waiter.emplace(std::move(*w));
+  if (probe__objects_with_exceptions(quiet).empty()) g.quiet = quiet;
   return g;
 }
 
