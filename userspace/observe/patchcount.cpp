@@ -70,9 +70,14 @@ Result<void> make_dir(const std::string& path, mode_t mode) {
 Result<void> remove_pin_dir(const std::string& dir) {
   std::error_code ec;
   if (!fs::exists(dir, ec)) return {};
-  for (auto& entry : fs::directory_iterator(dir, ec))
+  for (auto& entry : fs::directory_iterator(dir, ec)) {
+    // Unpinning alone releases a link from a kernel work item, later: the old-code probes'
+    // int3 bytes would linger in the target for a while. Holding our own reference across the
+    // unlink makes the close below the last one, and closing a link detaches it synchronously.
+    UniqueFd last(bpf_obj_get(entry.path().c_str()));
     if (::unlink(entry.path().c_str()) != 0 && errno != ENOENT)
       return fail(fmt::format("cannot unpin {}: {}", entry.path().string(), errno_text(errno)));
+  }
   if (::rmdir(dir.c_str()) != 0 && errno != ENOENT)
     return fail(fmt::format("cannot remove {}: {}", dir, errno_text(errno)));
   return {};
