@@ -1,6 +1,15 @@
 #include "observe/liveness.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <thread>
+
+#include "arch/arch.hpp"
+#include "common/unique_fd.hpp"
+#include "observe/patchcount.hpp"
+#include "observe/uprobe_multi.hpp"
 
 #include "observe/probe_safety.hpp"
 
@@ -22,29 +31,57 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
   return out;
 }
 
-Result<QuietWaiter> QuietWaiter::attach(pid_t pid, std::vector<Function> functions) {
-  QuietWaiter w(pid, std::move(functions));
-  HOTFIX_CHECK(w.reattach());
-  return w;
+namespace {
+
+// The function's bytes as its file holds them (what a uprobe there would execute).
+std::optional<std::vector<uint8_t>> file_code(pid_t pid, const Function& f) {
+  UniqueFd fd(::open(uprobe__target_path(pid, f.object).c_str(), O_RDONLY | O_CLOEXEC));
+  std::vector<uint8_t> code(std::min<uint64_t>(f.size, 1 << 16));
+  if (!fd || code.empty() ||
+      ::pread(fd.get(), code.data(), code.size(), static_cast<off_t>(f.offset)) != static_cast<ssize_t>(code.size()))
+    return std::nullopt;
+  return code;
 }
 
-Result<void> QuietWaiter::reattach() {
-  if (!watch_) watch_.emplace(HOTFIX_TRY(Watch::attach(pid_, functions_)));
-  return {};
+Function probe_at(const Function& f, uint64_t file_offset) {
+  Function p = f;
+  p.address = f.address + (file_offset - f.offset);
+  p.offset = file_offset;
+  return p;
 }
 
-void QuietWaiter::detach() { watch_.reset(); }
+}  // namespace
+
+Result<QuietWaiter> QuietWaiter::attach(pid_t pid, const std::vector<Function>& functions) {
+  std::vector<Function> probes;
+  std::vector<size_t> owner;
+  std::vector<bool> exit;
+  for (size_t i = 0; i < functions.size(); ++i) {
+    const Function& f = functions[i];
+    auto code = file_code(pid, f);
+    auto exits = patchcount__old_exits(pid, f, static_cast<uint32_t>(i));
+    if (!code || !exits || exits->offsets.empty() || exits->unresolved) continue;  // cannot track: strict check decides
+    auto entry = arch::check_entry(*code, f.address);
+    if (!entry.patchable) continue;
+    probes.push_back(probe_at(f, f.offset + entry.covered)), owner.push_back(i), exit.push_back(false);
+    for (uint64_t off : exits->offsets) probes.push_back(probe_at(f, off)), owner.push_back(i), exit.push_back(true);
+  }
+  if (probes.empty()) return fail("no target function can be tracked by probes");
+  auto watch = HOTFIX_TRY(Watch::attach(pid, probes, WatchOptions{.returns = false}));
+  return QuietWaiter(std::move(watch), std::move(owner), std::move(exit), functions.size());
+}
 
 bool QuietWaiter::wait_quiet(steady_clock::time_point deadline) {
-  if (!watch_) return true;
   for (;;) {
-    auto counts = watch_->read();
+    auto counts = watch_.read();
     if (!counts) return true;  // cannot tell: let the stop-the-world check decide
-    bool quiet = true;
-    for (auto& c : *counts) quiet = quiet && c.inflight() <= 0;
-    if (quiet) return true;
+    std::vector<int64_t> inside(functions_, 0);
+    for (size_t p = 0; p < counts->size(); ++p)
+      inside[owner_[p]] += exit_[p] ? -static_cast<int64_t>((*counts)[p].calls) : static_cast<int64_t>((*counts)[p].calls);
+    // Below zero: threads that were inside before the probes came have left since.
+    if (std::all_of(inside.begin(), inside.end(), [](int64_t n) { return n <= 0; })) return true;
     if (steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(microseconds(100));
+    std::this_thread::sleep_for(microseconds(50));
   }
 }
 

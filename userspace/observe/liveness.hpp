@@ -27,23 +27,25 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
                                                 std::chrono::milliseconds window);
 
 // Uprobe-driven quiescence for strict mode: rather than stopping the world blindly and
-// finding a thread inside, wait until the entry/return probes say no thread is inside any
-// target function, then stop. Probes are detached before the stop (their int3 must never be
-// under a jump we write) and re-attached if the stop has to be retried.
+// finding a thread inside, wait until probes say no thread is inside any target function,
+// then stop at once. The probes sit on the first instruction AFTER the bytes the entry jump
+// covers and on every exit (ret, tail jump) -- never under the jump -- so they can stay
+// attached through the stop and the write (no detach, which waits for an RCU grace period,
+// between "quiet" and the stop), and they need no return probes (safe for C++ exceptions).
 class QuietWaiter {
  public:
-  static Result<QuietWaiter> attach(pid_t pid, std::vector<Function> functions);
-  // Wait until no watched function has a thread inside (polling the per-CPU counters, so a
-  // thread leaving wakes us within ~100 us) or `deadline`. Returns whether it got quiet.
+  static Result<QuietWaiter> attach(pid_t pid, const std::vector<Function>& functions);
+  // Wait until no watched function has a thread inside that entered since attach (polling
+  // the per-CPU counters every ~50 us) or `deadline`. Returns whether it got quiet.
   bool wait_quiet(std::chrono::steady_clock::time_point deadline);
-  void detach();
-  Result<void> reattach();
 
  private:
-  QuietWaiter(pid_t pid, std::vector<Function> functions) : pid_(pid), functions_(std::move(functions)) {}
-  pid_t pid_;
-  std::vector<Function> functions_;
-  std::optional<Watch> watch_;
+  QuietWaiter(Watch w, std::vector<size_t> owner, std::vector<bool> exit, size_t n)
+      : watch_(std::move(w)), owner_(std::move(owner)), exit_(std::move(exit)), functions_(n) {}
+  Watch watch_;
+  std::vector<size_t> owner_;  // probe -> function index
+  std::vector<bool> exit_;     // probe is an exit (else the body's first instruction)
+  size_t functions_;
 };
 
 }  // namespace hotfix

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -234,25 +235,20 @@ struct Guard {
   std::vector<Function> quiet;            // what the waiter watches, once a first stop was blocked
   pid_t pid = 0;
 
-  // Until the probes see no thread inside (or the deadline), servicing the target's signals;
-  // then the probes go, so that no breakpoint sits where bytes will change.
+  // Until the probes see no thread inside (or the deadline), servicing the target's signals.
+  // The probes stay attached through the stop: none sits under the bytes we write.
   void wait_for_quiet(Tracee& t, steady_clock::time_point deadline) {
     if (!waiter) return;
     while (!waiter->wait_quiet(std::min(deadline, steady_clock::now() + milliseconds(10))) &&
            steady_clock::now() < deadline)
       if (!t.pump()) break;
-    waiter->detach();
   }
-  // After a blocked stop: (re)attach the probes. The first attempt goes without them, because
-  // attaching and detaching costs tens of ms, more than most patches need in all.
+  // After a blocked stop: attach the probes. The first attempt goes without them, because
+  // attaching and (at the end) detaching costs tens of ms, more than most patches need in all.
   void rearm() {
-    if (quiet.empty()) return;
-    if (!waiter) {
-      if (auto w = QuietWaiter::attach(pid, quiet)) waiter.emplace(std::move(*w));
-      else quiet.clear();  // fall back to blind retries
-    } else if (!waiter->reattach()) {
-      waiter.reset(), quiet.clear();
-    }
+    if (waiter || quiet.empty()) return;
+    if (auto w = QuietWaiter::attach(pid, quiet)) waiter.emplace(std::move(*w));
+    else quiet.clear();  // blind retries from now on
   }
 
   // The kernel's out-of-line area for probed instructions ("[uprobes]"), read before each stop:
@@ -274,14 +270,13 @@ struct Guard {
   }
 };
 
-// `quiet`: functions whose in-flight count drives the moment of the stop (strict mode only,
-// and only where return probes are safe: no C++ exception can unwind through them).
+// `quiet`: functions whose threads-inside count drives the moment of the stop (strict mode).
 Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
                          std::vector<AddressRange> bodies, const std::vector<Function>& quiet = {}) {
   Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt, {}, pid, std::nullopt};
   if (mode != Consistency::strict) return g;
   g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
-  if (probe__objects_with_exceptions(quiet).empty()) g.quiet = quiet;
+  g.quiet = quiet;
   return g;
 }
 
@@ -323,9 +318,12 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
   SwitchResult r;
   auto deadline = steady_clock::now() + timeout;
   auto backoff = milliseconds(2);
+  std::map<pid_t, int> blocked_in;  // attempts each thread blocked: the error names the most stubborn
   for (;;) {
     ++r.attempts;
-    guard.wait_for_quiet(t, deadline);
+    // With probes: stop as soon as they see nobody inside, but no later than the backoff, so a
+    // function that is never quiet as a whole still gets blind attempts.
+    guard.wait_for_quiet(t, std::min(deadline, steady_clock::now() + backoff));
     guard.note_xol_area(t.pid());
     HOTFIX_CHECK(t.stop_all());
     auto blockers = guard.check(stopped_threads(t));
@@ -339,7 +337,9 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
     HOTFIX_CHECK(resumed);
     if (!done) return std::unexpected(done.error());
     if (blockers->empty()) return r;
-    const Blocker& b = blockers->front();
+    for (auto& b : *blockers) blocked_in[b.tid]++;
+    const Blocker& b = *std::max_element(blockers->begin(), blockers->end(),
+                                         [&](auto& x, auto& y) { return blocked_in[x.tid] < blocked_in[y.tid]; });
     if (steady_clock::now() + backoff > deadline)
       return fail(fmt::format("{} after {} attempts in {} ms ({} consistency); nothing was changed",
                               blocker__describe(b), r.attempts, timeout.count(), consistency__name(guard.mode)),
@@ -348,7 +348,7 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
                       : "retry; a thread is executing the very bytes the jump would overwrite");
     progress(fmt::format("attempt {}: {}; retrying", r.attempts, blocker__describe(b)));
     guard.rearm();
-    std::this_thread::sleep_for(backoff);
+    if (!guard.waiter) std::this_thread::sleep_for(backoff);
     backoff = std::min(backoff * 2, milliseconds(50));
   }
 }

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "process/maps.hpp"
@@ -263,6 +264,27 @@ bool Tracee::all_stopped() const {
   return std::all_of(threads_.begin(), threads_.end(), [](auto& th) { return th.exited || th.stopped(); });
 }
 
+bool Tracee::leader_is_zombie() const {
+  for (auto& th : threads_)
+    if (!th.stopped() && th.tid != pid_ && !th.exited) return false;
+  return status_field(pid_, "State").rfind("Z", 0) == 0;
+}
+
+// "exited with code 3" / "killed by SIGKILL", from a zombie's exit_code (/proc/PID/stat, field 52).
+std::string Tracee::zombie_exit_how() const {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid_));
+  std::string line;
+  std::getline(in, line);
+  auto close = line.rfind(')');
+  if (close == std::string::npos) return "exited";
+  std::istringstream fields(line.substr(close + 2));
+  std::string f;
+  int status = -1;
+  for (int i = 3; fields >> f; ++i)
+    if (i == 52) status = std::atoi(f.c_str());
+  return status < 0 ? "exited" : describe_exit(status);
+}
+
 Error Tracee::gone_error() const {
   return Error{fmt::format("process {} ({}) {} while hotfix was attached to it", pid_, comm_, gone_how_),
                "nothing was left behind; restart the service if that was not expected", 1};
@@ -477,6 +499,13 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
   pause_.threads = threads_.size();
   pause_.stop_latency = TraceClock::now() - window_began_;
   if (gone_) {
+    boost_.lower();
+    return std::unexpected(gone_error());
+  }
+  if (!pending.empty() && leader_is_zombie()) {
+    // Every thread but the leader is gone and the kernel has not reported the leader's exit
+    // to us yet (it waits for the group to empty): the process has exited, say so.
+    gone_ = true, gone_how_ = zombie_exit_how();
     boost_.lower();
     return std::unexpected(gone_error());
   }

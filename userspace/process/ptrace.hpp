@@ -168,6 +168,8 @@ class Tracee {
   Result<void> resume_one(TracedThread& th, bool detach);
   void forget_exited();
   Error gone_error() const;
+  bool leader_is_zombie() const;       // only the leader is left, and it is a zombie
+  std::string zombie_exit_how() const;
 
   pid_t pid_ = 0;
   std::string comm_;
