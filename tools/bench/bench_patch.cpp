@@ -275,7 +275,7 @@ void end_to_end(bool quick) {
        median(entry_nocount)},
       {"`patch --observe 0 --blind-retry` (strict: + stack check, no quiescence probes)", median(blind),
        median(entry)},
-      {"`patch --observe 0` (default: strict, + entry/return uprobes for quiescence)", median(full), median(blind)},
+      {"`patch --observe 0` (default: strict; quiescence probes only after a blocked stop)", median(full), median(blind)},
       {"`patch --observe 0 --no-count` (strict, quiescence probes, no counting)", median(nocount), median(full)}};
   for (auto& row : rows)
     std::printf("| %s | %.1f | %s |\n", row.what, row.ms, row.vs ? fmt::format("{:+.1f}", row.ms - row.vs).c_str() : "");
