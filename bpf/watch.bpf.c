@@ -39,13 +39,21 @@ static __always_inline int ours(unsigned long long pid_tgid)
 	return target_tgid == 0 || (pid_tgid >> 32) == target_tgid;
 }
 
+/* The counters of the probed function, or NULL for a hit in another process. */
+static __always_inline struct watch_counters *our_slot(void *ctx, unsigned long long *pid_tgid,
+						       unsigned long long *cookie)
+{
+	*pid_tgid = bpf_get_current_pid_tgid();
+	if (!ours(*pid_tgid))
+		return NULL;
+	*cookie = bpf_get_attach_cookie(ctx);
+	return slot(*cookie);
+}
+
 static __always_inline void enter(void *ctx)
 {
-	unsigned long long pid_tgid = bpf_get_current_pid_tgid();
-	if (!ours(pid_tgid))
-		return;
-	unsigned long long cookie = bpf_get_attach_cookie(ctx);
-	struct watch_counters *c = slot(cookie);
+	unsigned long long pid_tgid, cookie;
+	struct watch_counters *c = our_slot(ctx, &pid_tgid, &cookie);
 	if (!c)
 		return;
 	c->calls++;
@@ -64,11 +72,8 @@ static __always_inline void enter(void *ctx)
 
 static __always_inline void leave(void *ctx)
 {
-	unsigned long long pid_tgid = bpf_get_current_pid_tgid();
-	if (!ours(pid_tgid))
-		return;
-	unsigned long long cookie = bpf_get_attach_cookie(ctx);
-	struct watch_counters *c = slot(cookie);
+	unsigned long long pid_tgid, cookie;
+	struct watch_counters *c = our_slot(ctx, &pid_tgid, &cookie);
 	if (!c)
 		return;
 	struct watch_frame_key key = { .pid_tgid = pid_tgid, .cookie = cookie };
