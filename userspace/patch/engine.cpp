@@ -330,7 +330,8 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
     Result<void> done = blockers ? Result<void>{} : std::unexpected(blockers.error());
     if (blockers && blockers->empty()) {
       done = write_all(t.memory(), writes);
-      if (done) done = record();
+      if (done && !(done = record()))  // unrecorded jumps must not outlive the undo of their target
+        for (auto& w : writes) (void)t.memory().write(w.address, w.expected);
     }
     auto resumed = t.resume_all();
     r.pause = std::max(r.pause, duration_cast<nanoseconds>(t.last_pause().max_pause));
