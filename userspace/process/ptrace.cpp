@@ -264,6 +264,17 @@ bool Tracee::all_stopped() const {
   return std::all_of(threads_.begin(), threads_.end(), [](auto& th) { return th.exited || th.stopped(); });
 }
 
+// A dead process's other threads stay zombies traced by us until we wait for them, and its
+// leader cannot be reported to its parent before they are gone: a long-lived tracer (a test,
+// a library user) must collect them. Already collected ones just answer ECHILD.
+void Tracee::reap_dead_threads() {
+  for (auto& th : threads_) {
+    if (th.tid == pid_) continue;
+    int status;
+    for (int i = 0; i < 50 && ::waitpid(th.tid, &status, __WALL | WNOHANG) == 0; ++i) ::usleep(1000);
+  }
+}
+
 bool Tracee::leader_is_zombie() const {
   for (auto& th : threads_)
     if (!th.stopped() && th.tid != pid_ && !th.exited) return false;
@@ -615,6 +626,7 @@ Result<void> Tracee::step(pid_t tid, int request, int sig) {
 Result<void> Tracee::detach() {
   if (detached_) return {};
   detached_ = true;
+  if (gone_) reap_dead_threads();
   if (gone_ || threads_.empty()) return {};
   // PTRACE_DETACH needs a stopped thread. A thread that will not stop (state D) keeps a
   // pending interrupt; the kernel releases it when we exit.

@@ -169,6 +169,7 @@ class Tracee {
   void forget_exited();
   Error gone_error() const;
   bool leader_is_zombie() const;       // only the leader is left, and it is a zombie
+  void reap_dead_threads();
   std::string zombie_exit_how() const;
 
   pid_t pid_ = 0;
