@@ -4,6 +4,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+#include <signal.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -32,7 +34,16 @@ struct PinGuard {
 
 struct Target {
   Child child{{fixture("stats_target")}};
-  Target() { REQUIRE(ask("ready").rfind("ok", 0) == 0); }  // exec'd and running: symbols are there
+  bool collect;  // false: the test checks what `hotfix-ctl gc` finds after the target died
+  explicit Target(bool collect_on_exit = true) : collect(collect_on_exit) {
+    REQUIRE(ask("ready").rfind("ok", 0) == 0);  // exec'd and running: symbols are there
+  }
+  // Whatever a test left patched dies with the target; gc takes its pins and copies away.
+  ~Target() {
+    child.signal(SIGKILL);
+    child.wait();
+    if (collect) (void)patchcount__gc();
+  }
   pid_t pid() const { return child.pid(); }
   std::string ask(const std::string& cmd) { return child.request(cmd); }
 };
@@ -206,7 +217,7 @@ TEST_CASE("old-code probes count every call exactly once, through rets and tail 
 
 TEST_CASE("gc removes the pins and patch files of a process that is gone, and keeps a live one's", "[stats][gc]") {
   require_root();
-  auto dead = std::make_unique<Target>();
+  auto dead = std::make_unique<Target>(false);
   pid_t dead_pid = dead->pid();
   PinGuard dead_guard{dead_pid};
   Target live;
