@@ -319,6 +319,14 @@ pid_t Tracee::poll(pid_t tid, int& status, bool block) {
       status = si.si_code == CLD_EXITED ? W_EXITCODE(si.si_status, 0) : W_EXITCODE(0, si.si_status);
       return tid;
     }
+    // A stop: consume exactly that, never an exit. Between the peek and here a group exit
+    // (SIGTERM) may have turned the stop into an exit, which a plain waitpid would reap
+    // -- taking the exit status from the code that owns it.
+    siginfo_t stop{};
+    if (::waitid(P_PID, tid, &stop, WSTOPPED | __WALL | WNOHANG) != 0) return -1;
+    if (stop.si_pid == 0) return 0;
+    status = (stop.si_status << 8) | 0x7f;  // what waitpid reports, ptrace event bits included
+    return tid;
   }
   return ::waitpid(tid, &status, __WALL | nohang);
 }
@@ -513,7 +521,7 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
     boost_.lower();
     return std::unexpected(gone_error());
   }
-  if (!pending.empty() && leader_is_zombie()) {
+  if (!pending.empty() && !we_are_parent_ && leader_is_zombie()) {
     // Every thread but the leader is gone and the kernel has not reported the leader's exit
     // to us yet (it waits for the group to empty): the process has exited, say so.
     gone_ = true, gone_how_ = zombie_exit_how();
