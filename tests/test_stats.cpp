@@ -226,7 +226,7 @@ TEST_CASE("gc removes the pins and patch files of a process that is gone, and ke
   attach_old(dead_pid, 1, {"stats_work", "stats_tail"});
   uint32_t link = link_id_of_pin(patchcount__dir(dead_pid, 1) + "/old_exits");
   REQUIRE(patchcount__create(live.pid(), 1, 1));
-  std::string files = fmt::format("{}/{}", kPatchFilesRoot, dead_pid);
+  std::string files = fmt::format("{}{}", kPatchDir, dead_pid);
   fs::create_directories(files);
   { std::ofstream(files + "/1-fix.so") << "x"; }
 
@@ -252,7 +252,7 @@ TEST_CASE("a patched target that exits leaves pins and files that gc removes; no
   uint32_t id = patch(pid, "entry");
   require_engine_counts(pid, id);
   uint32_t link = link_id_of_pin(patchcount__dir(pid, id) + "/old_exits");
-  std::string files = fmt::format("{}/{}", kPatchFilesRoot, pid);
+  std::string files = fmt::format("{}{}", kPatchDir, pid);
   CHECK(fs::exists(files));
   t.reset();
   auto r = ctl_run({"gc"});

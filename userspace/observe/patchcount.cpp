@@ -353,7 +353,7 @@ void gc_pins(bool dry_run, GcReport& report) {
 
 void gc_patch_files(bool dry_run, GcReport& report) {
   std::error_code ec;
-  for (auto& entry : fs::directory_iterator(kPatchFilesRoot, ec)) {
+  for (auto& entry : fs::directory_iterator(kPatchDir, ec)) {
     auto pid = pid_of(entry.path());
     if (!pid || process__alive(*pid)) continue;
     if (!dry_run) {

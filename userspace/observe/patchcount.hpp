@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "common/paths.hpp"
 #include "common/unique_fd.hpp"
 #include "symbols/symbols.hpp"
 
@@ -27,7 +28,6 @@ namespace hotfix {
 
 constexpr const char* kBpffsMount = "/sys/fs/bpf";
 constexpr const char* kPinRoot = "/sys/fs/bpf/hotfix";
-constexpr const char* kPatchFilesRoot = "/run/hotfix";  // loaded fix copies, /run/hotfix/<pid>/
 
 // Mount the BPF filesystem at /sys/fs/bpf unless it is there already.
 Result<void> bpffs__ensure_mounted();

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "common/paths.hpp"
 
 namespace hotfix {
 
@@ -57,8 +58,6 @@ struct Registry {
 };
 
 constexpr const char* kRegistryName = "hotfix-registry";
-// Where bound copies of fix libraries live: /run/hotfix/<pid>/<id>-<name>.so.
-constexpr const char* kPatchDir = "/run/hotfix/";
 constexpr size_t kRegistrySize = 1 << 20;  // memfd size; pages are only used as written
 
 // Serialised form (header + text) and back. decode fails on a bad magic or checksum.
