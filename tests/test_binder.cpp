@@ -87,6 +87,13 @@ const Function* find_symbol(const std::vector<Function>& list, const std::string
 
 }  // namespace
 
+// Plan options with only patterns set (every other field keeps its default).
+PlanOptions patterns_only(std::vector<std::string> patterns) {
+  PlanOptions opts;
+  opts.patterns = std::move(patterns);
+  return opts;
+}
+
 TEST_CASE("fix.so validation says what is wrong with the file") {
   ScratchDir dir;
   const std::string target = fixture("bind_target");
@@ -134,24 +141,24 @@ TEST_CASE("plan: patterns restrict the set; a target function without replacemen
   auto target = table_of(fixture("bind_target"));
   auto fix = fix_of("bind_fix.so");
 
-  auto plan = plan__build(target, fix, PlanOptions{{"compute"}, {}});
+  auto plan = plan__build(target, fix, patterns_only({"compute"}));
   REQUIRE(plan);
   REQUIRE(plan->entries.size() == 1);
   CHECK(plan->entries[0].target.name.find("compute") != std::string::npos);
 
-  auto missing = error_of(plan__build(target, fix, PlanOptions{{"compute_total"}, {}}));
+  auto missing = error_of(plan__build(target, fix, patterns_only({"compute_total"})));
   CHECK_THAT(missing, Catch::Contains("has no replacement for `compute_total(int)`") &&
                           Catch::Contains("compute(int)"));
 
   // Pattern errors come from the shared pattern language, with its own suggestion.
-  CHECK_THAT(error_of(plan__build(target, fix, PlanOptions{{"comptue"}, {}})), Catch::Contains("comptue"));
+  CHECK_THAT(error_of(plan__build(target, fix, patterns_only({"comptue"}))), Catch::Contains("comptue"));
 }
 
 TEST_CASE("plan: a static name defined twice in the target is refused, listing both") {
   auto target = table_of(fixture("bind_twins"));
   auto fix = fix_of("bind_twins_fix.so");
   for (auto patterns : {std::vector<std::string>{}, std::vector<std::string>{"helper"}}) {
-    PlanOptions opts{patterns, {}};
+    PlanOptions opts = patterns_only(patterns);
     opts.executable = fixture("bind_twins");
     auto err = error_of(plan__build(target, fix, opts));
     CHECK_THAT(err, Catch::Contains("`helper(int)` (_ZL6helperi) names 2 functions") &&
