@@ -642,6 +642,13 @@ Result<void> Tracee::detach() {
   if (!all_stopped()) {
     result = stop_all_impl(std::chrono::seconds(5), false);
     if (!result && gone_) return {};
+    if (!result && status_field(pid_, "State").rfind("Z", 0) == 0) {
+      // It died meanwhile (a signal we let through on resume): collect its threads so that the
+      // leader's exit reaches its parent, and there is nothing left to detach.
+      reap_dead_threads();
+      threads_.clear();
+      return {};
+    }
   }
   for (auto& th : threads_) {
     if (!th.stopped()) continue;
