@@ -1,0 +1,315 @@
+// The patch transaction (see engine.hpp for the order of things and why).
+#include "patch/engine.hpp"
+
+#include "patch/switch.hpp"
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <thread>
+
+#include "patch/abi_check.hpp"
+#include "observe/liveness.hpp"
+#include "observe/probe_safety.hpp"
+#include "observe/watch.hpp"
+#include "patch/binder.hpp"
+#include "patch/counting.hpp"
+#include "patch/fixlib.hpp"
+#include "process/maps.hpp"
+#include "process/memory.hpp"
+#include "process/ptrace.hpp"
+#include "process/remote.hpp"
+
+namespace hotfix {
+
+namespace {
+
+using namespace std::chrono;
+
+std::string executable_of(pid_t pid) {
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink(fmt::format("/proc/{}/exe", pid), ec).string();
+  const std::string deleted = " (deleted)";
+  if (exe.size() > deleted.size() && exe.ends_with(deleted)) exe.resize(exe.size() - deleted.size());
+  return exe;
+}
+
+// saved them. Used so that prologue analysis of a re-patched function sees real instructions.
+const FunctionRecord* oldest_record_at(const Registry& r, uint64_t address) {
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active) continue;
+    for (auto& f : p.functions)
+      if (f.old_address == address) return &f;
+  }
+  return nullptr;
+}
+
+Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& registry, const PlanEntry& e) {
+  const Function& fn = e.target;
+  size_t len = std::max<size_t>(1, std::min<uint64_t>(fn.size, 1 << 16));
+  auto code = HOTFIX_TRY(mem.read(fn.address, len));
+  PlannedSwitch s;
+  s.entry = e;
+  s.current.assign(code.begin(), code.begin() + std::min(code.size(), arch::entry_jump_size()));
+  if (auto* base = oldest_record_at(registry, fn.address))  // analyse the file's instructions
+    std::copy(base->original.begin(), base->original.end(), code.begin());
+  s.check = arch::check_entry(code, fn.address);
+  if (!s.check.patchable)
+    return fail(fmt::format("cannot patch {}: {}", fn.name, s.check.reason),
+                "patch its callers instead, or leave it out with a narrower pattern");
+  s.stacked_on = registry.top_at(fn.address);
+  auto trap = arch::trap_instruction();
+  if (std::equal(trap.begin(), trap.end(), s.current.begin()))
+    return fail(fmt::format("cannot patch {}: its entry holds a breakpoint (a uprobe of a running `hotfix-ctl watch`, "
+                            "bpftrace or a debugger)", fn.name),
+                "stop the tool that probes it and retry; removing that breakpoint later would corrupt the jump");
+  return s;
+}
+
+std::string basename_of(const std::string& path) { return std::filesystem::path(path).filename().string(); }
+
+}  // namespace
+
+const char* consistency__name(Consistency c) { return c == Consistency::strict ? "strict" : "entry"; }
+
+Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
+  HOTFIX_CHECK(process__check_privileges(false, true));
+  HOTFIX_CHECK(process__check_alive(opts.pid));
+  (void)patchcount__gc();  // counters and copies of processes that are gone go first (cheap)
+  PreparedPatch p;
+  p.options = opts;
+  p.executable = executable_of(opts.pid);
+  HOTFIX_CHECK(fixlib__validate(opts.library, p.executable));
+  auto fix = HOTFIX_TRY(fixlib__read(opts.library));
+  p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+  PlanOptions plan_opts;
+  plan_opts.patterns = opts.patterns;
+  plan_opts.object = opts.object;
+  plan_opts.patch_dir = opts.patch_dir;
+  plan_opts.executable = p.executable;
+  auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
+  p.registry = HOTFIX_TRY(registry__read(opts.pid));
+  p.id = p.registry.next_id;
+  auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
+  for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));
+  if (opts.abi_check) {
+    auto fix_table = HOTFIX_TRY(SymbolTable::for_file(opts.library));
+    for (auto& s : p.switches)
+      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement}));
+  }
+  return p;
+}
+
+Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, milliseconds window) {
+  std::vector<Function> targets;
+  for (auto& s : p.switches) targets.push_back(s.entry.target);
+  auto live = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  auto seen = HOTFIX_TRY(liveness__observe(p.options.pid, live, window));
+  std::vector<FunctionLiveness> out;
+  for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight});
+  return out;
+}
+
+namespace {
+
+// What the transaction has changed in the target so far, undone unless committed.
+class Undo {
+ public:
+  Undo(Tracee& t) : t_(t) {}
+  ~Undo() {
+    if (!committed_) rollback();
+  }
+  void commit() { committed_ = true; }
+
+  uint64_t handle = 0;                                   // dlopen handle to dlclose
+  std::optional<uint32_t> counters;                      // pinned hit counters of this patch id
+  std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
+  std::string copy;                                      // the bound copy on disk
+
+ private:
+  void rollback() {
+    // Best effort, in reverse order; the target may already be gone.
+    if (handle) (void)remote__dlclose(t_, handle);
+    if (!mappings.empty() && t_.check_alive()) {
+      pid_t tid = t_.threads().front().tid;
+      if (t_.stop_thread(tid)) {
+        for (auto& [addr, len] : mappings) (void)remote__munmap(t_, tid, addr, len);
+        (void)t_.resume_thread(tid);
+      }
+    }
+    if (!copy.empty()) ::unlink(copy.c_str());
+    if (counters) (void)patchcount__remove(t_.pid(), *counters);
+  }
+  Tracee& t_;
+  bool committed_ = false;
+};
+
+// An island within reach of `near`, from the pages this patch already mapped or a new one.
+struct IslandPages {
+  struct Page {
+    uint64_t address = 0, used = 0;
+  };
+  std::vector<Page> pages;
+};
+
+Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islands, uint64_t near, uint64_t size) {
+  const uint64_t page = static_cast<uint64_t>(::getpagesize());
+  auto reachable = [&](uint64_t a) {
+    int64_t d = static_cast<int64_t>(a - near);
+    return d > -arch::near_jump_reach() + static_cast<int64_t>(page) && d < arch::near_jump_reach() - static_cast<int64_t>(page);
+  };
+  for (auto& p : islands.pages)
+    if (p.used + size <= page && reachable(p.address)) {
+      uint64_t at = p.address + p.used;
+      p.used += (size + 15) & ~15ull;
+      return at;
+    }
+  uint64_t addr = HOTFIX_TRY(remote__mmap_near(t, tid, near, page, PROT_READ | PROT_EXEC));
+  undo.mappings.push_back({addr, page});
+  islands.pages.push_back({addr, (size + 15) & ~15ull});
+  return addr;
+}
+
+// Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed: for
+// every function when counting (the island counts), else only beyond a direct jump's reach.
+Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p, uint64_t load_base,
+                             const TargetCounters* counters) {
+  IslandPages islands;
+  for (uint32_t i = 0; i < p.switches.size(); ++i) {
+    auto& s = p.switches[i];
+    s.new_address = load_base + s.entry.replacement_value;
+    auto direct = arch::encode_entry_jump(s.entry.target.address, s.new_address);
+    if (direct && !counters) {
+      s.jump = *direct;
+      continue;
+    }
+    uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
+    s.island = HOTFIX_TRY(island_for(t, tid, undo, islands, s.entry.target.address, size));
+    HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
+                                                     : arch::encode_island_jump(s.island, s.new_address)));
+    auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
+    if (!jump) return fail(fmt::format("the island for {} is out of reach", s.entry.target.name));
+    s.jump = *jump;
+  }
+  return {};
+}
+
+// The registry mapping of the target, created (and owned by `undo` until commit) if missing.
+Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Undo& undo) {
+  if (auto at = registry__locate(t.pid())) return *at;
+  auto memfd = HOTFIX_TRY(remote__map_memfd(t, tid, kRegistryName, kRegistrySize, PROT_READ | PROT_WRITE));
+  undo.mappings.push_back({memfd.address, memfd.size});
+  HOTFIX_CHECK(remote__close(t, tid, memfd.fd));  // the mapping keeps the memory alive
+  return memfd.address;
+}
+
+}  // namespace
+
+namespace {
+
+// Calls still running the old code (threads that were inside) are counted where they leave
+// it: uprobes on its exits, which new calls never reach. Exits under the jump are skipped:
+// a probe there would sit inside the jump (and no thread can be there after the switch).
+void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
+  std::vector<OldCodeExits> all;
+  for (uint32_t i = 0; i < p.switches.size(); ++i) {
+    const auto& s = p.switches[i];
+    auto exits = patchcount__old_exits(p.options.pid, s.entry.target, i);
+    if (!exits) continue;
+    uint64_t first_free = s.entry.target.offset + s.check.covered;
+    std::erase_if(exits->offsets, [&](uint64_t off) { return off < first_free; });
+    if (!exits->offsets.empty()) all.push_back(std::move(*exits));
+  }
+  if (all.empty()) return;
+  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all); !probes)
+    progress(fmt::format("note: old-code hits are not counted: {}", probes.error().line()));
+}
+
+Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
+  const pid_t pid = p.options.pid;
+  Undo undo(tracee);
+
+  // Bind and load fix.so while every thread runs.
+  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
+  undo.copy = bound.path;
+  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
+  undo.handle = injection.handle;
+  uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
+  HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
+  progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
+                       injection.handle, bound.bindings.size()));
+
+  // Islands and the registry need one stopped thread; the others keep running.
+  pid_t tid = tracee.threads().front().tid;
+  HOTFIX_CHECK(tracee.stop_thread(tid));
+  std::optional<TargetCounters> counters;
+  auto prepared = [&]() -> Result<uint64_t> {
+    if (p.options.count) {
+      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size())));
+      undo.counters = p.id;
+      undo.mappings.push_back({counters->address, counters->length});
+    }
+    HOTFIX_CHECK(finish_switches(tracee, tid, undo, p, load_base, counters ? &*counters : nullptr));
+    return ensure_registry(tracee, tid, undo);
+  }();
+  HOTFIX_CHECK(tracee.resume_thread(tid));
+  uint64_t registry_at = HOTFIX_TRY(prepared);
+
+  std::vector<TextWrite> writes;
+  std::vector<AddressRange> overwritten, bodies;
+  PatchRecord record;
+  record.id = p.id;
+  record.library = std::filesystem::absolute(p.options.library).string();
+  record.loaded_copy = bound.path;
+  record.handle = injection.handle;
+  record.load_base = load_base;
+  record.consistency = consistency__name(p.options.consistency);
+  if (counters) record.counters = counters->address, record.counters_len = counters->length;
+  for (auto& s : p.switches) {
+    const Function& fn = s.entry.target;
+    progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),
+                         s.island ? s.island : s.new_address,
+                         s.island ? fmt::format(" -> island -> {:#x}", s.new_address) : ""));
+    writes.push_back({fn.address, s.current, s.jump, fn.name});
+    overwritten.push_back(overwritten_range(fn.address, s.check.covered, fn.name));
+    bodies.push_back({fn.address, fn.address + std::max<uint64_t>(fn.size, 1), fn.name});
+    if (s.stacked_on)  // a thread inside the replacement we supersede is also running old code
+      for (auto& f : s.stacked_on->functions)
+        if (f.old_address == fn.address)
+          if (auto* prev = p.table.function_at(f.new_address))
+            bodies.push_back({prev->address, prev->address + prev->size, fn.name + " (patch " + std::to_string(s.stacked_on->id) + ")"});
+    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump});
+  }
+
+  std::vector<Function> targets;
+  for (auto& s : p.switches) targets.push_back(s.entry.target);
+  auto quiet = p.options.quiesce_probes
+                   ? registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr)
+                   : std::vector<Function>{};
+  auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
+  Registry registry = p.registry;
+  auto commit_record = [&]() -> Result<void> {
+    record.applied_ns = realtime_ns();
+    registry.patches.push_back(record);
+    registry.next_id = p.id + 1;
+    return registry__write(tracee.memory(), registry_at, registry);
+  };
+  auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
+  undo.commit();
+  if (counters) count_old_code(p, progress);
+  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
+}
+
+}  // namespace
+
+Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
+  auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
+  return or_target_gone(tracee, apply_held(tracee, p, progress));
+}
+
+}  // namespace hotfix

@@ -1,0 +1,161 @@
+// revert: put back the bytes a patch wrote, in one stop, and give back its memory once no
+// thread can run its code (see engine.hpp).
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <set>
+
+#include "patch/engine.hpp"
+#include "patch/switch.hpp"
+#include "observe/patchcount.hpp"
+#include "process/memory.hpp"
+#include "process/remote.hpp"
+
+namespace hotfix {
+
+using namespace std::chrono;
+
+namespace {
+
+// The record of the active patch right above `below` at `address` (whose saved bytes are
+// `below`'s jump), if any.
+FunctionRecord* record_above(Registry& r, uint32_t below, uint64_t address) {
+  FunctionRecord* best = nullptr;
+  uint32_t best_id = UINT32_MAX;
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active || p.id <= below || p.id >= best_id) continue;
+    for (auto& f : p.functions)
+      if (f.old_address == address) best = &f, best_id = p.id;
+  }
+  return best;
+}
+
+// The code of `p` a thread could be running: its replacements and its islands.
+std::vector<AddressRange> code_of(const SymbolTable& table, const PatchRecord& p) {
+  std::vector<AddressRange> out;
+  for (auto& f : p.functions) {
+    std::string name = symbol__demangle(f.mangled) + fmt::format(" (patch {})", p.id);
+    if (auto* fn = table.function_at(f.new_address)) out.push_back({fn->address, fn->address + fn->size, name});
+    else out.push_back({f.new_address, f.new_address + 1, name});
+    if (f.island) out.push_back({f.island, f.island + arch::island_jump_size(), name + " island"});
+  }
+  return out;
+}
+
+std::vector<uint64_t> island_pages(const PatchRecord& p) {
+  std::set<uint64_t> pages;
+  const uint64_t page = static_cast<uint64_t>(::getpagesize());
+  for (auto& f : p.functions)
+    if (f.island) pages.insert(f.island & ~(page - 1));
+  return {pages.begin(), pages.end()};
+}
+
+// Unload a reverted patch once no thread can run its code (checked in one stop, strict).
+Result<std::string> try_release(Tracee& t, const SymbolTable& table, PatchRecord& p, uint64_t registry_at,
+                                Registry& registry) {
+  auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), code_of(table, p)));
+  HOTFIX_CHECK(t.stop_all());
+  auto blockers = checker.check(stopped_threads(t));
+  HOTFIX_CHECK(t.resume_all());
+  if (!blockers) return std::unexpected(blockers.error());
+  if (!blockers->empty()) return blocker__describe(blockers->front());
+  HOTFIX_CHECK(remote__dlclose(t, p.handle));
+  if (auto pages = island_pages(p); !pages.empty() || p.counters) {
+    pid_t tid = t.threads().front().tid;
+    HOTFIX_CHECK(t.stop_thread(tid));
+    for (auto page : pages) (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
+    if (p.counters) (void)remote__munmap(t, tid, p.counters, p.counters_len);
+    HOTFIX_CHECK(t.resume_thread(tid));
+  }
+  ::unlink(p.loaded_copy.c_str());
+  p.released = true;
+  HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped
+  auto written = registry__write(t.memory(), registry_at, registry);
+  HOTFIX_CHECK(t.resume_all());
+  HOTFIX_CHECK(written);
+  return std::string();
+}
+
+Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& registry, uint64_t registry_at,
+                                 uint32_t id, const RevertOptions& opts, const ProgressFn& progress) {
+  PatchRecord* p = registry.find(id);
+  std::vector<TextWrite> writes;
+  std::vector<AddressRange> overwritten;
+  for (auto& f : p->functions) {
+    std::string name = symbol__demangle(f.mangled);
+    if (registry.top_at(f.old_address) == p) {
+      writes.push_back({f.old_address, f.written, f.original, name});
+      overwritten.push_back(overwritten_range(f.old_address, f.written.size(), name));
+      progress(fmt::format("  restore {:#x} {}: {}", f.old_address, name, hex_bytes(f.original)));
+    } else {
+      progress(fmt::format("  {} stays with a newer patch; it now returns to what patch {} replaced", name, id));
+    }
+  }
+  auto guard = HOTFIX_TRY(make_guard(t.pid(), opts.consistency, overwritten, code_of(table, *p)));
+  Registry updated = registry;
+  auto commit_record = [&]() -> Result<void> {
+    PatchRecord* q = updated.find(id);
+    for (auto& f : q->functions)  // a newer patch above now sits on what this one replaced
+      if (auto* above = record_above(updated, id, f.old_address)) above->original = f.original;
+    q->state = PatchState::reverted;
+    q->reverted_ns = realtime_ns();
+    return registry__write(t.memory(), registry_at, updated);
+  };
+  auto sw = HOTFIX_TRY(switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress));
+  registry = updated;
+  if (auto removed = patchcount__remove(t.pid(), id); !removed)  // its old-code probes go with the pins
+    progress(fmt::format("note: {}", removed.error().line()));
+  return RevertOutcome{id, sw.pause, sw.attempts, false, {}};
+}
+
+Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertOptions& opts) {
+  std::vector<uint32_t> ids;
+  if (opts.all) {
+    for (auto& p : registry.patches)
+      if (p.state == PatchState::active) ids.push_back(p.id);
+  } else {
+    for (auto id : opts.ids) {
+      auto it = std::find_if(registry.patches.begin(), registry.patches.end(), [&](auto& p) { return p.id == id; });
+      if (it == registry.patches.end())
+        return fail(fmt::format("pid {} has no patch {}", opts.pid, id), "see the patches with `hotfix-ctl list --pid PID`");
+      if (it->state != PatchState::active)
+        return fail(fmt::format("patch {} of pid {} is already reverted", id, opts.pid), "see `hotfix-ctl list --pid PID`");
+      ids.push_back(id);
+    }
+  }
+  std::sort(ids.rbegin(), ids.rend());  // newest first: each restores what the next older wrote
+  return ids;
+}
+
+Result<void> revert_held(Tracee& tracee, const SymbolTable& table, Registry& registry, uint64_t registry_at,
+                         const std::vector<uint32_t>& ids, const RevertOptions& opts, const ProgressFn& progress,
+                         std::vector<RevertOutcome>& out) {
+  for (auto id : ids) out.push_back(HOTFIX_TRY(revert_one(tracee, table, registry, registry_at, id, opts, progress)));
+  // Give back the memory of every reverted patch no thread can run any more (older leftovers too).
+  for (auto& p : registry.patches) {
+    if (p.state != PatchState::reverted || p.released) continue;
+    auto held = HOTFIX_TRY(try_release(tracee, table, p, registry_at, registry));
+    for (auto& o : out)
+      if (o.id == p.id) o.released = held.empty(), o.held_by = held;
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress) {
+  HOTFIX_CHECK(process__check_privileges(false, true));
+  auto registry = HOTFIX_TRY(registry__read(opts.pid));
+  auto registry_at = registry__locate(opts.pid);
+  auto ids = HOTFIX_TRY(revert_ids(registry, opts));
+  if (!registry_at) return std::vector<RevertOutcome>{};
+  auto table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+  auto tracee = HOTFIX_TRY(Tracee::seize(opts.pid));
+  std::vector<RevertOutcome> out;
+  auto reverted = revert_held(tracee, table, registry, *registry_at, ids, opts, progress, out);
+  HOTFIX_CHECK(or_target_gone(tracee, std::move(reverted)));
+  return out;
+}
+
+}  // namespace hotfix
