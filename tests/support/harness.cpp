@@ -199,4 +199,29 @@ int count_processes(const std::string& exe_path) {
   return n;
 }
 
+std::vector<unsigned char> file_bytes(pid_t pid, unsigned long addr, size_t len) {
+  FILE* maps = std::fopen(("/proc/" + std::to_string(pid) + "/maps").c_str(), "r");
+  if (!maps) return {};
+  std::vector<unsigned char> bytes;
+  char line[4096 + 256];
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long start, end, offset, inode;
+    char perms[8], path[4096] = "";
+    unsigned dev_major, dev_minor;
+    if (std::sscanf(line, "%lx-%lx %7s %lx %x:%x %lu %4095s", &start, &end, perms, &offset, &dev_major, &dev_minor,
+                    &inode, path) < 8 || addr < start || addr >= end)
+      continue;
+    if (FILE* f = std::fopen(path, "rb")) {
+      bytes.resize(len);
+      if (std::fseek(f, static_cast<long>(addr - start + offset), SEEK_SET) != 0 ||
+          std::fread(bytes.data(), 1, len, f) != len)
+        bytes.clear();
+      std::fclose(f);
+    }
+    break;
+  }
+  std::fclose(maps);
+  return bytes;
+}
+
 }  // namespace hotfix::test

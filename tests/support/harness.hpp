@@ -63,6 +63,10 @@ RunResult run(std::vector<std::string> argv, std::chrono::milliseconds timeout =
 // Bytes of `pid`'s memory at `addr` (process_vm_readv).
 std::vector<unsigned char> read_memory(pid_t pid, unsigned long addr, size_t len);
 
+// The bytes the FILE mapped at `addr` of `pid` holds there (path and offset from
+// /proc/PID/maps): what a patched entry must show again after revert. Empty if unmapped.
+std::vector<unsigned char> file_bytes(pid_t pid, unsigned long addr, size_t len);
+
 // How many live processes run this executable (to prove nothing is left behind).
 int count_processes(const std::string& exe_path);
 
