@@ -54,7 +54,8 @@ class QuietWaiter {
   bool sees_all() const { return sees_all_; }
 
   // Wait until no watched function has a thread inside (polling the per-CPU counters every
-  // ~50 us) or `deadline`. Returns whether it got quiet.
+  // ~50 us; every 1 ms once no count has moved for 20 ms) or `deadline`. Returns whether it
+  // got quiet.
   bool wait_quiet(std::chrono::steady_clock::time_point deadline);
 
  private:
@@ -74,6 +75,8 @@ class QuietWaiter {
   std::vector<int64_t> base_;       // net() at the seed
   std::vector<int64_t> seeded_;     // blockers inside each function at the seed
   bool sees_all_ = true;
+  std::vector<int64_t> last_net_;                 // the counts at the last poll ...
+  std::chrono::steady_clock::time_point last_change_{};  // ... and when they last moved
 };
 
 }  // namespace hotfix
