@@ -552,7 +552,8 @@ TEST_CASE("signals sent while a patch holds the target are delivered", "[patch][
   for (int i = 0; i < kSignals; ++i) {
     usr1_sent += ::kill(p.pid(), SIGUSR1) == 0;
     rt_sent += ::kill(p.pid(), SIGRTMIN) == 0;  // real-time signals queue: none may be lost
-    std::this_thread::sleep_for(milliseconds(1));
+    // 3 s in all: the seeded waiter retries a parked thread only at 0.1, 0.3, 0.7, 1.5, 2.5 s.
+    std::this_thread::sleep_for(milliseconds(10));
   }
   REQUIRE(c->running());  // the signals were sent during the patch
   CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");

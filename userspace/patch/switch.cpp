@@ -72,7 +72,7 @@ std::vector<QuietWaiter::Inside> inside_of(const std::vector<Blocker>& blockers)
   return out;
 }
 
-// The thread that blocks the same function attempt after attempt: a loop that does not
+// The thread that blocks in the same function attempt after attempt: a loop that does not
 // return looks like this (and a return address that stays the same: it calls out of the loop).
 struct Streak {
   pid_t tid = 0;
@@ -95,7 +95,7 @@ struct Streak {
 };
 
 Error timeout_error(const Blocker& b, const Streak& streak, int attempts, milliseconds timeout, Consistency mode) {
-  if (streak.stuck() && streak.tid == b.tid)
+  if (streak.stuck())
     return Error{fmt::format("{}{} on each of the last {} of {} attempts in {} ms ({} consistency); nothing was changed",
                              blocker__describe(b), streak.same_pc ? " at the same place" : "", streak.attempts,
                              attempts, timeout.count(), consistency__name(mode)),
@@ -186,6 +186,8 @@ Result<SwitchResult> switch_when_quiet(Tracee& t, Guard& guard, const std::vecto
     Blocker b = *std::max_element(blockers->begin(), blockers->end(),
                                   [&](auto& x, auto& y) { return blocked_in[x.tid] < blocked_in[y.tid]; });
     streak.note(*blockers, b);
+    if (streak.stuck())  // name the thread that never leaves, not one passing through
+      b = *std::find_if(blockers->begin(), blockers->end(), [&](auto& x) { return x.tid == streak.tid; });
     auto now = steady_clock::now();
     if (std::max(now, last_stop + kMinStopInterval) >= deadline)
       return std::unexpected(timeout_error(b, streak, r.attempts, timeout, guard.mode));
