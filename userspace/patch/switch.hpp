@@ -114,6 +114,12 @@ Result<T> or_target_gone(Tracee& t, Result<T> r) {
   // A dying process reports its threads' exits one by one, the leader's last: collect them.
   auto budget = process__alive(t.pid()) ? std::chrono::milliseconds(0) : std::chrono::milliseconds(500);
   if (auto alive = t.pump(budget); !alive) return std::unexpected(alive.error());
+  // The kernel reports a zombie leader's exit only to its parent (not us, unless we started
+  // it), so pump may never learn of it; stop_all recognises that case and says how it died.
+  if (!process__alive(t.pid())) {
+    if (auto stopped = t.stop_all(std::chrono::milliseconds(100)); !stopped) return std::unexpected(stopped.error());
+    (void)t.resume_all();
+  }
   return r;
 }
 
