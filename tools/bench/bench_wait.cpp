@@ -78,8 +78,9 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   bool quick = argc > 1 && !std::strcmp(argv[1], "--quick");
-  if (::access("/usr/bin/redis-server", X_OK) || ::access("/usr/bin/redis-benchmark", X_OK)) {
-    std::printf("bench_wait: SKIP (redis-server or redis-benchmark missing)\n");
+  if (::access("/usr/bin/redis-server", X_OK) || ::access("/usr/bin/redis-benchmark", X_OK) ||
+      ::access("/usr/bin/redis-cli", X_OK)) {
+    std::printf("bench_wait: SKIP (redis-server, redis-benchmark or redis-cli missing)\n");
     return 0;
   }
   char tmpl[] = "/tmp/bench_wait.XXXXXX";
