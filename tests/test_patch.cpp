@@ -56,27 +56,6 @@ bool maps_contain(pid_t pid, const std::string& needle) {
   return read_file("/proc/" + std::to_string(pid) + "/maps").find(needle) != std::string::npos;
 }
 
-// The bytes the executable FILE holds for `addr` of `pid` (offset from /proc/PID/maps).
-std::vector<unsigned char> file_bytes(pid_t pid, uint64_t addr, size_t len) {
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
-  for (std::string line; std::getline(in, line);) {
-    uint64_t start, end, offset;
-    char perms[8], path[4096] = "";
-    unsigned dev_major, dev_minor;
-    unsigned long inode;
-    if (std::sscanf(line.c_str(), "%lx-%lx %7s %lx %x:%x %lu %4095s", &start, &end, perms, &offset, &dev_major,
-                    &dev_minor, &inode, path) < 8 ||
-        addr < start || addr >= end)
-      continue;
-    std::ifstream f(path, std::ios::binary);
-    f.seekg(static_cast<std::streamoff>(addr - start + offset));
-    std::vector<unsigned char> bytes(len);
-    f.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len));
-    return f ? bytes : std::vector<unsigned char>{};
-  }
-  return {};
-}
-
 RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
   args.insert(args.begin(), ctl());
   return run(std::move(args), timeout);
@@ -552,7 +531,8 @@ TEST_CASE("signals sent while a patch holds the target are delivered", "[patch][
   for (int i = 0; i < kSignals; ++i) {
     usr1_sent += ::kill(p.pid(), SIGUSR1) == 0;
     rt_sent += ::kill(p.pid(), SIGRTMIN) == 0;  // real-time signals queue: none may be lost
-    std::this_thread::sleep_for(milliseconds(1));
+    // 3 s in all: the seeded waiter retries a parked thread only at 0.1, 0.3, 0.7, 1.5, 2.5 s.
+    std::this_thread::sleep_for(milliseconds(10));
   }
   REQUIRE(c->running());  // the signals were sent during the patch
   CHECK(p.ask("unpark") == "ok unparked c_answer old -1553");

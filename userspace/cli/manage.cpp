@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "cli/cli.hpp"
+#include "cli/progress.hpp"
 #include "common/json.hpp"
 #include "patch/engine.hpp"
 #include "patch/fixlib.hpp"
@@ -90,9 +91,9 @@ int verb_revert(const Args& args) {
   opts.consistency = *mode;
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
-  auto outcomes = patch__revert(opts, [&](const std::string& line) {
-    if (!json) fmt::print("{}\n", line);
-  });
+  ProgressPrinter printer(json);
+  auto outcomes = patch__revert(opts, [&](const ProgressEvent& e) { printer(e); });
+  printer.finish();
   if (!outcomes) return report(outcomes.error());
   std::string items;
   for (auto& o : *outcomes) {

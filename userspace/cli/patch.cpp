@@ -2,6 +2,7 @@
 #include <fmt/core.h>
 
 #include "cli/cli.hpp"
+#include "cli/progress.hpp"
 #include "common/json.hpp"
 #include "patch/engine.hpp"
 
@@ -100,9 +101,9 @@ int verb_patch(const Args& args) {
     else fmt::print("dry run: nothing was changed\n");
     return 0;
   }
-  auto outcome = patch__apply(*prepared, [&](const std::string& line) {
-    if (!json) fmt::print("{}\n", line);
-  });
+  ProgressPrinter printer(json);
+  auto outcome = patch__apply(*prepared, [&](const ProgressEvent& e) { printer(e); });
+  printer.finish();
   if (!outcome) return report(outcome.error());
   if (json) {
     fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"functions\":{}}}\n", outcome->id,

@@ -56,6 +56,7 @@ Result<QuietWaiter> QuietWaiter::attach(pid_t pid, const std::vector<Function>& 
   std::vector<Function> probes;
   std::vector<size_t> owner;
   std::vector<bool> exit;
+  std::vector<Tracked> tracked(functions.size());
   for (size_t i = 0; i < functions.size(); ++i) {
     const Function& f = functions[i];
     auto code = file_code(pid, f);
@@ -63,25 +64,61 @@ Result<QuietWaiter> QuietWaiter::attach(pid_t pid, const std::vector<Function>& 
     if (!code || !exits || exits->offsets.empty() || exits->unresolved) continue;  // cannot track: strict check decides
     auto entry = arch::check_entry(*code, f.address);
     if (!entry.patchable) continue;
+    tracked[i] = {f.address, f.address + f.size, f.address + entry.covered};
     probes.push_back(probe_at(f, f.offset + entry.covered)), owner.push_back(i), exit.push_back(false);
     for (uint64_t off : exits->offsets) probes.push_back(probe_at(f, off)), owner.push_back(i), exit.push_back(true);
   }
   if (probes.empty()) return fail("no target function can be tracked by probes");
   auto watch = HOTFIX_TRY(Watch::attach(pid, probes, WatchOptions{.returns = false}));
-  return QuietWaiter(std::move(watch), std::move(owner), std::move(exit), functions.size());
+  return QuietWaiter(std::move(watch), std::move(owner), std::move(exit), std::move(tracked));
+}
+
+std::optional<std::vector<int64_t>> QuietWaiter::net() const {
+  auto counts = watch_.read();
+  if (!counts) return std::nullopt;
+  std::vector<int64_t> inside(functions_.size(), 0);
+  for (size_t p = 0; p < counts->size(); ++p)
+    inside[owner_[p]] += exit_[p] ? -static_cast<int64_t>((*counts)[p].calls) : static_cast<int64_t>((*counts)[p].calls);
+  return inside;
+}
+
+bool QuietWaiter::seed(const std::vector<Inside>& blockers) {
+  auto now = net();
+  if (!now) return sees_all_ = false;
+  base_ = *now;
+  std::fill(seeded_.begin(), seeded_.end(), 0);
+  sees_all_ = true;
+  for (const Inside& b : blockers) {
+    uint64_t at = b.innermost ? b.pc : b.pc - 1;  // a return address may be one past the body (noreturn call)
+    auto f = std::find_if(functions_.begin(), functions_.end(),
+                          [&](const Tracked& t) { return t.begin < t.end && at >= t.begin && at < t.end; });
+    if (f == functions_.end()) {
+      sees_all_ = false;  // untracked function, or an unwinder guess without a pc
+      continue;
+    }
+    // Still in the bytes before the body probe: it will be counted when it passes it.
+    if (b.innermost && b.pc < f->counted_from) continue;
+    seeded_[static_cast<size_t>(f - functions_.begin())]++;
+  }
+  return sees_all_;
 }
 
 bool QuietWaiter::wait_quiet(steady_clock::time_point deadline) {
   for (;;) {
-    auto counts = watch_.read();
-    if (!counts) return true;  // cannot tell: let the stop-the-world check decide
-    std::vector<int64_t> inside(functions_, 0);
-    for (size_t p = 0; p < counts->size(); ++p)
-      inside[owner_[p]] += exit_[p] ? -static_cast<int64_t>((*counts)[p].calls) : static_cast<int64_t>((*counts)[p].calls);
-    // Below zero: threads that were inside before the probes came have left since.
-    if (std::all_of(inside.begin(), inside.end(), [](int64_t n) { return n <= 0; })) return true;
-    if (steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(microseconds(50));
+    auto now = net();
+    if (!now) return true;  // cannot tell: let the stop-the-world check decide
+    bool quiet = true;
+    // Below zero: threads inside before the seed that the stop did not see (it sees them all,
+    // but a waiter seeded at attach may be behind) have left since.
+    for (size_t i = 0; i < now->size(); ++i) quiet &= seeded_[i] + (*now)[i] - base_[i] <= 0;
+    if (quiet) return true;
+    auto t = steady_clock::now();
+    if (t >= deadline) return false;
+    // Busy functions open gaps of a fraction of a millisecond: poll fast. Nobody has entered
+    // or left for a while (a thread parked in an event loop): a millisecond is soon enough,
+    // and the poll's system calls stop costing the machine a fifth of a CPU.
+    if (*now != last_net_) last_net_ = *now, last_change_ = t;
+    std::this_thread::sleep_for(t - last_change_ < milliseconds(20) ? microseconds(50) : milliseconds(1));
   }
 }
 

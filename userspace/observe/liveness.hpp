@@ -32,20 +32,51 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
 // covers and on every exit (ret, tail jump) -- never under the jump -- so they can stay
 // attached through the stop and the write (no detach, which waits for an RCU grace period,
 // between "quiet" and the stop), and they need no return probes (safe for C++ exceptions).
+//
+// Probes cannot see a thread that entered before they came: it would read "quiet" at once.
+// So the waiter is seeded from a blocked stop, which knows exactly which threads were inside
+// (the blockers): "inside" = the blockers + entries since the seed - exits since the seed.
 class QuietWaiter {
  public:
   static Result<QuietWaiter> attach(pid_t pid, const std::vector<Function>& functions);
-  // Wait until no watched function has a thread inside that entered since attach (polling
-  // the per-CPU counters every ~50 us) or `deadline`. Returns whether it got quiet.
+
+  // Where a blocked stop found a thread: its frame's pc (a return address unless innermost).
+  struct Inside {
+    uint64_t pc = 0;
+    bool innermost = false;  // frame 0: pc is the next instruction, not a return address
+  };
+  // Start counting from a stop's blockers. Call it while every thread is stopped (the
+  // counters are then still), or right after attach (then a blocker that left between the
+  // stop and the attach keeps the count up until the next stop reseeds it). Returns whether
+  // every blocker is inside a watched function; if not, the probes cannot see it leave.
+  bool seed(const std::vector<Inside>& blockers);
+  // Whether the last seed placed every blocker (false: wait blindly instead).
+  bool sees_all() const { return sees_all_; }
+
+  // Wait until no watched function has a thread inside (polling the per-CPU counters every
+  // ~50 us; every 1 ms once no count has moved for 20 ms) or `deadline`. Returns whether it
+  // got quiet.
   bool wait_quiet(std::chrono::steady_clock::time_point deadline);
 
  private:
-  QuietWaiter(Watch w, std::vector<size_t> owner, std::vector<bool> exit, size_t n)
-      : watch_(std::move(w)), owner_(std::move(owner)), exit_(std::move(exit)), functions_(n) {}
+  struct Tracked {
+    uint64_t begin = 0, end = 0;  // the body, runtime addresses
+    uint64_t counted_from = 0;    // the body probe: a thread before it has not been counted yet
+  };
+  QuietWaiter(Watch w, std::vector<size_t> owner, std::vector<bool> exit, std::vector<Tracked> functions)
+      : watch_(std::move(w)), owner_(std::move(owner)), exit_(std::move(exit)), functions_(std::move(functions)),
+        base_(functions_.size(), 0), seeded_(functions_.size(), 0) {}
+  // Entries minus exits per function since attach, or nullopt if the counters cannot be read.
+  std::optional<std::vector<int64_t>> net() const;
   Watch watch_;
   std::vector<size_t> owner_;  // probe -> function index
   std::vector<bool> exit_;     // probe is an exit (else the body's first instruction)
-  size_t functions_;
+  std::vector<Tracked> functions_;  // by function index; begin == end: not tracked
+  std::vector<int64_t> base_;       // net() at the seed
+  std::vector<int64_t> seeded_;     // blockers inside each function at the seed
+  bool sees_all_ = true;
+  std::vector<int64_t> last_net_;                 // the counts at the last poll ...
+  std::chrono::steady_clock::time_point last_change_{};  // ... and when they last moved
 };
 
 }  // namespace hotfix

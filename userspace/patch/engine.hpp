@@ -18,6 +18,7 @@
 #include "common/error.hpp"
 #include "patch/consistency.hpp"
 #include "patch/plan.hpp"
+#include "patch/progress.hpp"
 #include "patch/registry.hpp"
 #include "symbols/symbols.hpp"
 
@@ -75,8 +76,9 @@ struct FunctionLiveness {
 };
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, std::chrono::milliseconds window);
 
-// Progress lines for the CLI ("injected ...", "attempt 2: thread 77 is inside ...").
-using ProgressFn = std::function<void(const std::string&)>;
+// Progress for the front end: notes ("loaded ...") and, while a stop is blocked, structured
+// waiting events (patch/progress.hpp).
+using ProgressFn = std::function<void(const ProgressEvent&)>;
 
 struct PatchOutcome {
   uint32_t id = 0;

@@ -24,6 +24,19 @@ uint64_t realtime_ns();
 std::string hex_bytes(const std::vector<uint8_t>& bytes);
 std::vector<StoppedThread> stopped_threads(const Tracee& t);
 
+// The strict wait stops the whole process at most this often, whatever happens (a waiter
+// that keeps reading "quiet" while the stop keeps finding a thread inside included).
+inline constexpr std::chrono::milliseconds kMinStopInterval{20};  // <= 50 stops a second
+// Blind retries (no waiter, or one that cannot see a blocker leave): 2, 4, ... 50 ms after
+// each blocked stop, and never sooner than kMinStopInterval after the last one.
+inline constexpr std::chrono::milliseconds kFirstBackoff{2}, kMaxBackoff{50};
+// With a waiter that sees every blocker it stops the moment they have left; the blind retry is
+// then only a safety net (an exit the probes cannot see: an exception, longjmp, a thread
+// exiting inside), so it backs off further: 100, 200, ... 1000 ms.
+inline constexpr std::chrono::milliseconds kFirstWatchedBackoff{100}, kMaxWatchedBackoff{1000};
+// After this many attempts blocked by the same thread in the same function, say so (once).
+inline constexpr int kStuckAttempts = 4;
+
 // What must not be running for a switch, by consistency mode.
 struct Guard {
   Consistency mode;
@@ -33,22 +46,18 @@ struct Guard {
   std::vector<Function> quiet;            // what the waiter watches, once a first stop was blocked
   pid_t pid = 0;
 
-  // Until the probes see no thread inside (or the deadline), servicing the target's signals.
-  // The probes stay attached through the stop: none sits under the bytes we write.
-  void wait_for_quiet(Tracee& t, std::chrono::steady_clock::time_point deadline) {
-    using namespace std::chrono;
-    if (!waiter) return;
-    while (!waiter->wait_quiet(std::min(deadline, steady_clock::now() + milliseconds(10))) &&
-           steady_clock::now() < deadline)
-      if (!t.pump()) break;
-  }
-  // After a blocked stop: attach the probes. The first attempt goes without them, because
-  // attaching and (at the end) detaching costs tens of ms, more than most patches need in all.
-  void rearm() {
-    if (waiter || quiet.empty()) return;
-    if (auto w = QuietWaiter::attach(pid, quiet)) waiter.emplace(std::move(*w));
-    else quiet.clear();  // blind retries from now on
-  }
+  // Until the waiter sees every blocker of the last stop leave (and nobody else inside), but
+  // not before `earliest` (the rate bound) nor after `latest` (the blind retry), servicing
+  // the target's signals. Without a waiter that can see them: until `latest`. Returns early,
+  // without error, when the target has exited: the stop that follows reports how.
+  Result<void> wait_for_quiet(Tracee& t, std::chrono::steady_clock::time_point earliest,
+                              std::chrono::steady_clock::time_point latest);
+  // After a blocked stop: inside the stop window, restart the waiter's count from the
+  // blockers; after the first one, attach the probes (and seed them with those blockers).
+  // The first attempt goes without probes: attaching and (at the end) detaching costs tens
+  // of ms, more than most patches need in all.
+  void seed(const std::vector<Blocker>& blockers);
+  void rearm(const std::vector<Blocker>& blockers);
 
   // The kernel's out-of-line area for probed instructions ("[uprobes]"), read before each stop:
   // a thread stopped there is executing some function's displaced first instruction and will
@@ -105,6 +114,12 @@ Result<T> or_target_gone(Tracee& t, Result<T> r) {
   // A dying process reports its threads' exits one by one, the leader's last: collect them.
   auto budget = process__alive(t.pid()) ? std::chrono::milliseconds(0) : std::chrono::milliseconds(500);
   if (auto alive = t.pump(budget); !alive) return std::unexpected(alive.error());
+  // The kernel reports a zombie leader's exit only to its parent (not us, unless we started
+  // it), so pump may never learn of it; stop_all recognises that case and says how it died.
+  if (!process__alive(t.pid())) {
+    if (auto stopped = t.stop_all(std::chrono::milliseconds(100)); !stopped) return std::unexpected(stopped.error());
+    (void)t.resume_all();
+  }
   return r;
 }
 
