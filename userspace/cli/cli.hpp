@@ -28,6 +28,10 @@ int verb_gc(const Args& args);
 std::optional<int> parse(const std::string& verb, const Args& args, const po::options_description& desc,
                          const char* positional, po::variables_map& vm, const std::string& synopsis);
 
+// `text` with control characters escaped (\n, \t, \xNN): a path holding a newline cannot
+// split a message into two lines.
+std::string one_line(const std::string& text);
+
 // Print `e` as one line on stderr and return its exit code.
 int report(const Error& e);
 
