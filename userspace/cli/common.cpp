@@ -1,10 +1,15 @@
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "cli/cli.hpp"
+#include "arch/arch.hpp"
+#include "patch/fixlib.hpp"
 #include "process/environment.hpp"
+#include "process/memory.hpp"
 
 namespace hotfix::cli {
 
@@ -51,6 +56,33 @@ std::string one_line(const std::string& text) {
     else out += static_cast<char>(c);
   }
   return out;
+}
+
+std::vector<ForeignBreakpoint> foreign_breakpoints(pid_t pid, const Registry& r) {
+  std::vector<ForeignBreakpoint> out;
+  auto mem = ProcessMemory::open(pid);
+  if (!mem) return out;
+  auto trap = arch::trap_instruction();
+  std::set<uint64_t> seen;
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active) continue;
+    for (auto& f : p.functions) {
+      if (!seen.insert(f.old_address).second) continue;
+      const PatchRecord* top = r.top_at(f.old_address);
+      if (!top) continue;
+      auto live = mem->read(f.old_address, trap.size());
+      if (live && std::equal(trap.begin(), trap.end(), live->begin()))
+        out.push_back({top->id, symbol__demangle(f.mangled), f.old_address});
+    }
+  }
+  return out;
+}
+
+std::string foreign_breakpoint_text(pid_t pid, const ForeignBreakpoint& b) {
+  return fmt::format("patched function {} (patch {}) of pid {} has a breakpoint on its entry at {:#x} where hotfix's "
+                     "jump should be: another tool (bpftrace, perf probe, a debugger) put a uprobe there; while it is "
+                     "attached every call runs the OLD code, and removing it will crash the process (SIGILL)",
+                     b.name, b.id, pid, b.address);
 }
 
 int report(const Error& e) {
