@@ -100,6 +100,20 @@ std::string encode_text(const Registry& r) {
   return t + "end\n";
 }
 
+// Revert unlinks the loaded copy: a forged record must not name a host file. Copies live in
+// kPatchDir/PID/, one plain name deep (no ".." or "." components).
+bool is_patch_copy(const std::string& path) {
+  if (path.empty()) return true;
+  const std::string dir = kPatchDir;
+  if (path.rfind(dir, 0) != 0 || path.size() > 4096) return false;
+  std::string rest = path.substr(dir.size());
+  auto slash = rest.find('/');
+  if (slash == std::string::npos || slash == 0 || rest.find('/', slash + 1) != std::string::npos) return false;
+  std::string pid_part = rest.substr(0, slash), name = rest.substr(slash + 1);
+  if (!std::all_of(pid_part.begin(), pid_part.end(), [](char c) { return c >= '0' && c <= '9'; })) return false;
+  return !name.empty() && name != "." && name != "..";
+}
+
 // Ids are small: a patch a minute for a century stays far below this.
 constexpr uint32_t kMaxId = 1u << 24;
 
@@ -138,7 +152,7 @@ Result<Registry> decode_text(const std::string& text) {
       p.state = w[2] == "active" ? PatchState::active : PatchState::reverted;
       if (!parse_number(w[3], p.applied_ns, 10) || !parse_number(w[4], p.reverted_ns, 10)) return bad(line, "time");
       if (!parse_escaped(w[5], p.library)) return bad(line, "library");
-      if (!parse_escaped(w[6], p.loaded_copy)) return bad(line, "loaded copy");
+      if (!parse_escaped(w[6], p.loaded_copy) || !is_patch_copy(p.loaded_copy)) return bad(line, "loaded copy path");
       if (!parse_number(w[7], p.handle, 16)) return bad(line, "handle");
       if (!parse_number(w[8], p.load_base, 16)) return bad(line, "load base");
       if (!parse_number(w[9], released, 10, 1)) return bad(line, "released");

@@ -1,7 +1,8 @@
 // Hostile environments, detected before anything in the target changes: a pid that is no
 // patchable process (a thread id, a kernel thread, ourselves), and a target whose sandbox
 // would turn the injection into a crash -- a seccomp filter that kills or denies the system
-// calls loading a library needs, memory-deny-write-execute (PR_SET_MDWE), sealed code (mseal).
+// calls loading a library needs, sealed code (mseal). Memory-deny-write-execute (PR_SET_MDWE)
+// does not stop the injection (see target__check_sandbox).
 #pragma once
 #include <linux/filter.h>
 #include <sys/types.h>
@@ -22,7 +23,8 @@ class Tracee;
 Result<void> target__check_pid(pid_t pid);
 
 // Before stopping it: refuses pid 1 (a crash would take its namespace down), a process
-// stopped by job control, and one already traced by another tool. Reads /proc only.
+// stopped by job control, one already traced by another tool, and one with a thread that
+// stays in uninterruptible sleep (state D: it could not be stopped). Reads /proc only.
 Result<void> target__check_holdable(pid_t pid);
 
 // The mappings holding `addresses` are not sealed (mseal: VmFlags "sl" in /proc/PID/smaps).
@@ -31,8 +33,7 @@ Result<void> target__check_unsealed(pid_t pid, const std::vector<uint64_t>& addr
 
 // With the target seized and every thread running: every thread's seccomp filters allow the
 // system calls the injection makes (read with PTRACE_SECCOMP_GET_FILTER and evaluated here,
-// never by making the call), and memory-deny-write-execute is off (PR_GET_MDWE, a read-only
-// call made only once seccomp allows it). Stops one thread at a time, briefly; changes nothing.
+// never by making the call). Stops one filtered thread at a time, briefly; changes nothing.
 // `counting`: the patch maps BPF hit counters (the bpf() call is needed too).
 Result<void> target__check_sandbox(Tracee& t, bool counting);
 
