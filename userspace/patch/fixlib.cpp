@@ -165,8 +165,8 @@ Result<void> check_complete(Elf* elf, const GElf_Ehdr& ehdr, off_t size, const s
   auto beyond = [&](uint64_t off, uint64_t count, uint64_t entsize) {
     return count && (off > static_cast<uint64_t>(size) || count * entsize > static_cast<uint64_t>(size) - off);
   };
-  size_t shnum = 0;
-  if (elf_getshdrnum(elf, &shnum) != 0 || beyond(ehdr.e_shoff, shnum, ehdr.e_shentsize) ||
+  size_t shnum = ehdr.e_shnum;  // libelf answers 0 for a table it could not read
+  if ((shnum == 0 && elf_getshdrnum(elf, &shnum) != 0) || beyond(ehdr.e_shoff, shnum, ehdr.e_shentsize) ||
       beyond(ehdr.e_phoff, ehdr.e_phnum, ehdr.e_phentsize) || ehdr.e_phnum == 0)
     return fail(fmt::format("{} is truncated or damaged: its ELF header points past its end ({} bytes)", path, size),
                 "copy or rebuild it completely");
@@ -190,7 +190,7 @@ Result<void> fixlib__validate(const std::string& path, const std::string& target
     return fail(fmt::format("cannot open fix library {}: {}", path, errno_text(errno)), "check the path and its permissions");
   }
   if (!S_ISREG(st.st_mode)) return fail(fmt::format("fix library {} is {}, not a shared library", path, file_kind(st.st_mode)), build_hint);
-  if (st.st_size < 64) return fail(fmt::format("fix library {} is too short to be ELF ({} bytes)", path, st.st_size), build_hint);
+  if (st.st_size < 64) return fail(fmt::format("{} is not an ELF file (only {} bytes)", path, st.st_size), build_hint);
   auto fix = HOTFIX_TRY(ElfHandle::open(path));
   auto fix_ehdr = HOTFIX_TRY(read_ehdr(fix, path));
   auto target = ElfHandle::open(target_executable);
