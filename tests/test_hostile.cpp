@@ -184,9 +184,9 @@ void expect_patch_refused(Target& t, const std::string& lib, const std::string& 
 
 // Start `hotfix-ctl patch` (strict) with a thread parked inside hostile_park, and return once
 // it has loaded fix.so: it now waits for that thread to leave.
-std::unique_ptr<Child> start_waiting_patch(Target& t) {
+std::unique_ptr<Child> start_waiting_patch(Target& t, const std::string& timeout = "20") {
   REQUIRE(t.ask("park") == "ok parked");
-  std::vector<std::string> args = patch_args(t, fixture("hostile_fix.so"), {"--timeout", "20"});
+  std::vector<std::string> args = patch_args(t, fixture("hostile_fix.so"), {"--timeout", timeout});
   args.insert(args.begin(), ctl());
   auto c = std::make_unique<Child>(args);
   c->close_stdin();
@@ -431,6 +431,29 @@ TEST_CASE("exec during the patch: stopped, nothing written into the new program"
   t.still_running();
 }
 
+TEST_CASE("a thread entering state D during the patch: one line, undone", "[hostile][state]") {
+  require_root();
+  Target t;
+  auto before = snapshot(t);
+  auto c = start_waiting_patch(t, "3");
+  auto reply = t.ask("vfork");
+  REQUIRE(reply.rfind("ok vfork=", 0) == 0);
+  pid_t vchild = std::stoi(reply.substr(9));
+  auto code = c->wait(seconds(60));
+  REQUIRE(code);
+  CHECK(*code == 1);
+  auto err = lines_of(c->drain_stderr());
+  INFO(c->drain_stdout());
+  for (auto& l : err) INFO(l);
+  REQUIRE(err.size() == 1);
+  CHECK(err[0].find("did not stop") != std::string::npos);
+  ::kill(vchild, SIGKILL);
+  REQUIRE(t.ask("unpark") == "ok unparked");
+  // The parked and the vfork threads end; main and the two workers stay.
+  for (int i = 0; i < 500 && status_of(t.pid(), "Threads") != before.threads; ++i) std::this_thread::sleep_for(milliseconds(10));
+  expect_untouched(t, before);
+}
+
 TEST_CASE("exit during the patch is reported, nothing left behind", "[hostile][exit]") {
   require_root();
   Target t;
@@ -648,5 +671,24 @@ TEST_CASE("a read-only /run is refused before the target changes", "[hostile][ru
                     std::to_string(t.pid()) + " --lib " + fixture("hostile_fix.so") + " --observe 0";
   auto r = run({"/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", cmd, ctl()});
   expect_refused(r, 1, "/run/hotfix");
+  expect_untouched(t, before);
+}
+
+TEST_CASE("bpffs missing (a tmpfs in its place) is refused and undone", "[hostile][run]") {
+  require_root();
+  if (::access("/usr/bin/unshare", X_OK) != 0) {
+    WARN("SKIP part: no unshare");
+    return;
+  }
+  Target t;
+  auto before = snapshot(t);
+  std::string cmd = "mount -t tmpfs none /sys/fs/bpf && exec \"$0\" patch --pid " + std::to_string(t.pid()) + " --lib " +
+                    fixture("hostile_fix.so") + " --observe 0";
+  auto r = run({"/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", cmd, ctl()});
+  INFO(r.out);
+  CHECK(r.exit_code == 1);
+  auto err = lines_of(r.err);
+  REQUIRE(err.size() == 1);
+  CHECK(err[0].find("hit counters") != std::string::npos);
   expect_untouched(t, before);
 }
