@@ -38,8 +38,8 @@ void print_patches(pid_t pid, const Registry& r) {
   }
   fmt::print("pid {} ({}): {} patch(es)\n", pid, process__comm(pid), r.patches.size());
   for (auto& p : r.patches) {
-    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns), p.library,
-               p.consistency);
+    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns),
+               one_line(p.library), p.consistency);
     for (auto& f : p.functions)
       fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
                  f.island ? fmt::format(" (via island {:#x})", f.island) : "");
