@@ -42,7 +42,12 @@ std::optional<int> parse(const std::string& verb, const Args& args, const po::op
     } catch (const boost::bad_any_cast&) {
       return 2;
     }
-    if (auto ok = target__check_pid(pid); !ok) return report(ok.error());
+    if (auto ok = target__check_pid(pid); !ok) {
+      Error e = ok.error();
+      if (verb == "stats" && e.exit_code == 1 && e.what.find("kernel thread") == std::string::npos)
+        e.hint = "`hotfix-ctl gc` removes what a process that is gone left behind";
+      return report(e);
+    }
   }
   return std::nullopt;
 }
