@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "patch/registry.hpp"
 
 namespace hotfix::cli {
 
@@ -27,6 +28,21 @@ int verb_gc(const Args& args);
 // help and returns 0; otherwise nullopt and `vm` is filled.
 std::optional<int> parse(const std::string& verb, const Args& args, const po::options_description& desc,
                          const char* positional, po::variables_map& vm, const std::string& synopsis);
+
+// `text` with control characters escaped (\n, \t, \xNN): a path holding a newline cannot
+// split a message into two lines.
+std::string one_line(const std::string& text);
+
+// Patched entries where another tool's breakpoint (int3) sits on hotfix's jump (see
+// docs/safety.md: such a uprobe makes calls run the old code and crashes the process when
+// it is removed). Read from /proc/PID/mem without stopping the target.
+struct ForeignBreakpoint {
+  uint32_t id = 0;
+  std::string name;
+  uint64_t address = 0;
+};
+std::vector<ForeignBreakpoint> foreign_breakpoints(pid_t pid, const Registry& r);
+std::string foreign_breakpoint_text(pid_t pid, const ForeignBreakpoint& b);
 
 // Print `e` as one line on stderr and return its exit code.
 int report(const Error& e);

@@ -1,9 +1,15 @@
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "cli/cli.hpp"
+#include "arch/arch.hpp"
+#include "patch/fixlib.hpp"
+#include "process/environment.hpp"
+#include "process/memory.hpp"
 
 namespace hotfix::cli {
 
@@ -23,14 +29,69 @@ std::optional<int> parse(const std::string& verb, const Args& args, const po::op
     }
     po::notify(vm);
   } catch (const po::error& e) {
-    fmt::print(stderr, "hotfix-ctl {}: {}; usage: hotfix-ctl {} {} (see --help)\n", verb, e.what(), verb, synopsis);
+    fmt::print(stderr, "hotfix-ctl {}: {}; usage: hotfix-ctl {} {} (see --help)\n", verb, one_line(e.what()), verb,
+               synopsis);
     return 2;
+  }
+  // Every verb that takes --pid gets the same answer for a pid that names no user process
+  // (a thread id, a kernel thread, ourselves, <= 0) before it reads or attaches anything.
+  if (vm.count("pid")) {
+    pid_t pid = 0;
+    try {
+      pid = vm["pid"].as<pid_t>();
+    } catch (const boost::bad_any_cast&) {
+      return 2;
+    }
+    if (auto ok = target__check_pid(pid); !ok) {
+      Error e = ok.error();
+      if (verb == "stats" && e.exit_code == 1 && e.what.find("kernel thread") == std::string::npos)
+        e.hint = "`hotfix-ctl gc` removes what a process that is gone left behind";
+      return report(e);
+    }
   }
   return std::nullopt;
 }
 
+std::string one_line(const std::string& text) {
+  std::string out;
+  for (unsigned char c : text) {
+    if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += static_cast<char>(c);
+  }
+  return out;
+}
+
+std::vector<ForeignBreakpoint> foreign_breakpoints(pid_t pid, const Registry& r) {
+  std::vector<ForeignBreakpoint> out;
+  auto mem = ProcessMemory::open(pid);
+  if (!mem) return out;
+  auto trap = arch::trap_instruction();
+  std::set<uint64_t> seen;
+  for (auto& p : r.patches) {
+    if (p.state != PatchState::active) continue;
+    for (auto& f : p.functions) {
+      if (!seen.insert(f.old_address).second) continue;
+      const PatchRecord* top = r.top_at(f.old_address);
+      if (!top) continue;
+      auto live = mem->read(f.old_address, trap.size());
+      if (live && std::equal(trap.begin(), trap.end(), live->begin()))
+        out.push_back({top->id, symbol__demangle(f.mangled), f.old_address});
+    }
+  }
+  return out;
+}
+
+std::string foreign_breakpoint_text(pid_t pid, const ForeignBreakpoint& b) {
+  return fmt::format("patched function {} (patch {}) of pid {} has a breakpoint on its entry at {:#x} where hotfix's "
+                     "jump should be: another tool (bpftrace, perf probe, a debugger) put a uprobe there; while it is "
+                     "attached every call runs the OLD code, and removing it will crash the process (SIGILL)",
+                     b.name, b.id, pid, b.address);
+}
+
 int report(const Error& e) {
-  fmt::print(stderr, "hotfix-ctl: {}\n", e.line());
+  fmt::print(stderr, "hotfix-ctl: {}\n", one_line(e.line()));
   return e.exit_code;
 }
 

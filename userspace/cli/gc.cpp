@@ -24,7 +24,7 @@ int verb_gc(const Args& args) {
     for (auto& p : r.removed) fmt::print("{} {}\n", dry_run ? "would remove" : "removed", p);
     if (r.removed.empty() && r.errors.empty()) fmt::print("nothing to remove: every pin and patch directory belongs to a live process\n");
   }
-  for (auto& e : r.errors) fmt::print(stderr, "hotfix-ctl: {}\n", e);
+  for (auto& e : r.errors) fmt::print(stderr, "hotfix-ctl: {}\n", one_line(e));
   return r.errors.empty() ? 0 : 1;
 }
 

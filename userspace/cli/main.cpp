@@ -2,8 +2,10 @@
 #include <fmt/core.h>
 
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <map>
+#include <new>
 
 #include "cli/cli.hpp"
 
@@ -52,5 +54,17 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "hotfix-ctl: unknown verb '{}'; the verbs are: {}\n", verb, names);
     return 2;
   }
-  return it->second.run(hotfix::cli::Args(argv + 2, argv + argc));
+  // No exception may escape: a verb that throws (out of memory, a library's surprise) says
+  // so in one line and fails, instead of dumping core in front of the operator.
+  try {
+    return it->second.run(hotfix::cli::Args(argv + 2, argv + argc));
+  } catch (const std::bad_alloc&) {
+    fmt::print(stderr, "hotfix-ctl {}: out of memory; free memory or narrow the request, then retry\n", verb);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "hotfix-ctl {}: internal error: {}; please report it with the command line\n", verb,
+               hotfix::cli::one_line(e.what()));
+  } catch (...) {
+    fmt::print(stderr, "hotfix-ctl {}: internal error (unknown exception); please report it with the command line\n", verb);
+  }
+  return 1;
 }

@@ -2,6 +2,7 @@
 #include <fmt/chrono.h>
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <ctime>
 
 #include "cli/cli.hpp"
@@ -9,6 +10,7 @@
 #include "common/json.hpp"
 #include "patch/engine.hpp"
 #include "patch/fixlib.hpp"
+#include "process/environment.hpp"
 #include "process/maps.hpp"
 
 namespace hotfix::cli {
@@ -36,8 +38,8 @@ void print_patches(pid_t pid, const Registry& r) {
   }
   fmt::print("pid {} ({}): {} patch(es)\n", pid, process__comm(pid), r.patches.size());
   for (auto& p : r.patches) {
-    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns), p.library,
-               p.consistency);
+    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns),
+               one_line(p.library), p.consistency);
     for (auto& f : p.functions)
       fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
                  f.island ? fmt::format(" (via island {:#x})", f.island) : "");
@@ -64,6 +66,9 @@ int verb_list(const Args& args) {
   if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--json]")) return *code;
   auto registry = registry__read(pid);
   if (!registry) return report(registry.error());
+  for (auto& b : foreign_breakpoints(pid, *registry))
+    fmt::print(stderr, "hotfix-ctl: warning: {}; hint: stop that tool only after restarting the service\n",
+               one_line(foreign_breakpoint_text(pid, b)));
   if (vm.count("json")) fmt::print("{{\"pid\":{},\"patches\":{}}}\n", pid, patches_json(*registry));
   else print_patches(pid, *registry);
   return 0;
@@ -91,6 +96,15 @@ int verb_revert(const Args& args) {
   opts.consistency = *mode;
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
+  if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
+  if (auto registry = registry__read(opts.pid); !registry) {
+    return report(registry.error());
+  } else {
+    for (auto& b : foreign_breakpoints(opts.pid, *registry))
+      if (opts.all || std::find(opts.ids.begin(), opts.ids.end(), b.id) != opts.ids.end())
+        return report(Error{foreign_breakpoint_text(opts.pid, b) + "; nothing was reverted",
+                            "reverting under it is not safe either: restart the service, then stop the tool", 1});
+  }
   ProgressPrinter printer(json);
   auto outcomes = patch__revert(opts, [&](const ProgressEvent& e) { printer(e); });
   printer.finish();

@@ -5,6 +5,7 @@
 #include "cli/progress.hpp"
 #include "common/json.hpp"
 #include "patch/engine.hpp"
+#include "process/environment.hpp"
 
 namespace hotfix::cli {
 
@@ -88,6 +89,7 @@ int verb_patch(const Args& args) {
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
 
+  if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());
   if (!json) print_plan(*prepared);

@@ -406,6 +406,9 @@ int verb_stats(const Args& args) {
     return report(Error{alive.error().what, "`hotfix-ctl gc` removes what a process that is gone left behind", 1});
   auto registry = registry__read(a.pid);
   if (!registry) return report(registry.error());
+  for (auto& b : foreign_breakpoints(a.pid, *registry))  // its hits go to the old code, uncounted
+    fmt::print(stderr, "hotfix-ctl: warning: {}; hint: stop that tool only after restarting the service\n",
+               one_line(foreign_breakpoint_text(a.pid, b)));
   auto patches = select_patches(*registry, a);
   if (!patches) return report(patches.error());
   if (a.callers) {

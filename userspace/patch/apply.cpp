@@ -19,6 +19,7 @@
 #include "patch/binder.hpp"
 #include "patch/counting.hpp"
 #include "patch/fixlib.hpp"
+#include "process/environment.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
@@ -96,6 +97,12 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   p.id = p.registry.next_id;
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
   for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));
+  std::vector<uint64_t> entries;
+  std::vector<std::string> names;
+  for (auto& s : p.switches) entries.push_back(s.entry.target.address), names.push_back(s.entry.target.name);
+  HOTFIX_CHECK(target__check_unsealed(opts.pid, entries, names));
+  // The ABI check stays last: it is the most expensive and the least specific, and a fix.so
+  // that cannot be loaded or bound at all must hear that first.
   if (opts.abi_check) {
     auto fix_table = HOTFIX_TRY(SymbolTable::for_file(opts.library));
     for (auto& s : p.switches)
@@ -132,9 +139,11 @@ class Undo {
 
  private:
   void rollback() {
-    // Best effort, in reverse order; the target may already be gone.
-    if (handle) (void)remote__dlclose(t_, handle);
-    if (!mappings.empty() && t_.check_alive()) {
+    // Best effort, in reverse order; the target may already be gone -- or have exec'd: take
+    // in its pending events first, so that nothing is undone into a new program's memory.
+    bool same_image = t_.pump().has_value();
+    if (handle && same_image) (void)remote__dlclose(t_, handle);
+    if (!mappings.empty() && same_image && t_.check_alive()) {
       pid_t tid = t_.threads().front().tid;
       if (t_.stop_thread(tid)) {
         for (auto& [addr, len] : mappings) (void)remote__munmap(t_, tid, addr, len);
@@ -231,6 +240,8 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
 
 Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
   const pid_t pid = p.options.pid;
+  // Before anything changes: a sandbox that would kill or half-fail the injection refuses.
+  HOTFIX_CHECK(target__check_sandbox(tracee, p.options.count));
   Undo undo(tracee);
 
   // Bind and load fix.so while every thread runs.

@@ -125,7 +125,9 @@ std::vector<FixSymbol> defined_of_type(const std::vector<FixSymbol>& symbols, st
 
 Result<ElfHandle> ElfHandle::open(const std::string& path, bool writable) {
   elf_version(EV_CURRENT);
-  UniqueFd fd(::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC));
+  // O_NONBLOCK: a FIFO (or a device) given as fix.so must not block us; fixlib__validate
+  // refuses anything but a regular file before reading a byte.
+  UniqueFd fd(::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
   if (!fd) {
     int err = errno;
     if (err == ENOENT) return fail(fmt::format("{} does not exist", path), build_hint);
@@ -146,13 +148,49 @@ ElfHandle::~ElfHandle() {
   if (elf_) elf_end(elf_);
 }
 
+namespace {
+
+const char* file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+// Every table the header points to lies inside the file: a truncated copy (a build cut
+// short, a partial scp) is named as such instead of "defines no functions".
+Result<void> check_complete(Elf* elf, const GElf_Ehdr& ehdr, off_t size, const std::string& path) {
+  auto beyond = [&](uint64_t off, uint64_t count, uint64_t entsize) {
+    return count && (off > static_cast<uint64_t>(size) || count * entsize > static_cast<uint64_t>(size) - off);
+  };
+  size_t shnum = ehdr.e_shnum;  // libelf answers 0 for a table it could not read
+  if ((shnum == 0 && elf_getshdrnum(elf, &shnum) != 0) || beyond(ehdr.e_shoff, shnum, ehdr.e_shentsize) ||
+      beyond(ehdr.e_phoff, ehdr.e_phnum, ehdr.e_phentsize) || ehdr.e_phnum == 0)
+    return fail(fmt::format("{} is truncated or damaged: its ELF header points past its end ({} bytes)", path, size),
+                "copy or rebuild it completely");
+  for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf, scn));) {
+    GElf_Shdr shdr;
+    if (!gelf_getshdr(scn, &shdr)) return fail(fmt::format("{} has a damaged section header: {}", path, elf_text()));
+    if (shdr.sh_type != SHT_NOBITS && beyond(shdr.sh_offset, 1, shdr.sh_size))
+      return fail(fmt::format("{} is truncated: a section ends past the end of the file ({} bytes)", path, size),
+                  "copy or rebuild it completely");
+  }
+  return {};
+}
+
+}  // namespace
+
 Result<void> fixlib__validate(const std::string& path, const std::string& target_executable) {
   struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
+  UniqueFd probe(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!probe || ::fstat(probe.get(), &st) != 0) {
     if (errno == ENOENT) return fail(fmt::format("fix library {} does not exist", path), build_hint);
-    return fail(fmt::format("cannot access fix library {}: {}", path, errno_text(errno)));
+    return fail(fmt::format("cannot open fix library {}: {}", path, errno_text(errno)), "check the path and its permissions");
   }
-  if (!S_ISREG(st.st_mode)) return fail(fmt::format("fix library {} is not a regular file", path), build_hint);
+  if (!S_ISREG(st.st_mode)) return fail(fmt::format("fix library {} is {}, not a shared library", path, file_kind(st.st_mode)), build_hint);
+  if (st.st_size < 64) return fail(fmt::format("{} is not an ELF file (only {} bytes)", path, st.st_size), build_hint);
   auto fix = HOTFIX_TRY(ElfHandle::open(path));
   auto fix_ehdr = HOTFIX_TRY(read_ehdr(fix, path));
   auto target = ElfHandle::open(target_executable);
@@ -168,6 +206,7 @@ Result<void> fixlib__validate(const std::string& path, const std::string& target
   if (fix_ehdr.e_type != ET_DYN)
     return fail(fmt::format("{} is {}, not a shared library", path, type_name(fix_ehdr.e_type)),
                 "link it with `-shared -fPIC`");
+  HOTFIX_CHECK(check_complete(fix.get(), fix_ehdr, st.st_size, path));
   if (is_pie_executable(fix.get()))
     return fail(fmt::format("{} is a position-independent executable, not a shared library", path),
                 "link it with `-shared -fPIC` instead of building a program");

@@ -1,6 +1,8 @@
 #include "patch/registry.hpp"
 
 #include <algorithm>
+#include <charconv>
+#include <limits>
 #include <cstring>
 #include <sstream>
 
@@ -26,11 +28,19 @@ std::string hex(const std::vector<uint8_t>& bytes) {
   return s.empty() ? "-" : s;
 }
 
-std::vector<uint8_t> unhex(const std::string& s) {
-  std::vector<uint8_t> out;
-  if (s == "-") return out;
-  for (size_t i = 0; i + 1 < s.size(); i += 2) out.push_back(static_cast<uint8_t>(std::stoul(s.substr(i, 2), nullptr, 16)));
-  return out;
+// Parsing is defensive: the bytes come from the target's memory, which anything may have
+// written. A bad field is an error naming it, never an exception.
+bool parse_hex_bytes(const std::string& s, std::vector<uint8_t>& out) {
+  out.clear();
+  if (s == "-") return true;
+  if (s.size() % 2 || s.size() > 64) return false;  // a few instruction bytes, never more
+  for (size_t i = 0; i < s.size(); i += 2) {
+    uint8_t b = 0;
+    auto [p, ec] = std::from_chars(s.data() + i, s.data() + i + 2, b, 16);
+    if (ec != std::errc{} || p != s.data() + i + 2) return false;
+    out.push_back(b);
+  }
+  return true;
 }
 
 // Paths may hold spaces; keep every field one word.
@@ -43,18 +53,38 @@ std::string escape(const std::string& s) {
   return out.empty() ? "-" : out;
 }
 
-std::string unescape(const std::string& s) {
-  if (s == "-") return {};
-  std::string out;
+bool parse_escaped(const std::string& s, std::string& out) {
+  out.clear();
+  if (s == "-") return true;
   for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size()) {
-      out += static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16));
-      i += 2;
-    } else {
+    if (s[i] != '%') {
       out += s[i];
+      continue;
     }
+    unsigned char c = 0;
+    if (i + 2 >= s.size()) return false;  // '%' needs two hex digits
+    auto [p, ec] = std::from_chars(s.data() + i + 1, s.data() + i + 3, c, 16);
+    if (ec != std::errc{} || p != s.data() + i + 3) return false;
+    out += static_cast<char>(c);
+    i += 2;
   }
-  return out;
+  return true;
+}
+
+// An unsigned number: decimal, or hex with "0x" (as encode_text writes them), within `max`.
+template <typename T>
+bool parse_number(const std::string& s, T& out, int base, uint64_t max = std::numeric_limits<T>::max()) {
+  const char* b = s.data();
+  const char* e = s.data() + s.size();
+  if (base == 16) {
+    if (s.size() < 3 || s[0] != '0' || (s[1] != 'x' && s[1] != 'X')) return s == "0" ? (out = 0, true) : false;
+    b += 2;
+  }
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(b, e, v, base);
+  if (ec != std::errc{} || p != e || b == e || v > max) return false;
+  out = static_cast<T>(v);
+  return true;
 }
 
 std::string encode_text(const Registry& r) {
@@ -70,41 +100,77 @@ std::string encode_text(const Registry& r) {
   return t + "end\n";
 }
 
+// Revert unlinks the loaded copy: a forged record must not name a host file. Copies live in
+// kPatchDir/PID/, one plain name deep (no ".." or "." components).
+bool is_patch_copy(const std::string& path) {
+  if (path.empty()) return true;
+  const std::string dir = kPatchDir;
+  if (path.rfind(dir, 0) != 0 || path.size() > 4096) return false;
+  std::string rest = path.substr(dir.size());
+  auto slash = rest.find('/');
+  if (slash == std::string::npos || slash == 0 || rest.find('/', slash + 1) != std::string::npos) return false;
+  std::string pid_part = rest.substr(0, slash), name = rest.substr(slash + 1);
+  if (!std::all_of(pid_part.begin(), pid_part.end(), [](char c) { return c >= '0' && c <= '9'; })) return false;
+  return !name.empty() && name != "." && name != "..";
+}
+
+// Ids are small: a patch a minute for a century stays far below this.
+constexpr uint32_t kMaxId = 1u << 24;
+
 Result<Registry> decode_text(const std::string& text) {
   Registry r;
   std::istringstream in(text);
   std::string line;
-  auto bad = [](const std::string& l) { return fail(fmt::format("the target's hotfix registry is damaged near '{}'", l),
-                                                     "list what it holds with `cat` on its /proc/PID/map_files entry"); };
-  if (!std::getline(in, line) || line != "hotfix-registry 1") return bad(line);
+  auto bad = [](const std::string& l, const std::string& field = {}) {
+    std::string shown = l.size() > 80 ? l.substr(0, 80) + "..." : l;
+    return fail(fmt::format("the target's hotfix registry is damaged{} near '{}'",
+                            field.empty() ? "" : fmt::format(" (bad {})", field), shown),
+                "list what it holds with `cat` on its /proc/PID/map_files entry");
+  };
+  if (!std::getline(in, line) || line != "hotfix-registry 1") return bad(line, "header");
+  bool seen_next_id = false;
   while (std::getline(in, line)) {
     std::istringstream f(line);
-    std::string kind;
-    f >> kind;
-    if (kind == "end") return r;
+    std::vector<std::string> w;
+    for (std::string word; f >> word;) w.push_back(word);
+    const std::string kind = w.empty() ? "" : w[0];
+    if (kind == "end" && w.size() == 1) {
+      uint32_t highest = 0;
+      for (auto& p : r.patches) highest = std::max(highest, p.id);
+      if (!seen_next_id || r.next_id <= highest) return bad(fmt::format("next_id {}", r.next_id), "next_id");
+      return r;
+    }
     if (kind == "next_id") {
-      f >> r.next_id;
+      if (w.size() != 2 || !parse_number(w[1], r.next_id, 10, kMaxId) || r.next_id == 0) return bad(line, "next_id");
+      seen_next_id = true;
     } else if (kind == "patch") {
+      if (w.size() != 13) return bad(line, "patch record");
       PatchRecord p;
-      std::string state, lib, copy, handle, base, consistency, counters, counters_len;
       int released = 0;
-      f >> p.id >> state >> p.applied_ns >> p.reverted_ns >> lib >> copy >> handle >> base >> released >> consistency >>
-          counters >> counters_len;
-      if (!f) return bad(line);
-      p.state = state == "active" ? PatchState::active : PatchState::reverted;
-      p.library = unescape(lib), p.loaded_copy = unescape(copy), p.consistency = unescape(consistency);
-      p.handle = std::stoull(handle, nullptr, 16), p.load_base = std::stoull(base, nullptr, 16);
+      if (!parse_number(w[1], p.id, 10, kMaxId) || p.id == 0) return bad(line, "patch id");
+      if (w[2] != "active" && w[2] != "reverted") return bad(line, "state");
+      p.state = w[2] == "active" ? PatchState::active : PatchState::reverted;
+      if (!parse_number(w[3], p.applied_ns, 10) || !parse_number(w[4], p.reverted_ns, 10)) return bad(line, "time");
+      if (!parse_escaped(w[5], p.library)) return bad(line, "library");
+      if (!parse_escaped(w[6], p.loaded_copy) || !is_patch_copy(p.loaded_copy)) return bad(line, "loaded copy path");
+      if (!parse_number(w[7], p.handle, 16)) return bad(line, "handle");
+      if (!parse_number(w[8], p.load_base, 16)) return bad(line, "load base");
+      if (!parse_number(w[9], released, 10, 1)) return bad(line, "released");
+      if (!parse_escaped(w[10], p.consistency) || (p.consistency != "strict" && p.consistency != "entry"))
+        return bad(line, "consistency");
+      if (!parse_number(w[11], p.counters, 16) || !parse_number(w[12], p.counters_len, 16)) return bad(line, "counters");
+      if (r.find(p.id)) return bad(line, "patch id (a duplicate)");
+      if (!r.patches.empty() && p.id < r.patches.back().id) return bad(line, "patch id (out of order)");
       p.released = released != 0;
-      p.counters = std::stoull(counters, nullptr, 16), p.counters_len = std::stoull(counters_len, nullptr, 16);
       r.patches.push_back(std::move(p));
     } else if (kind == "func" && !r.patches.empty()) {
+      if (w.size() != 7) return bad(line, "func record");
       FunctionRecord fr;
-      std::string old_a, new_a, island, orig, written, mangled;
-      f >> old_a >> new_a >> island >> orig >> written >> mangled;
-      if (!f) return bad(line);
-      fr.old_address = std::stoull(old_a, nullptr, 16), fr.new_address = std::stoull(new_a, nullptr, 16);
-      fr.island = std::stoull(island, nullptr, 16);
-      fr.original = unhex(orig), fr.written = unhex(written), fr.mangled = unescape(mangled);
+      if (!parse_number(w[1], fr.old_address, 16) || !parse_number(w[2], fr.new_address, 16)) return bad(line, "address");
+      if (!parse_number(w[3], fr.island, 16)) return bad(line, "island");
+      if (!parse_hex_bytes(w[4], fr.original)) return bad(line, "original bytes");
+      if (!parse_hex_bytes(w[5], fr.written)) return bad(line, "written bytes");
+      if (!parse_escaped(w[6], fr.mangled) || fr.mangled.empty()) return bad(line, "symbol");
       r.patches.back().functions.push_back(std::move(fr));
     } else {
       return bad(line);

@@ -25,8 +25,10 @@ namespace {
 
 using namespace std::chrono;
 
-// Only what we need to see; no PTRACE_O_EXITKILL: the target must outlive us.
-constexpr long kSeizeOptions = PTRACE_O_TRACECLONE;
+// Only what we need to see; no PTRACE_O_EXITKILL: the target must outlive us. TRACEEXEC: a
+// target that execs while we hold it must be noticed -- every address we know (the loader,
+// the functions, the mappings we made) belongs to the old image and means nothing in the new.
+constexpr long kSeizeOptions = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC;
 
 long ptrace_req(int request, pid_t tid, unsigned long addr = 0, unsigned long data = 0) {
   return ::ptrace(static_cast<__ptrace_request>(request), tid, reinterpret_cast<void*>(addr),
@@ -237,6 +239,7 @@ Tracee::Tracee(Tracee&& o) noexcept
       comm_(std::move(o.comm_)),
       we_are_parent_(o.we_are_parent_),
       gone_(o.gone_),
+      exec_seen_(o.exec_seen_),
       gone_how_(std::move(o.gone_how_)),
       detached_(o.detached_),
       memory_(std::move(o.memory_)),
@@ -297,6 +300,9 @@ std::string Tracee::zombie_exit_how() const {
 }
 
 Error Tracee::gone_error() const {
+  if (exec_seen_)
+    return Error{fmt::format("process {} ({}) replaced its program (execve) during the patch; nothing was changed", pid_, comm_),
+                 "it now runs a new image: patch that one if it needs the fix", 1};
   return Error{fmt::format("process {} ({}) {} while hotfix was attached to it", pid_, comm_, gone_how_),
                "nothing was left behind; restart the service if that was not expected", 1};
 }
@@ -342,6 +348,12 @@ void Tracee::note_status(TracedThread& th, int status) {
   th.stop = classify_stop(status);
   th.awaiting_first_stop = false;
   if (th.stop_began == TraceClock::time_point{}) th.stop_began = TraceClock::now();
+  if (stop_event(status) == PTRACE_EVENT_EXEC) {
+    // The old image is gone with all its other threads; this one (now the leader) stays in
+    // its exec stop until we detach, so that nothing of ours touches the new image.
+    exec_seen_ = true, gone_ = true, gone_how_ = "replaced its program (execve)";
+    return;
+  }
   if (stop_event(status) == PTRACE_EVENT_CLONE) {
     unsigned long child = 0;
     if (ptrace_req(PTRACE_GETEVENTMSG, th.tid, 0, reinterpret_cast<unsigned long>(&child)) == 0 &&
@@ -364,7 +376,7 @@ void Tracee::defer_signal(pid_t tid, int sig) {
 }
 
 void Tracee::pass_through(TracedThread& th, int status) {
-  if (!WIFSTOPPED(status)) return;
+  if (!WIFSTOPPED(status) || stop_event(status) == PTRACE_EVENT_EXEC) return;  // held until detach
   int sig = stop_event(status) == 0 ? WSTOPSIG(status) : 0;
   int request = th.stop == StopKind::group ? PTRACE_LISTEN : PTRACE_CONT;
   if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(sig)) != 0 && errno == ESRCH) th.exited = true;
@@ -414,8 +426,8 @@ Result<int> Tracee::wait_stop(pid_t tid, TraceClock::time_point deadline) {
     if (r == tid) {
       note_status(*th, status);
       forget_exited();
+      HOTFIX_CHECK(check_alive());  // an exec event is a stop, but of a new program
       if (WIFEXITED(status) || WIFSIGNALED(status)) {
-        HOTFIX_CHECK(check_alive());
         return fail(fmt::format("thread {} of process {} ({}) {}", tid, pid_, comm_, describe_exit(status)));
       }
       return status;
@@ -423,7 +435,7 @@ Result<int> Tracee::wait_stop(pid_t tid, TraceClock::time_point deadline) {
     if (r < 0 && errno == ECHILD) {
       th->exited = true;
       forget_exited();
-      HOTFIX_CHECK(check_alive());
+      HOTFIX_CHECK(pump());  // vanished: killed by an exec in another thread, or by an exit
       return fail(fmt::format("thread {} of process {} vanished", tid, pid_));
     }
     auto now = TraceClock::now();
@@ -631,9 +643,26 @@ Result<void> Tracee::step(pid_t tid, int request, int sig) {
 
 // ---------------------------------------------------------------- detach
 
+// After an exec only the thread that exec'd is left (as the leader), held in its exec stop:
+// let it go untouched, and collect the old image's threads.
+Result<void> Tracee::detach_after_exec() {
+  reap_dead_threads();
+  for (auto& th : threads_) {
+    if (th.exited) continue;
+    if (!th.stopped()) {
+      int status = 0;
+      for (int i = 0; i < 200 && poll(th.tid, status) == 0; ++i) ::usleep(1000);
+    }
+    (void)ptrace_req(PTRACE_DETACH, th.tid, 0, 0);
+  }
+  threads_.clear();
+  return {};
+}
+
 Result<void> Tracee::detach() {
   if (detached_) return {};
   detached_ = true;
+  if (exec_seen_) return detach_after_exec();
   if (gone_) reap_dead_threads();
   if (gone_ || threads_.empty()) return {};
   // PTRACE_DETACH needs a stopped thread. A thread that will not stop (state D) keeps a
@@ -641,7 +670,7 @@ Result<void> Tracee::detach() {
   Result<void> result;
   if (!all_stopped()) {
     result = stop_all_impl(std::chrono::seconds(5), false);
-    if (!result && gone_) return {};
+    if (!result && gone_) return exec_seen_ ? detach_after_exec() : Result<void>{};
     if (!result && status_field(pid_, "State").rfind("Z", 0) == 0) {
       // It died meanwhile (a signal we let through on resume): collect its threads so that the
       // leader's exit reaches its parent, and there is nothing left to detach.
@@ -649,6 +678,10 @@ Result<void> Tracee::detach() {
       threads_.clear();
       return {};
     }
+    // A thread that cannot stop (state D) was already reported by the operation that failed
+    // to stop it; saying it again here (with another timeout) would only contradict it. The
+    // stopped ones are let go below; the kernel releases the others when we exit.
+    if (!result) result = {};
   }
   for (auto& th : threads_) {
     if (!th.stopped()) continue;

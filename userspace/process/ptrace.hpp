@@ -103,7 +103,7 @@ class Tracee {
   const std::vector<TracedThread>& threads() const { return threads_; }
   TracedThread* find(pid_t tid);
   bool all_stopped() const;
-  // An error once the process has exited (every call checks this first).
+  // An error once the process has exited or exec'd (every call checks this first).
   Result<void> check_alive() const;
 
   // Stop every thread (new ones included) and read its registers. The window is: interrupt
@@ -166,6 +166,7 @@ class Tracee {
   // A running thread stopped by itself: let it go on (delivering its signal).
   void pass_through(TracedThread& th, int status);
   Result<void> resume_one(TracedThread& th, bool detach);
+  Result<void> detach_after_exec();
   void forget_exited();
   Error gone_error() const;
   bool leader_is_zombie() const;       // only the leader is left, and it is a zombie
@@ -176,6 +177,7 @@ class Tracee {
   std::string comm_;
   bool we_are_parent_ = false;  // then its final exit status is not ours to reap
   bool gone_ = false;
+  bool exec_seen_ = false;  // PTRACE_EVENT_EXEC: the process runs a new program (gone_ is set too)
   std::string gone_how_;
   bool detached_ = false;
   ProcessMemory memory_;
