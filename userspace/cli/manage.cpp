@@ -62,6 +62,7 @@ int verb_list(const Args& args) {
   desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")("json", "print JSON");
   po::variables_map vm;
   if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--json]")) return *code;
+  if (!recover_first(pid, true)) return 1;
   auto registry = registry__read(pid);
   if (!registry) return report(registry.error());
   if (vm.count("json")) fmt::print("{{\"pid\":{},\"patches\":{}}}\n", pid, patches_json(*registry));
@@ -91,6 +92,7 @@ int verb_revert(const Args& args) {
   opts.consistency = *mode;
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
+  if (!recover_first(opts.pid)) return 1;
   ProgressPrinter printer(json);
   auto outcomes = patch__revert(opts, [&](const ProgressEvent& e) { printer(e); });
   printer.finish();

@@ -88,6 +88,7 @@ int verb_patch(const Args& args) {
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
 
+  if (!recover_first(opts.pid)) return 1;
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());
   if (!json) print_plan(*prepared);
