@@ -447,6 +447,8 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
         release = true;
       }
     }
+    if (!lines.empty() && !release)
+      if (auto registry = registry__read(pid)) recover__forget_if_clean(j, *registry);
   }
   if (release) {  // the release of reverted patches, as revert does it (with its own journal records)
     RevertOptions opts;
