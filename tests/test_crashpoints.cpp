@@ -157,7 +157,12 @@ struct Patchee {
   ~Patchee() {
     child.signal(SIGKILL);
     child.wait();
-    (void)ctl_run({"gc"});  // what it had left goes with it (journal, pins, copies)
+    // What it had left goes with it (only its own: other tests may be patching right now).
+    std::error_code ec;
+    fs::remove_all("/run/hotfix/" + std::to_string(pid()), ec);
+    fs::remove_all("/sys/fs/bpf/hotfix/" + std::to_string(pid()), ec);
+    for (auto& e : fs::directory_iterator("/run/hotfix/state", ec))
+      if (e.path().filename().string().rfind(std::to_string(pid()) + "-", 0) == 0) fs::remove_all(e.path(), ec);
   }
   pid_t pid() const { return child.pid(); }
 
@@ -418,4 +423,23 @@ TEST_CASE("100 random kills under load during patch and revert are recovered", "
   }
   target->recover_and_clean("at the end", false);
   if (died) WARN(died << " of 100 random kills killed the target (depends on the selfrestore branch)");
+}
+
+TEST_CASE("gc keeps the state of a committed patch and removes a live process's orphans", "[crash][gc]") {
+  require_root();
+  Patchee p;
+  const std::string pid = std::to_string(p.pid());
+  REQUIRE(ctl_run(p.patch_args()).exit_code == 0);
+  // An orphan: pins of a patch id no record stands behind (as an older hotfix-ctl left them).
+  fs::create_directories("/sys/fs/bpf/hotfix/" + pid + "/77");
+  auto r = ctl_run({"gc"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("/sys/fs/bpf/hotfix/" + pid + "/77") != std::string::npos);
+  CHECK(!fs::exists("/sys/fs/bpf/hotfix/" + pid + "/77"));
+  CHECK(fs::exists("/sys/fs/bpf/hotfix/" + pid + "/1/new_hits"));
+  auto listed = ctl_run({"list", "--pid", pid, "--json"});
+  CHECK(listed.out.find("\"state\":\"active\"") != std::string::npos);
+  p.require_healthy("after gc");
+  p.recover_and_clean("revert after gc", false);
 }

@@ -256,7 +256,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   // Intent before every change, completion after (patch/journal.hpp); the lock keeps a
   // concurrent recovery from taking this live operation for an interrupted one.
   auto journal = HOTFIX_TRY(Journal::open(pid));
-  p.id = std::max(p.id, recover__next_id(journal));  // never reuse the id (and copy path) of an undone patch
+  p.id = std::max(p.id, recover__next_id(journal));  // never reuse the id (and copy path) of a held one
   auto jr = [&](const char* step) { return journal__record("patch", p.id, step); };
   std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
   HOTFIX_CHECK(journal.append(jr("begin")

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <set>
 #include <thread>
@@ -383,9 +384,11 @@ std::pair<uint64_t, uint64_t> recover__file_identity(const std::string& path) {
 }
 
 uint32_t recover__next_id(const Journal& journal) {
+  // Only a patch still unfinished (its memory held) keeps its id: one rolled back to the end,
+  // or refused, left no copy and no pins behind, so its id is free again.
   uint32_t next = 0;
-  for (auto& r : journal.read())
-    if (r.op == "patch") next = std::max(next, r.id + 1);
+  for (auto& o : group(journal.read()))
+    if (o.op == "patch" && !finished(o)) next = std::max(next, o.id + 1);
   return next;
 }
 
@@ -471,8 +474,18 @@ std::optional<pid_t> pid_prefix(const std::string& name) {
   }
 }
 
+bool traced(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("TracerPid:", 0) == 0) return std::strtol(line.c_str() + 10, nullptr, 10) != 0;
+  return true;  // unreadable: leave it alone
+}
+
 // Pins and copies of a live process that no committed patch of its registry accounts for.
+// Not while something traces it: a hotfix-ctl at work (even one older than the journal)
+// holds its target with ptrace, and its state is not committed yet.
 void gc_live_orphans(pid_t pid, bool dry_run, GcReport& report) {
+  if (traced(pid)) return;
   auto registry = registry__read(pid);
   if (!registry) return;
   for (auto id : patchcount__ids(pid)) {

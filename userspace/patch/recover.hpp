@@ -50,7 +50,7 @@ void recover__gc(bool dry_run, GcReport& report);
 std::string recover__anonymous_pages(pid_t pid);
 std::string recover__bpf_map_pages(pid_t pid);
 std::pair<uint64_t, uint64_t> recover__file_identity(const std::string& path);  // (dev, ino), 0s if absent
-// The lowest patch id the journal has not used (0 for an empty journal).
+// The lowest patch id above every unfinished (held) patch of the journal (0 if none).
 uint32_t recover__next_id(const Journal& journal);
 // Nothing active, nothing held, nothing unfinished: delete the journal and /run/hotfix/<pid>.
 void recover__forget_if_clean(Journal& journal, const Registry& registry);

@@ -97,6 +97,16 @@ Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable&
                                  uint64_t registry_at, uint32_t id, const RevertOptions& opts, const ProgressFn& progress) {
   auto jr = [&](const char* step) { return journal__record("revert", id, step); };
   HOTFIX_CHECK(journal.append(jr("begin").set("consistency", consistency__name(opts.consistency))));
+  // A failure before the commit changed nothing: say so, or the next hotfix-ctl would finish
+  // a revert the user saw fail. (A kill runs no destructor: that revert is completed.)
+  struct AbortUnlessCommitted {
+    Journal& j;
+    uint32_t id;
+    bool committed = false;
+    ~AbortUnlessCommitted() {
+      if (!committed) (void)j.append(journal__record("revert", id, "aborted"));
+    }
+  } abort_guard{journal, id};
   PatchRecord* p = registry.find(id);
   std::vector<TextWrite> writes;
   std::vector<AddressRange> overwritten;
@@ -126,13 +136,12 @@ Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable&
     HOTFIX_CHECK(registry__write(t.memory(), registry_at, updated));
     crashpoint("revert: in the stop, registry written");
     HOTFIX_CHECK(journal.append(jr("committed")));
+    abort_guard.committed = true;
     crashpoint("revert: in the stop, committed");
     return {};
   };
   crashpoint("revert: before the switch");
-  auto switched = switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress);
-  if (!switched) (void)journal.append(jr("aborted"));  // nothing was changed (switch_when_quiet)
-  auto sw = HOTFIX_TRY(std::move(switched));
+  auto sw = HOTFIX_TRY(switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress));
   registry = updated;
   crashpoint("revert: before unpinning");
   if (auto removed = patchcount__remove(t.pid(), id); !removed)  // its old-code probes go with the pins
