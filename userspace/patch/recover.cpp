@@ -221,6 +221,7 @@ std::set<uint64_t> committed_pages(pid_t pid) {
   std::set<uint64_t> out;
   if (auto r = registry__read(pid))
     for (auto& p : r->patches) {
+      if (p.state == PatchState::reverted && p.released) continue;  // its pages are gone (and reusable)
       if (p.counters) out.insert(p.counters);
       for (auto& f : p.functions)
         if (f.island) out.insert(f.island & ~(kPage - 1));
