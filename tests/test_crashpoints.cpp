@@ -62,27 +62,6 @@ std::string process_state(pid_t pid) {
   return "gone";
 }
 
-// The bytes the executable FILE holds for `addr` of `pid`.
-std::vector<unsigned char> file_bytes(pid_t pid, uint64_t addr, size_t len) {
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
-  for (std::string line; std::getline(in, line);) {
-    uint64_t start, end, offset;
-    char perms[8], path[4096] = "";
-    unsigned dev_major, dev_minor;
-    unsigned long inode;
-    if (std::sscanf(line.c_str(), "%lx-%lx %7s %lx %x:%x %lu %4095s", &start, &end, perms, &offset, &dev_major,
-                    &dev_minor, &inode, path) < 8 ||
-        addr < start || addr >= end)
-      continue;
-    std::ifstream f(path, std::ios::binary);
-    f.seekg(static_cast<std::streamoff>(addr - start + offset));
-    std::vector<unsigned char> bytes(len);
-    f.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len));
-    return f ? bytes : std::vector<unsigned char>{};
-  }
-  return {};
-}
-
 // Anonymous executable pages (islands look like that; patchee has none of its own) within
 // `reach` of `near` (islands are mapped within a jump's reach of the functions they serve).
 int anonymous_exec_pages(pid_t pid, uint64_t near = 0, uint64_t reach = ~0ull) {
