@@ -22,6 +22,12 @@ int verb_list(const Args& args);
 int verb_revert(const Args& args);
 int verb_stats(const Args& args);
 int verb_gc(const Args& args);
+int verb_recover(const Args& args);
+
+// Finish or undo an interrupted operation on `pid` first, saying so in one line on stderr
+// (cli/recover.cpp). False (the error reported) if that failed. `quiet_if_busy`: skip
+// silently while another hotfix-ctl works on it.
+bool recover_first(pid_t pid, bool quiet_if_busy = false);
 
 // Parse `args` against `desc` (positional names go to `positional`, repeated).
 // On a usage error prints one line plus a hint and returns 2; on --help prints the

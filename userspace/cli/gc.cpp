@@ -5,6 +5,7 @@
 #include "cli/cli.hpp"
 #include "common/json.hpp"
 #include "observe/patchcount.hpp"
+#include "patch/recover.hpp"
 
 namespace hotfix::cli {
 
@@ -15,6 +16,7 @@ int verb_gc(const Args& args) {
   if (auto code = parse("gc", args, desc, nullptr, vm, "[--dry-run] [--json]")) return *code;
   bool dry_run = vm.count("dry-run") > 0;
   GcReport r = patchcount__gc(dry_run);
+  recover__gc(dry_run, r);  // journals of dead processes; orphans of live ones
   if (vm.count("json")) {
     std::string removed, errors;
     for (auto& p : r.removed) removed += (removed.empty() ? "" : ",") + json__quote(p);

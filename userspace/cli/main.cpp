@@ -25,6 +25,7 @@ const std::map<std::string, Verb>& verbs() {
       {"list", {verb_list, "show the patches applied to a process"}},
       {"revert", {verb_revert, "restore the original code of one patch or of all"}},
       {"stats", {verb_stats, "hits on patched code, new versus old, from BPF maps"}},
+      {"recover", {verb_recover, "finish or undo what a killed hotfix-ctl left half done in a process"}},
       {"gc", {verb_gc, "remove pinned maps and files left by processes that are gone"}},
   };
   return table;

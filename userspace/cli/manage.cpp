@@ -64,6 +64,7 @@ int verb_list(const Args& args) {
   desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")("json", "print JSON");
   po::variables_map vm;
   if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--json]")) return *code;
+  if (!recover_first(pid, true)) return 1;
   auto registry = registry__read(pid);
   if (!registry) return report(registry.error());
   for (auto& b : foreign_breakpoints(pid, *registry))
@@ -97,6 +98,7 @@ int verb_revert(const Args& args) {
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
+  if (!recover_first(opts.pid)) return 1;
   if (auto registry = registry__read(opts.pid); !registry) {
     return report(registry.error());
   } else {

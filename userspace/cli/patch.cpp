@@ -90,6 +90,7 @@ int verb_patch(const Args& args) {
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
 
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
+  if (!recover_first(opts.pid)) return 1;
   auto prepared = patch__prepare(opts);
   if (!prepared) return report(prepared.error());
   if (!json) print_plan(*prepared);

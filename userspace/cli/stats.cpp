@@ -404,6 +404,7 @@ int verb_stats(const Args& args) {
   if (auto code = parse_stats(args, a)) return *code;
   if (auto alive = process__check_alive(a.pid); !alive)
     return report(Error{alive.error().what, "`hotfix-ctl gc` removes what a process that is gone left behind", 1});
+  if (!recover_first(a.pid, true)) return 1;
   auto registry = registry__read(a.pid);
   if (!registry) return report(registry.error());
   for (auto& b : foreign_breakpoints(a.pid, *registry))  // its hits go to the old code, uncounted

@@ -13,6 +13,9 @@
 #include <thread>
 
 #include "patch/abi_check.hpp"
+#include "common/crashpoint.hpp"
+#include "patch/journal.hpp"
+#include "patch/recover.hpp"
 #include "observe/liveness.hpp"
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
@@ -126,7 +129,7 @@ namespace {
 // What the transaction has changed in the target so far, undone unless committed.
 class Undo {
  public:
-  Undo(Tracee& t) : t_(t) {}
+  Undo(Tracee& t, Journal& journal, uint32_t id) : t_(t), journal_(journal), id_(id) {}
   ~Undo() {
     if (!committed_) rollback();
   }
@@ -152,8 +155,13 @@ class Undo {
     }
     if (!copy.empty()) ::unlink(copy.c_str());
     if (counters) (void)patchcount__remove(t_.pid(), *counters);
+    // Undone in this process: nothing for a later recovery to do (a kill before this record
+    // leaves the operation unfinished, and recovery undoes it again, idempotently).
+    (void)journal_.append(journal__record("patch", id_, "rolled-back"));
   }
   Tracee& t_;
+  Journal& journal_;
+  uint32_t id_;
   bool committed_ = false;
 };
 
@@ -165,7 +173,8 @@ struct IslandPages {
   std::vector<Page> pages;
 };
 
-Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islands, uint64_t near, uint64_t size) {
+Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, Journal& journal, uint32_t id, IslandPages& islands,
+                           uint64_t near, uint64_t size) {
   const uint64_t page = static_cast<uint64_t>(::getpagesize());
   auto reachable = [&](uint64_t a) {
     int64_t d = static_cast<int64_t>(a - near);
@@ -177,15 +186,21 @@ Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, IslandPages& islan
       p.used += (size + 15) & ~15ull;
       return at;
     }
+  HOTFIX_CHECK(journal.append(journal__record("patch", id, "island-mapping")
+                                  .set("near", near)
+                                  .set("known", recover__anonymous_pages(t.pid()))));
+  crashpoint("patch: before island mmap");
   uint64_t addr = HOTFIX_TRY(remote__mmap_near(t, tid, near, page, PROT_READ | PROT_EXEC));
   undo.mappings.push_back({addr, page});
+  crashpoint("patch: after island mmap");
+  HOTFIX_CHECK(journal.append(journal__record("patch", id, "island").set("address", addr).set("length", page)));
   islands.pages.push_back({addr, (size + 15) & ~15ull});
   return addr;
 }
 
 // Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed: for
 // every function when counting (the island counts), else only beyond a direct jump's reach.
-Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p, uint64_t load_base,
+Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, Journal& journal, PreparedPatch& p, uint64_t load_base,
                              const TargetCounters* counters) {
   IslandPages islands;
   for (uint32_t i = 0; i < p.switches.size(); ++i) {
@@ -197,7 +212,7 @@ Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p,
       continue;
     }
     uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
-    s.island = HOTFIX_TRY(island_for(t, tid, undo, islands, s.entry.target.address, size));
+    s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, p.id, islands, s.entry.target.address, size));
     HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
                                                      : arch::encode_island_jump(s.island, s.new_address)));
     auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
@@ -208,10 +223,15 @@ Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, PreparedPatch& p,
 }
 
 // The registry mapping of the target, created (and owned by `undo` until commit) if missing.
-Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Undo& undo) {
+Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Undo& undo, Journal& journal, uint32_t id) {
   if (auto at = registry__locate(t.pid())) return *at;
+  HOTFIX_CHECK(journal.append(journal__record("patch", id, "registry-creating")));
+  crashpoint("patch: before registry mmap");
   auto memfd = HOTFIX_TRY(remote__map_memfd(t, tid, kRegistryName, kRegistrySize, PROT_READ | PROT_WRITE));
   undo.mappings.push_back({memfd.address, memfd.size});
+  crashpoint("patch: after registry mmap");
+  HOTFIX_CHECK(journal.append(
+      journal__record("patch", id, "registry-created").set("address", memfd.address).set("length", memfd.size)));
   HOTFIX_CHECK(remote__close(t, tid, memfd.fd));  // the mapping keeps the memory alive
   return memfd.address;
 }
@@ -234,24 +254,45 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
     if (!exits->offsets.empty()) all.push_back(std::move(*exits));
   }
   if (all.empty()) return;
+  crashpoint("patch: before old-code probes");
   if (auto probes = patchcount__attach_old(p.options.pid, p.id, all); !probes)
     progress(fmt::format("note: old-code hits are not counted: {}", probes.error().line()));
+  crashpoint("patch: after old-code probes");
 }
 
 Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
   const pid_t pid = p.options.pid;
   // Before anything changes: a sandbox that would kill or half-fail the injection refuses.
   HOTFIX_CHECK(target__check_sandbox(tracee, p.options.count));
-  Undo undo(tracee);
+  // Intent before every change, completion after (patch/journal.hpp); the lock keeps a
+  // concurrent recovery from taking this live operation for an interrupted one.
+  auto journal = HOTFIX_TRY(Journal::open(pid));
+  p.id = std::max(p.id, recover__next_id(journal));  // never reuse the id (and copy path) of a held one
+  auto jr = [&](const char* step) { return journal__record("patch", p.id, step); };
+  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  HOTFIX_CHECK(journal.append(jr("begin")
+                                  .set("library", std::filesystem::absolute(p.options.library).string())
+                                  .set("copy", copy)
+                                  .set("consistency", consistency__name(p.options.consistency))));
+  Undo undo(tracee, journal, p.id);
 
   // Bind and load fix.so while every thread runs.
-  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  crashpoint("patch: before binding the copy");
+  undo.copy = copy;
   auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
   undo.copy = bound.path;
+  crashpoint("patch: after binding the copy");
+  auto id_of = recover__file_identity(bound.path);
+  HOTFIX_CHECK(journal.append(jr("loading").set("copy", bound.path).set("dev", id_of.first).set("ino", id_of.second)));
+  crashpoint("patch: before dlopen");
   auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
   undo.handle = injection.handle;
+  crashpoint("patch: after dlopen");
   uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
+  HOTFIX_CHECK(journal.append(jr("loaded").set("handle", injection.handle).set("base", load_base)));
+  crashpoint("patch: before fixups");
   HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
+  crashpoint("patch: after fixups");
   progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
                        injection.handle, bound.bindings.size()));
 
@@ -261,12 +302,17 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   std::optional<TargetCounters> counters;
   auto prepared = [&]() -> Result<uint64_t> {
     if (p.options.count) {
-      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size())));
+      HOTFIX_CHECK(journal.append(jr("counters").set("pins", patchcount__dir(pid, p.id)).set("known", recover__bpf_map_pages(pid))));
       undo.counters = p.id;
+      crashpoint("patch: before counters");
+      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size())));
       undo.mappings.push_back({counters->address, counters->length});
+      crashpoint("patch: after counters");
+      HOTFIX_CHECK(journal.append(jr("counters-mapped").set("address", counters->address).set("length", counters->length)));
     }
-    HOTFIX_CHECK(finish_switches(tracee, tid, undo, p, load_base, counters ? &*counters : nullptr));
-    return ensure_registry(tracee, tid, undo);
+    HOTFIX_CHECK(finish_switches(tracee, tid, undo, journal, p, load_base, counters ? &*counters : nullptr));
+    crashpoint("patch: islands written");
+    return ensure_registry(tracee, tid, undo, journal, p.id);
   }();
   HOTFIX_CHECK(tracee.resume_thread(tid));
   uint64_t registry_at = HOTFIX_TRY(prepared);
@@ -303,16 +349,27 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
                    ? registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr)
                    : std::vector<Function>{};
   auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
+  for (auto& w : writes)
+    HOTFIX_CHECK(journal.append(
+        jr("switching").set("address", w.address).set("expected", hex_bytes(w.expected)).set("bytes", hex_bytes(w.bytes))));
   Registry registry = p.registry;
   auto commit_record = [&]() -> Result<void> {
+    crashpoint("patch: in the stop, text written");
     record.applied_ns = realtime_ns();
     registry.patches.push_back(record);
     registry.next_id = p.id + 1;
-    return registry__write(tracee.memory(), registry_at, registry);
+    HOTFIX_CHECK(registry__write(tracee.memory(), registry_at, registry));
+    crashpoint("patch: in the stop, registry written");
+    HOTFIX_CHECK(journal.append(jr("committed")));  // the patch exists from this record on
+    crashpoint("patch: in the stop, committed");
+    return {};
   };
+  crashpoint("patch: before the switch");
   auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
   undo.commit();
+  crashpoint("patch: after the switch");
   if (counters) count_old_code(p, progress);
+  (void)journal.append(jr("done"));
   return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
 }
 

@@ -6,7 +6,10 @@
 #include <algorithm>
 #include <set>
 
+#include "common/crashpoint.hpp"
 #include "patch/engine.hpp"
+#include "patch/journal.hpp"
+#include "patch/recover.hpp"
 #include "patch/switch.hpp"
 #include "observe/patchcount.hpp"
 #include "process/memory.hpp"
@@ -52,33 +55,58 @@ std::vector<uint64_t> island_pages(const PatchRecord& p) {
 }
 
 // Unload a reverted patch once no thread can run its code (checked in one stop, strict).
-Result<std::string> try_release(Tracee& t, const SymbolTable& table, PatchRecord& p, uint64_t registry_at,
-                                Registry& registry) {
+Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& table, PatchRecord& p,
+                                uint64_t registry_at, Registry& registry) {
   auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), code_of(table, p)));
   HOTFIX_CHECK(t.stop_all());
   auto blockers = checker.check(stopped_threads(t));
   HOTFIX_CHECK(t.resume_all());
   if (!blockers) return std::unexpected(blockers.error());
   if (!blockers->empty()) return blocker__describe(blockers->front());
-  HOTFIX_CHECK(remote__dlclose(t, p.handle));
+  // Each step again from the start if killed: recovery unloads only what is still mapped.
+  HOTFIX_CHECK(journal.append(journal__record("release", p.id, "releasing").set("copy", p.loaded_copy).set("handle", p.handle)));
+  crashpoint("release: before dlclose");
+  if (recover__is_mapped(t.pid(), p.loaded_copy))  // not after a release killed past its dlclose
+    HOTFIX_CHECK(remote__dlclose(t, p.handle));
+  crashpoint("release: after dlclose");
   if (auto pages = island_pages(p); !pages.empty() || p.counters) {
     pid_t tid = t.threads().front().tid;
     HOTFIX_CHECK(t.stop_thread(tid));
-    for (auto page : pages) (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
-    if (p.counters) (void)remote__munmap(t, tid, p.counters, p.counters_len);
+    // Only what is still the mapping we made: a release killed after its munmap may find
+    // the target's own memory at that address since.
+    for (auto page : pages)
+      if (recover__still_ours(t.pid(), page, static_cast<uint64_t>(::getpagesize()), false))
+        (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
+    if (p.counters && recover__still_ours(t.pid(), p.counters, p.counters_len, true))
+      (void)remote__munmap(t, tid, p.counters, p.counters_len);
     HOTFIX_CHECK(t.resume_thread(tid));
   }
+  crashpoint("release: after munmap");
   ::unlink(p.loaded_copy.c_str());
   p.released = true;
   HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped
   auto written = registry__write(t.memory(), registry_at, registry);
   HOTFIX_CHECK(t.resume_all());
   HOTFIX_CHECK(written);
+  HOTFIX_CHECK(journal.append(journal__record("release", p.id, "released")));
+  crashpoint("release: released");
   return std::string();
 }
 
-Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& registry, uint64_t registry_at,
-                                 uint32_t id, const RevertOptions& opts, const ProgressFn& progress) {
+Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable& table, Registry& registry,
+                                 uint64_t registry_at, uint32_t id, const RevertOptions& opts, const ProgressFn& progress) {
+  auto jr = [&](const char* step) { return journal__record("revert", id, step); };
+  HOTFIX_CHECK(journal.append(jr("begin").set("consistency", consistency__name(opts.consistency))));
+  // A failure before the commit changed nothing: say so, or the next hotfix-ctl would finish
+  // a revert the user saw fail. (A kill runs no destructor: that revert is completed.)
+  struct AbortUnlessCommitted {
+    Journal& j;
+    uint32_t id;
+    bool committed = false;
+    ~AbortUnlessCommitted() {
+      if (!committed) (void)j.append(journal__record("revert", id, "aborted"));
+    }
+  } abort_guard{journal, id};
   PatchRecord* p = registry.find(id);
   std::vector<TextWrite> writes;
   std::vector<AddressRange> overwritten;
@@ -88,6 +116,10 @@ Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& 
       writes.push_back({f.old_address, f.written, f.original, name});
       overwritten.push_back(overwritten_range(f.old_address, f.written.size(), name));
       progress(fmt::format("  restore {:#x} {}: {}", f.old_address, name, hex_bytes(f.original)));
+      HOTFIX_CHECK(journal.append(jr("restoring")
+                                      .set("address", f.old_address)
+                                      .set("expected", hex_bytes(f.written))
+                                      .set("bytes", hex_bytes(f.original))));
     } else {
       progress(fmt::format("  {} stays with a newer patch; it now returns to what patch {} replaced", name, id));
     }
@@ -100,12 +132,22 @@ Result<RevertOutcome> revert_one(Tracee& t, const SymbolTable& table, Registry& 
       if (auto* above = record_above(updated, id, f.old_address)) above->original = f.original;
     q->state = PatchState::reverted;
     q->reverted_ns = realtime_ns();
-    return registry__write(t.memory(), registry_at, updated);
+    crashpoint("revert: in the stop, text restored");
+    HOTFIX_CHECK(registry__write(t.memory(), registry_at, updated));
+    crashpoint("revert: in the stop, registry written");
+    HOTFIX_CHECK(journal.append(jr("committed")));
+    abort_guard.committed = true;
+    crashpoint("revert: in the stop, committed");
+    return {};
   };
+  crashpoint("revert: before the switch");
   auto sw = HOTFIX_TRY(switch_when_quiet(t, guard, writes, commit_record, opts.timeout, progress));
   registry = updated;
+  crashpoint("revert: before unpinning");
   if (auto removed = patchcount__remove(t.pid(), id); !removed)  // its old-code probes go with the pins
     progress(fmt::format("note: {}", removed.error().line()));
+  crashpoint("revert: after unpinning");
+  HOTFIX_CHECK(journal.append(jr("done")));
   return RevertOutcome{id, sw.pause, sw.attempts, false, {}};
 }
 
@@ -128,14 +170,17 @@ Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertO
   return ids;
 }
 
-Result<void> revert_held(Tracee& tracee, const SymbolTable& table, Registry& registry, uint64_t registry_at,
-                         const std::vector<uint32_t>& ids, const RevertOptions& opts, const ProgressFn& progress,
-                         std::vector<RevertOutcome>& out) {
-  for (auto id : ids) out.push_back(HOTFIX_TRY(revert_one(tracee, table, registry, registry_at, id, opts, progress)));
+Result<void> revert_held(Tracee& tracee, Journal& journal, const SymbolTable& table, Registry& registry,
+                         uint64_t registry_at, const std::vector<uint32_t>& ids, const RevertOptions& opts,
+                         const ProgressFn& progress, std::vector<RevertOutcome>& out) {
+  for (auto id : ids)
+    out.push_back(HOTFIX_TRY(revert_one(tracee, journal, table, registry, registry_at, id, opts, progress)));
   // Give back the memory of every reverted patch no thread can run any more (older leftovers too).
   for (auto& p : registry.patches) {
-    if (p.state != PatchState::reverted || p.released) continue;
-    auto held = HOTFIX_TRY(try_release(tracee, table, p, registry_at, registry));
+    if (p.state != PatchState::reverted) continue;
+    (void)patchcount__remove(tracee.pid(), p.id);  // pins a revert killed after its commit left
+    if (p.released) continue;
+    auto held = HOTFIX_TRY(try_release(tracee, journal, table, p, registry_at, registry));
     for (auto& o : out)
       if (o.id == p.id) o.released = held.empty(), o.held_by = held;
   }
@@ -152,9 +197,11 @@ Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, cons
   if (!registry_at) return std::vector<RevertOutcome>{};
   auto table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
   auto tracee = HOTFIX_TRY(Tracee::seize(opts.pid));
+  auto journal = HOTFIX_TRY(Journal::open(opts.pid));
   std::vector<RevertOutcome> out;
-  auto reverted = revert_held(tracee, table, registry, *registry_at, ids, opts, progress, out);
+  auto reverted = revert_held(tracee, journal, table, registry, *registry_at, ids, opts, progress, out);
   HOTFIX_CHECK(or_target_gone(tracee, std::move(reverted)));
+  recover__forget_if_clean(journal, registry);  // nothing left: no journal, no /run/hotfix/<pid>
   return out;
 }
 
