@@ -24,6 +24,7 @@
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
 #include "process/remote.hpp"
+#include "common/crashpoint.hpp"
 
 namespace hotfix {
 
@@ -70,8 +71,6 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
                 "stop the tool that probes it and retry; removing that breakpoint later would corrupt the jump");
   return s;
 }
-
-std::string basename_of(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
 }  // namespace
 
@@ -245,11 +244,13 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   Undo undo(tracee);
 
   // Bind and load fix.so while every thread runs.
-  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
-  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
+  std::string copy = binder__copy_path(pid, p.options.patch_dir, p.id, p.options.library);
+  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy,
+                                          registry__fix_copies(p.registry, p.table, p.options.patch_dir)));
   undo.copy = bound.path;
   auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
   undo.handle = injection.handle;
+  crashpoint("patch: after dlopen");  // the copy is loaded, nothing points at it yet
   uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
   HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
   progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
