@@ -73,7 +73,7 @@ struct Registry {
 constexpr const char* kRegistryName = "hotfix-registry";
 constexpr size_t kRegistrySize = 1 << 20;  // memfd size; pages are only used as written
 // How many released patches keep their full record (the recent history `list --all` shows).
-constexpr size_t kKeptReleased = 16;
+constexpr size_t kKeptReleased = 8;
 
 // Fold all but the newest `keep` released records into `r.pruned`. Active patches and
 // reverted ones whose memory is still held (a later revert releases them) always stay, so
