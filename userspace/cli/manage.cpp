@@ -31,19 +31,32 @@ std::string when(uint64_t ns) {
   return fmt::format("{:%Y-%m-%d %H:%M:%S}", fmt::localtime(t));
 }
 
-void print_patches(pid_t pid, const Registry& r) {
-  if (r.patches.empty()) {
-    fmt::print("pid {} ({}) has no hotfix patches\n", pid, process__comm(pid));
-    return;
-  }
-  fmt::print("pid {} ({}): {} patch(es)\n", pid, process__comm(pid), r.patches.size());
-  for (auto& p : r.patches) {
-    fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns),
-               one_line(p.library), p.consistency);
-    for (auto& f : p.functions)
-      fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
-                 f.island ? fmt::format(" (via island {:#x})", f.island) : "");
-  }
+// A patch `list` shows without --all: one that still changes or occupies the target.
+bool in_target(const PatchRecord& p) { return p.state == PatchState::active || !p.released; }
+
+void print_patch(const PatchRecord& p) {
+  fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns),
+             one_line(p.library), p.consistency);
+  for (auto& f : p.functions)
+    fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
+               f.island ? fmt::format(" (via island {:#x})", f.island) : "");
+}
+
+void print_patches(pid_t pid, const Registry& r, bool all) {
+  size_t shown = 0, history = 0;
+  for (auto& p : r.patches) (in_target(p) ? shown : history)++;
+  if (all) shown += history;
+  std::string comm = process__comm(pid);
+  if (!shown) fmt::print("pid {} ({}) has no {}hotfix patches\n", pid, comm, all ? "" : "active ");
+  else fmt::print("pid {} ({}): {} {}patch(es)\n", pid, comm, shown, all ? "" : "active or held ");
+  for (auto& p : r.patches)
+    if (all || in_target(p)) print_patch(p);
+  if (all && r.pruned.count)
+    fmt::print("{} older patch(es), ids {}..{}, were reverted and released; their records are summarised (last "
+               "reverted {})\n",
+               r.pruned.count, r.pruned.first_id, r.pruned.last_id, when(r.pruned.last_reverted_ns));
+  if (!all && history + r.pruned.count)
+    fmt::print("({} reverted and released patch(es) not shown: `list --all`)\n", history + r.pruned.count);
 }
 
 std::string patches_json(const Registry& r) {
@@ -56,22 +69,33 @@ std::string patches_json(const Registry& r) {
   return "[" + out + "]";
 }
 
+// The kept records, plus what was summarised (only when there is any).
+std::string registry_json(pid_t pid, const Registry& r) {
+  std::string extra;
+  if (r.pruned.count)
+    extra += fmt::format(",\"pruned\":{{\"count\":{},\"first_id\":{},\"last_id\":{},\"last_reverted_ns\":{}}}",
+                         r.pruned.count, r.pruned.first_id, r.pruned.last_id, r.pruned.last_reverted_ns);
+  return fmt::format("{{\"pid\":{},\"patches\":{}{}}}", pid, patches_json(r), extra);
+}
+
 }  // namespace
 
 int verb_list(const Args& args) {
   po::options_description desc("list options");
   pid_t pid = 0;
-  desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")("json", "print JSON");
+  desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")(
+      "all", "also the reverted and released patches the registry keeps, and how many it summarised")(
+      "json", "print JSON (every kept record, with its state)");
   po::variables_map vm;
-  if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--json]")) return *code;
+  if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--all] [--json]")) return *code;
   if (!recover_first(pid, true)) return 1;
   auto registry = registry__read(pid);
   if (!registry) return report(registry.error());
   for (auto& b : foreign_breakpoints(pid, *registry))
     fmt::print(stderr, "hotfix-ctl: warning: {}; hint: stop that tool only after restarting the service\n",
                one_line(foreign_breakpoint_text(pid, b)));
-  if (vm.count("json")) fmt::print("{{\"pid\":{},\"patches\":{}}}\n", pid, patches_json(*registry));
-  else print_patches(pid, *registry);
+  if (vm.count("json")) fmt::print("{}\n", registry_json(pid, *registry));
+  else print_patches(pid, *registry, vm.count("all") > 0);
   return 0;
 }
 

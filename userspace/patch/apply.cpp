@@ -27,6 +27,7 @@
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
 #include "process/remote.hpp"
+#include "common/crashpoint.hpp"
 
 namespace hotfix {
 
@@ -73,8 +74,6 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
                 "stop the tool that probes it and retry; removing that breakpoint later would corrupt the jump");
   return s;
 }
-
-std::string basename_of(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
 }  // namespace
 
@@ -269,7 +268,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto journal = HOTFIX_TRY(Journal::open(pid));
   p.id = std::max(p.id, recover__next_id(journal));  // never reuse the id (and copy path) of a held one
   auto jr = [&](const char* step) { return journal__record("patch", p.id, step); };
-  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
+  std::string copy = binder__copy_path(pid, p.options.patch_dir, p.id, p.options.library);
   HOTFIX_CHECK(journal.append(jr("begin")
                                   .set("library", std::filesystem::absolute(p.options.library).string())
                                   .set("copy", copy)
@@ -279,7 +278,8 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   // Bind and load fix.so while every thread runs.
   crashpoint("patch: before binding the copy");
   undo.copy = copy;
-  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
+  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy,
+                                          registry__fix_copies(p.registry, p.table, p.options.patch_dir)));
   undo.copy = bound.path;
   crashpoint("patch: after binding the copy");
   auto id_of = recover__file_identity(bound.path);
@@ -287,7 +287,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   crashpoint("patch: before dlopen");
   auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
   undo.handle = injection.handle;
-  crashpoint("patch: after dlopen");
+  crashpoint("patch: after dlopen");  // the copy is loaded, nothing points at it yet
   uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
   HOTFIX_CHECK(journal.append(jr("loaded").set("handle", injection.handle).set("base", load_base)));
   crashpoint("patch: before fixups");

@@ -4,11 +4,13 @@
 #include <fcntl.h>
 #include <gelf.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <unordered_map>
@@ -43,6 +45,12 @@ struct TargetIndex {
 // Dynamic symbol names may carry a version ("memcpy@GLIBC_2.14"); the binder compares bare names.
 std::string bare(const std::string& name) { return name.substr(0, name.find('@')); }
 
+std::string without_deleted(std::string path) {
+  const std::string tag = " (deleted)";
+  if (path.ends_with(tag)) path.resize(path.size() - tag.size());
+  return path;
+}
+
 std::string canonical_or_same(const std::string& path) {
   std::error_code ec;
   auto c = fs::canonical(path, ec);
@@ -69,13 +77,25 @@ void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool 
   }
 }
 
-TargetIndex index_target(const SymbolTable& target, const std::string& executable) {
+// The target's own symbols: those of loaded fix copies are left out.
+std::vector<Function> without_copies(const std::vector<Function>& symbols, const std::set<std::string>& fix_copies) {
+  std::vector<Function> out;
+  for (auto& f : symbols)
+    if (!fix_copies.count(f.object)) out.push_back(f);
+  return out;
+}
+
+struct TargetSymbols {
+  std::vector<Function> functions, variables;  // owned here: TargetIndex points into them
+};
+
+TargetIndex index_target(const SymbolTable& target, const TargetSymbols& own, const std::string& executable) {
   TargetIndex index;
   std::string exe = canonical_or_same(executable);
   for (auto& o : target.objects())
     if (o.path == executable || canonical_or_same(o.path) == exe) index.executable.insert(o.path);
-  add_symbols(index, target.functions(), true);
-  add_symbols(index, target.variables(), false);
+  add_symbols(index, own.functions, true);
+  add_symbols(index, own.variables, false);
   return index;
 }
 
@@ -247,9 +267,11 @@ uint64_t load_u64(const std::vector<uint8_t>& bytes) {
 }  // namespace
 
 Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
-                                     const std::string& fix_path, const std::string& out_path) {
+                                     const std::string& fix_path, const std::string& out_path,
+                                     const std::set<std::string>& fix_copies) {
   auto fix = HOTFIX_TRY(fixlib__read(fix_path));
-  auto index = index_target(target, executable);
+  TargetSymbols own{without_copies(target.functions(), fix_copies), without_copies(target.variables(), fix_copies)};
+  auto index = index_target(target, own, executable);
   HOTFIX_CHECK(check_no_private_copies(index, fix));
   std::map<size_t, Function> bound;
   std::vector<std::string> missing;
@@ -321,13 +343,62 @@ Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixu
   return {};
 }
 
+std::string binder__copy_path(pid_t pid, const std::string& patch_dir, uint32_t id, const std::string& library) {
+  std::string dir = fmt::format("{}{}/", patch_dir, pid);
+  std::string name = fs::path(library).filename().string();
+  std::set<std::string> mapped;  // as /proc/PID/maps spells them, " (deleted)" removed
+  if (auto maps = process__read_maps(pid))
+    for (auto& m : *maps) mapped.insert(without_deleted(m.path));
+  for (unsigned n = 1;; ++n) {
+    std::string path = n == 1 ? fmt::format("{}{}-{}", dir, id, name) : fmt::format("{}{}.{}-{}", dir, id, n, name);
+    std::error_code ec;
+    if (!mapped.count(path) && !fs::exists(fs::symlink_status(path, ec))) return path;
+  }
+}
+
+namespace {
+
+struct FileMapping {
+  uint64_t start = 0, offset = 0;
+  unsigned dev_major = 0, dev_minor = 0;
+  uint64_t inode = 0;
+};
+
+// /proc/PID/maps with what process__read_maps leaves out: the device and inode of each mapping.
+Result<std::vector<FileMapping>> file_mappings(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/maps", pid));
+  if (!in) return fail(fmt::format("cannot read the mappings of pid {}", pid), "is it still running?");
+  std::vector<FileMapping> out;
+  for (std::string line; std::getline(in, line);) {
+    FileMapping m;
+    unsigned long long start, end, offset, inode;
+    char perms[8];
+    if (std::sscanf(line.c_str(), "%llx-%llx %7s %llx %x:%x %llu", &start, &end, perms, &offset, &m.dev_major,
+                    &m.dev_minor, &inode) != 7 || inode == 0)
+      continue;
+    m.start = start, m.offset = offset, m.inode = inode;
+    out.push_back(m);
+  }
+  return out;
+}
+
+}  // namespace
+
 Result<uint64_t> binder__load_base(pid_t pid, const std::string& path) {
-  auto maps = HOTFIX_TRY(process__read_maps(pid));
-  std::string wanted = canonical_or_same(path);
-  auto first = std::find_if(maps.begin(), maps.end(), [&](auto& m) { return m.path == wanted && m.offset == 0; });
-  if (first == maps.end()) return fail(fmt::format("{} is not loaded in pid {}", wanted, pid));
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return fail(fmt::format("cannot stat {}: {}", path, errno_text(errno)));
+  auto maps = HOTFIX_TRY(file_mappings(pid));
+  auto first = std::find_if(maps.begin(), maps.end(), [&](auto& m) {
+    return m.inode == st.st_ino && m.dev_major == major(st.st_dev) && m.dev_minor == minor(st.st_dev) && m.offset == 0;
+  });
+  if (first == maps.end())
+    return fail(fmt::format("{} is not loaded in pid {}: its dlopen returned an object the target had already loaded "
+                            "(under the same name or from the same file) instead of mapping this copy",
+                            path, pid),
+                "nothing was changed; retry the patch (every copy gets a fresh name), and see `hotfix-ctl list` for "
+                "copies left loaded");
   // l_addr = where the first PT_LOAD (file offset 0) landed minus its page-aligned p_vaddr.
-  auto elf = HOTFIX_TRY(ElfHandle::open(wanted));
+  auto elf = HOTFIX_TRY(ElfHandle::open(path));
   size_t count = 0;
   elf_getphdrnum(elf.get(), &count);
   uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -336,7 +407,7 @@ Result<uint64_t> binder__load_base(pid_t pid, const std::string& path) {
     if (gelf_getphdr(elf.get(), static_cast<int>(i), &ph) && ph.p_type == PT_LOAD)
       return first->start - (ph.p_vaddr & ~(page - 1));
   }
-  return fail(fmt::format("{} has no loadable segment", wanted));
+  return fail(fmt::format("{} has no loadable segment", path));
 }
 
 }  // namespace hotfix

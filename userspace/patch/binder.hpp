@@ -20,6 +20,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -59,8 +60,20 @@ struct MemoryWrite {
 // Resolve fix.so's undefined symbols against `target` (the main executable is preferred),
 // write the rewritten copy to `out_path` (parent directories are created; the file appears
 // atomically), and return the fixups. `fix_path` must have passed fixlib__validate.
+// `fix_copies` are objects of `target` (paths as the table spells them) that are loaded fix
+// copies, not the target (see registry__fix_copies): their symbols are neither bound to nor
+// taken for target variables fix.so would shadow. An earlier copy of the same fix defines
+// the same file-static `fsink` and the same replacement functions; they are not the service's.
 Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
-                                     const std::string& fix_path, const std::string& out_path);
+                                     const std::string& fix_path, const std::string& out_path,
+                                     const std::set<std::string>& fix_copies = {});
+
+// Where to write the bound copy for patch `id` of `pid`: `<patch_dir><pid>/<id>-<name>`, or
+// `<id>.<n>-<name>` with the first n for which that name is neither on disk nor mapped in the
+// target. A copy left loaded by a killed hotfix-ctl has the same id (its patch was never
+// recorded); glibc's dlopen returns an object it has loaded under the same name instead of
+// loading the file, so every copy must have a name no loaded object has.
+std::string binder__copy_path(pid_t pid, const std::string& patch_dir, uint32_t id, const std::string& library);
 
 // The stores that finish the binding once the copy is loaded at `load_base` (its l_addr:
 // runtime address = load_base + st_value).
@@ -71,7 +84,12 @@ std::vector<MemoryWrite> binder__writes(const std::vector<Fixup>& fixups, uint64
 // undefined symbol; on any mismatch nothing is written. Read back afterwards.
 Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixup>& fixups);
 
-// The load base (l_addr) of the ELF file `path` mapped into `pid`, from /proc/PID/maps.
+// The load base (l_addr) of the ELF file `path` mapped into `pid`, from /proc/PID/maps. The
+// mapping is found by the file's identity (device and inode, as stat(path) sees them), not by
+// its name: this works for a copy delivered by a memfd (/proc/PID/fd/N) as well, and it tells
+// "dlopen mapped our copy" from "dlopen returned an object it already had" (same name, or the
+// same file): the latter fails here, so the caller dlcloses (dropping the reference dlopen
+// took) and nothing of another copy is ever bound or jumped to.
 Result<uint64_t> binder__load_base(pid_t pid, const std::string& path);
 
 }  // namespace hotfix

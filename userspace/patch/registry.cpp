@@ -89,6 +89,9 @@ bool parse_number(const std::string& s, T& out, int base, uint64_t max = std::nu
 
 std::string encode_text(const Registry& r) {
   std::string t = fmt::format("hotfix-registry 1\nnext_id {}\n", r.next_id);
+  if (r.pruned.count)  // released patches folded into one line (registry__compact)
+    t += fmt::format("pruned {} {} {} {}\n", r.pruned.count, r.pruned.first_id, r.pruned.last_id,
+                     r.pruned.last_reverted_ns);
   for (auto& p : r.patches) {
     t += fmt::format("patch {} {} {} {} {} {} {:#x} {:#x} {} {} {:#x} {:#x}\n", p.id, patch_state__name(p.state),
                      p.applied_ns, p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
@@ -137,12 +140,20 @@ Result<Registry> decode_text(const std::string& text) {
     if (kind == "end" && w.size() == 1) {
       uint32_t highest = 0;
       for (auto& p : r.patches) highest = std::max(highest, p.id);
+      highest = std::max(highest, r.pruned.last_id);
       if (!seen_next_id || r.next_id <= highest) return bad(fmt::format("next_id {}", r.next_id), "next_id");
       return r;
     }
     if (kind == "next_id") {
       if (w.size() != 2 || !parse_number(w[1], r.next_id, 10, kMaxId) || r.next_id == 0) return bad(line, "next_id");
       seen_next_id = true;
+    } else if (kind == "pruned") {
+      auto& pr = r.pruned;
+      if (w.size() != 5 || !parse_number(w[1], pr.count, 10, kMaxId) || !parse_number(w[2], pr.first_id, 10, kMaxId) ||
+          !parse_number(w[3], pr.last_id, 10, kMaxId) || !parse_number(w[4], pr.last_reverted_ns, 10) ||
+          pr.count == 0 || pr.first_id == 0 || pr.first_id > pr.last_id || pr.count > pr.last_id - pr.first_id + 1 ||
+          !r.patches.empty())
+        return bad(line, "pruned summary");
     } else if (kind == "patch") {
       if (w.size() != 13) return bad(line, "patch record");
       PatchRecord p;
@@ -186,6 +197,31 @@ const char* patch_state__name(PatchState s) { return s == PatchState::active ? "
 PatchRecord* Registry::find(uint32_t id) {
   auto it = std::find_if(patches.begin(), patches.end(), [&](auto& p) { return p.id == id; });
   return it == patches.end() ? nullptr : &*it;
+}
+
+bool Registry::was_pruned(uint32_t id) const {
+  if (!pruned.count || id < pruned.first_id || id > pruned.last_id || id >= next_id) return false;
+  return std::none_of(patches.begin(), patches.end(), [&](auto& p) { return p.id == id; });
+}
+
+void registry__compact(Registry& r, size_t keep) {
+  size_t released = std::count_if(r.patches.begin(), r.patches.end(), [](auto& p) { return p.released; });
+  if (released <= keep) return;
+  size_t drop = released - keep;  // the oldest ones: patches are in id order
+  std::vector<PatchRecord> kept;
+  for (auto& p : r.patches) {
+    if (!p.released || drop == 0) {
+      kept.push_back(std::move(p));
+      continue;
+    }
+    --drop;
+    auto& s = r.pruned;
+    s.first_id = s.count ? std::min(s.first_id, p.id) : p.id;
+    s.last_id = std::max(s.last_id, p.id);
+    s.last_reverted_ns = std::max(s.last_reverted_ns, p.reverted_ns);
+    ++s.count;
+  }
+  r.patches = std::move(kept);
 }
 
 const PatchRecord* Registry::top_at(uint64_t old_address) const {
@@ -248,8 +284,15 @@ Result<Registry> registry__read(pid_t pid) {
 }
 
 Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const Registry& r) {
-  auto bytes = registry__encode(r);
-  if (bytes.size() > kRegistrySize) return fail("the hotfix registry is full", "revert and release old patches first");
+  Registry compacted = r;
+  registry__compact(compacted);
+  auto bytes = registry__encode(compacted);
+  if (bytes.size() > kRegistrySize) {
+    size_t held = std::count_if(compacted.patches.begin(), compacted.patches.end(), [](auto& p) { return !p.released; });
+    return fail(fmt::format("the hotfix registry is full: {} active or held patch(es) need {} bytes, more than its {}",
+                            held, bytes.size(), kRegistrySize),
+                "revert patches that are no longer needed (`hotfix-ctl revert --pid PID --id N`)");
+  }
   return mem.write(address, bytes);
 }
 
@@ -259,12 +302,37 @@ Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const R
 
 namespace hotfix {
 
+namespace {
+
+std::string without_deleted(std::string path) {
+  const std::string tag = " (deleted)";
+  if (path.ends_with(tag)) path.resize(path.size() - tag.size());
+  return path;
+}
+
+}  // namespace
+
+std::set<std::string> registry__fix_copies(const Registry& r, const SymbolTable& table, const std::string& patch_dir) {
+  std::set<std::string> out;
+  for (auto& o : table.objects()) {
+    std::string path = without_deleted(o.path);
+    bool copy = (!patch_dir.empty() && path.rfind(patch_dir, 0) == 0) || path.rfind("/memfd:hotfix", 0) == 0;
+    for (auto& p : r.patches) {
+      if (p.released) continue;  // unloaded: its name and address may belong to another object now
+      copy = copy || (!p.loaded_copy.empty() && path == p.loaded_copy) || (p.load_base && o.load_bias == p.load_base);
+    }
+    if (copy) out.insert(o.path);
+  }
+  return out;
+}
+
 std::vector<Function> registry__live_functions(const Registry& r, const SymbolTable& table,
                                                std::vector<Function> functions, const std::string& patch_dir,
                                                std::vector<std::string>* notes) {
   std::vector<Function> out;
+  auto copies = registry__fix_copies(r, table, patch_dir);
   for (auto& f : functions) {
-    if (f.object.rfind(patch_dir, 0) == 0) continue;  // a fix copy's own symbol
+    if (copies.count(f.object)) continue;  // a fix copy's own symbol
     const PatchRecord* top = r.top_at(f.address);
     const FunctionRecord* rec = nullptr;
     if (top)

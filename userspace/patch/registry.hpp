@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -48,19 +49,39 @@ struct PatchRecord {
   std::vector<FunctionRecord> functions;
 };
 
+// Released patches beyond the newest kKeptReleased, folded into one line (registry__compact):
+// nothing refers to them any more (their code is unloaded, their bytes restored).
+struct PrunedSummary {
+  uint64_t count = 0;
+  uint32_t first_id = 0, last_id = 0;  // the oldest and newest id summarised
+  uint64_t last_reverted_ns = 0;
+};
+
 struct Registry {
-  uint32_t next_id = 1;
-  std::vector<PatchRecord> patches;
+  uint32_t next_id = 1;  // never decreases: ids are never reused, pruned or not
+  std::vector<PatchRecord> patches;  // in id order
+  PrunedSummary pruned;
 
   PatchRecord* find(uint32_t id);
+  // True when `id` was issued, reverted, released and summarised (ids < next_id are issued
+  // without gaps: only a committed patch takes one).
+  bool was_pruned(uint32_t id) const;
   // The active patch whose jump currently sits at `old_address` (the top of the stack), if any.
   const PatchRecord* top_at(uint64_t old_address) const;
 };
 
 constexpr const char* kRegistryName = "hotfix-registry";
 constexpr size_t kRegistrySize = 1 << 20;  // memfd size; pages are only used as written
+// How many released patches keep their full record (the recent history `list --all` shows).
+constexpr size_t kKeptReleased = 8;
 
-// Serialised form (header + text) and back. decode fails on a bad magic or checksum.
+// Fold all but the newest `keep` released records into `r.pruned`. Active patches and
+// reverted ones whose memory is still held (a later revert releases them) always stay, so
+// the registry's size depends on what is in the target, not on how many patches it has had.
+void registry__compact(Registry& r, size_t keep = kKeptReleased);
+
+// Serialised form (header + text) and back. decode never throws: a bad magic, checksum,
+// length or field is an error naming it (the text is input from the target).
 std::vector<uint8_t> registry__encode(const Registry& r);
 Result<Registry> registry__decode(const std::vector<uint8_t>& bytes);
 
@@ -69,7 +90,8 @@ std::optional<uint64_t> registry__locate(pid_t pid);
 // Read the registry of `pid` without stopping it; an empty registry if there is none.
 Result<Registry> registry__read(pid_t pid);
 // Overwrite the registry mapped at `address` (the caller holds the target with ptrace, which
-// is what keeps two hotfix-ctl from writing at once: a second one cannot seize it).
+// is what keeps two hotfix-ctl from writing at once: a second one cannot seize it). What is
+// written is `r` compacted (registry__compact).
 Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const Registry& r);
 
 }  // namespace hotfix
@@ -83,6 +105,12 @@ struct Function;
 // replaced by its replacement in the loaded fix copy (keeping the original's name), and the
 // fix copies' own symbols are dropped (they are reached through the originals). Probing the
 // original entry of a patched function would crash the target (see observe/probe_safety.hpp).
+// The objects of `table` (paths as it spells them) that are loaded fix copies rather than the
+// target's own code: everything under `patch_dir` (a copy a killed hotfix-ctl left loaded has
+// no record), memfds named "hotfix*", and every copy the registry records as not released,
+// by its path and by its load base (whatever the path looks like).
+std::set<std::string> registry__fix_copies(const Registry& r, const SymbolTable& table, const std::string& patch_dir);
+
 std::vector<Function> registry__live_functions(const Registry& r, const SymbolTable& table,
                                                std::vector<Function> functions, const std::string& patch_dir,
                                                std::vector<std::string>* notes);

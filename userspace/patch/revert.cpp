@@ -159,6 +159,10 @@ Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertO
   } else {
     for (auto id : opts.ids) {
       auto it = std::find_if(registry.patches.begin(), registry.patches.end(), [&](auto& p) { return p.id == id; });
+      if (it == registry.patches.end() && registry.was_pruned(id))
+        return fail(fmt::format("patch {} of pid {} is already reverted and released (its record is summarised)", id,
+                                opts.pid),
+                    "see `hotfix-ctl list --all --pid PID`");
       if (it == registry.patches.end())
         return fail(fmt::format("pid {} has no patch {}", opts.pid, id), "see the patches with `hotfix-ctl list --pid PID`");
       if (it->state != PatchState::active)

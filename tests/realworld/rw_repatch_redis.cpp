@@ -1,0 +1,84 @@
+// The re-patch workflow on Debian's redis-server: a user's fix for PING (plain gcc -O2 -g
+// -shared -fPIC) that counts its calls in a FILE-STATIC variable and answers "PONG n"; applied,
+// reverted and applied again three times while redis-benchmark keeps the server busy. Every
+// new copy has its own counter (starting at 1), the original PONG comes back after each revert.
+#include <signal.h>
+
+#include <catch2/catch.hpp>
+#include <regex>
+#include <thread>
+
+#include "realworld.hpp"
+
+using namespace hotfix::test;
+using namespace hotfix::test::realworld;
+using namespace std::chrono;
+
+namespace {
+
+const char* kFix = R"(// PING answers "PONG <n>", n counted per loaded copy of this fix
+#include <stdio.h>
+struct client;
+void addReplyStatus(struct client *c, const char *status);
+
+static long pings; /* this copy's own */
+
+void pingCommand(struct client *c) {
+  char reply[32];
+  snprintf(reply, sizeof reply, "PONG %ld", ++pings);
+  addReplyStatus(c, reply);
+}
+)";
+
+std::string ping(int port) {
+  auto r = run({"/usr/bin/redis-cli", "-p", std::to_string(port), "ping"}, seconds(20));
+  REQUIRE(r.exit_code == 0);
+  return r.out;
+}
+
+RunResult ctl_run(std::vector<std::string> args) {
+  args.insert(args.begin(), ctl());
+  return run(std::move(args), seconds(120));
+}
+
+}  // namespace
+
+TEST_CASE("redis-server: a fix with a file-static counter, applied, reverted and applied again", "[realworld][repatch]") {
+  require_root();
+  require_program("/usr/bin/redis-server", "redis-server");
+  require_program("/usr/bin/redis-cli", "redis-tools");
+  require_program("/usr/bin/redis-benchmark", "redis-tools");
+  ScratchDir dir("hotfix-rw-repatch");
+  auto fix = build_fix(dir.write("ping_fix.c", kFix), dir.file("ping_fix.so"));
+  int port = free_port();
+  REQUIRE(port > 0);
+  Child server({"/usr/bin/redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", dir.path()});
+  REQUIRE(wait_for_port(port));
+  REQUIRE(ping(port) == "PONG\n");
+  const std::string pid = std::to_string(server.pid());
+  // Load the whole time: GET/SET from 4 clients (redis-benchmark's own PINGs would race the checks).
+  Child load({"/usr/bin/redis-benchmark", "-p", std::to_string(port), "-c", "4", "-n", "100000000", "-t", "set,get",
+              "-q", "-l"});
+
+  for (int round = 0; round < 3; ++round) {
+    INFO("round " << round);
+    auto patched = ctl_run({"patch", "--pid", pid, "--lib", fix, "--observe", "0"});
+    INFO(patched.out << patched.err);
+    REQUIRE(patched.exit_code == 0);
+    CHECK(ping(port) == "PONG 1\n");  // a fresh copy: its own `pings` starts at 0
+    CHECK(ping(port) == "PONG 2\n");
+    auto listed = ctl_run({"list", "--pid", pid});
+    CHECK(listed.out.find("pingCommand") != std::string::npos);
+    auto reverted = ctl_run({"revert", "--pid", pid, "--all"});
+    INFO(reverted.out << reverted.err);
+    REQUIRE(reverted.exit_code == 0);
+    CHECK(ping(port) == "PONG\n");
+  }
+  auto all = ctl_run({"list", "--pid", pid, "--all"});
+  CHECK(std::regex_search(all.out, std::regex("patch 3  reverted  ")));
+  CHECK(load.running());
+  CHECK(server.running());
+  server.signal(SIGTERM);
+  CHECK(server.wait(seconds(20)));
+}
