@@ -129,7 +129,8 @@ namespace {
 // What the transaction has changed in the target so far, undone unless committed.
 class Undo {
  public:
-  Undo(Tracee& t, Journal& journal, uint32_t id) : t_(t), journal_(journal), id_(id) {}
+  Undo(Tracee& t, Journal& journal, uint32_t id, milliseconds timeout)
+      : t_(t), journal_(journal), id_(id), timeout_(timeout) {}
   ~Undo() {
     if (!committed_) rollback();
   }
@@ -145,7 +146,7 @@ class Undo {
     // Best effort, in reverse order; the target may already be gone -- or have exec'd: take
     // in its pending events first, so that nothing is undone into a new program's memory.
     bool same_image = t_.pump().has_value();
-    if (handle && same_image) (void)remote__dlclose(t_, handle);
+    if (handle && same_image) (void)remote__dlclose(t_, handle, InjectOptions::within(timeout_));
     if (!mappings.empty() && same_image && t_.check_alive()) {
       pid_t tid = t_.threads().front().tid;
       if (t_.stop_thread(tid)) {
@@ -162,6 +163,7 @@ class Undo {
   Tracee& t_;
   Journal& journal_;
   uint32_t id_;
+  milliseconds timeout_;
   bool committed_ = false;
 };
 
@@ -274,7 +276,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
                                   .set("library", std::filesystem::absolute(p.options.library).string())
                                   .set("copy", copy)
                                   .set("consistency", consistency__name(p.options.consistency))));
-  Undo undo(tracee, journal, p.id);
+  Undo undo(tracee, journal, p.id, p.options.timeout);
 
   // Bind and load fix.so while every thread runs.
   crashpoint("patch: before binding the copy");
@@ -285,7 +287,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto id_of = recover__file_identity(bound.path);
   HOTFIX_CHECK(journal.append(jr("loading").set("copy", bound.path).set("dev", id_of.first).set("ino", id_of.second)));
   crashpoint("patch: before dlopen");
-  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
+  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path, InjectOptions::within(p.options.timeout)));
   undo.handle = injection.handle;
   crashpoint("patch: after dlopen");
   uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));

@@ -1,0 +1,226 @@
+// Which thread may run the target's dlopen, and what a misbehaving constructor of fix.so does:
+// single-threaded targets waiting in a syscall, sleeping or spinning are patched (strict and
+// entry); a stale malloc/fork word on a stack does not refuse a thread, a thread inside malloc
+// is never chosen; blocking, crashing, raising and exiting constructors are reported exactly.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "process/maps.hpp"
+#include "process/ptrace.hpp"
+#include "process/remote.hpp"
+#include "support/harness.hpp"
+#include "symbols/symbols.hpp"
+
+using namespace hotfix;
+using namespace std::chrono;
+using hotfix::test::Child;
+using hotfix::test::fixture;
+using hotfix::test::RunResult;
+
+namespace {
+
+std::map<std::string, long> fields(const std::string& reply) {
+  std::map<std::string, long> out;
+  std::istringstream in(reply);
+  std::string word;
+  while (in >> word)
+    if (auto eq = word.find('='); eq != std::string::npos) out[word.substr(0, eq)] = std::stol(word.substr(eq + 1));
+  return out;
+}
+
+RunResult ctl(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
+  args.insert(args.begin(), hotfix::test::ctl());
+  return hotfix::test::run(std::move(args), timeout);
+}
+
+long value_of(Child& c) { return fields(c.request("call"))["value"]; }
+
+bool mapped_containing(pid_t pid, const std::string& needle) {
+  auto maps = process__read_maps(pid);
+  if (!maps) return false;
+  for (auto& m : *maps)
+    if (m.path.find(needle) != std::string::npos) return true;
+  return false;
+}
+
+std::string status_field(pid_t pid, const std::string& key) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(key + ":", 0) == 0) return line.substr(key.size() + 2);
+  return "";
+}
+
+// Patch inj_single with inj_fix.so, see new calls run the fix, revert, see the old code again.
+void patch_and_revert(Child& target, const std::string& consistency) {
+  REQUIRE(value_of(target) == 42);
+  auto patched = ctl({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_fix.so"), "--consistency",
+                      consistency, "--observe", "0", "--timeout", "10"});
+  INFO(patched.out << patched.err);
+  REQUIRE(patched.exit_code == 0);
+  CHECK(value_of(target) == 1041);
+  auto reverted = ctl({"revert", "--pid", std::to_string(target.pid()), "--all", "--consistency", consistency});
+  INFO(reverted.out << reverted.err);
+  REQUIRE(reverted.exit_code == 0);
+  CHECK(value_of(target) == 42);
+  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(target.running());
+}
+
+}  // namespace
+
+TEST_CASE("single-threaded targets are patched and reverted while they wait, sleep or spin", "[single]") {
+  hotfix::test::require_root();
+  for (std::string mode : {"read", "epoll", "sleep", "spin"})
+    for (std::string consistency : {"strict", "entry"}) {
+      DYNAMIC_SECTION(mode << " " << consistency) {
+        Child target({fixture("inj_single"), mode});
+        REQUIRE(target.wait_for("ok pid="));
+        patch_and_revert(target, consistency);
+      }
+    }
+}
+
+TEST_CASE("a stale fork/malloc word above the stack pointer does not refuse the only thread", "[single][stale]") {
+  hotfix::test::require_root();
+  for (std::string consistency : {"strict", "entry"}) {
+    DYNAMIC_SECTION(consistency) {
+      Child target({fixture("inj_single"), "epoll", "stale"});
+      auto stale = target.wait_for("ok stale=");
+      REQUIRE(stale);
+      REQUIRE(fields(*stale)["stale"] > 0);  // the raw scan alone would have refused this thread
+      {
+        auto t = Tracee::seize(target.pid());
+        REQUIRE(t);
+        REQUIRE(t->stop_thread(target.pid()));
+        auto why = remote__lock_frame(*t, target.pid());
+        REQUIRE(why);
+        CHECK(*why == "");
+        REQUIRE(t->resume_thread(target.pid()));
+      }
+      patch_and_revert(target, consistency);
+    }
+  }
+}
+
+TEST_CASE("a thread executing malloc or free is never judged safe", "[malloc]") {
+  hotfix::test::require_root();
+  Child target({fixture("proc_target")});
+  REQUIRE(target.request("pid").rfind("ok", 0) == 0);
+  auto hammer = fields(target.request("hammer " + fixture("libproc_hammer.so")))["hammer"];
+  REQUIRE(hammer > 0);
+  auto table = SymbolTable::for_pid(target.pid());
+  REQUIRE(table);
+  auto t = Tracee::seize(target.pid());
+  REQUIRE(t);
+  int inside = 0;
+  for (int i = 0; i < 400 && inside < 20; ++i) {
+    REQUIRE(t->stop_thread(hammer));
+    uint64_t pc = arch::regs__pc(t->find(hammer)->regs);
+    auto why = remote__lock_frame(*t, hammer);
+    REQUIRE(why);
+    const Function* f = table->function_at(pc);
+    std::string name = f ? f->name : "";
+    // malloc's and free's own bodies (not their internal helpers, which are local symbols).
+    if (name == "malloc" || name == "free" || name == "__libc_malloc" || name == "__libc_free") {
+      ++inside;
+      INFO("pc " << std::hex << pc << " in " << name);
+      CHECK_FALSE(why->empty());
+    }
+    REQUIRE(t->resume_thread(hammer));
+  }
+  CHECK(inside > 0);  // the hammer spends most of its time in malloc/free
+}
+
+TEST_CASE("a blocking constructor: hotfix-ctl returns after --timeout and says what state the target is in", "[ctor]") {
+  hotfix::test::require_root();
+  Child target({fixture("inj_single"), "read"});
+  REQUIRE(target.wait_for("ok pid="));
+  REQUIRE(value_of(target) == 42);
+  auto began = steady_clock::now();
+  auto r = ctl({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_ctor_block.so"), "--observe", "0",
+                "--timeout", "2"},
+               seconds(60));
+  auto took = duration_cast<milliseconds>(steady_clock::now() - began);
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(took < seconds(2) + seconds(8));  // bounded by --timeout, not by the constructor's hour
+  CHECK(r.err.find("did not return within") != std::string::npos);
+  CHECK(r.err.find("loader lock") != std::string::npos);
+  CHECK(r.err.find("the target is still running") != std::string::npos);
+  // As described: it runs on untraced and unpatched, the half-loaded library stays mapped,
+  // and its only thread may still dlopen (the lock is recursive and held by itself).
+  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(value_of(target) == 42);
+  CHECK(mapped_containing(target.pid(), "inj_ctor_block.so"));
+  CHECK(fields(target.request("dlopen " + fixture("libproc_hammer.so")))["dlopen"] == 1);
+  target.signal(SIGTERM);
+  CHECK(target.wait() == 128 + SIGTERM);
+}
+
+TEST_CASE("a constructor raising SIGSEGV: the signal is held back, the library unloaded, the target runs on", "[ctor]") {
+  hotfix::test::require_root();
+  Child target({fixture("inj_single"), "read"});
+  REQUIRE(target.wait_for("ok pid="));
+  auto r = ctl({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_ctor_raise.so"), "--observe", "0",
+                "--timeout", "5"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("raised SIGSEGV") != std::string::npos);
+  CHECK(r.err.find("unloaded again") != std::string::npos);
+  CHECK(value_of(target) == 42);
+  CHECK_FALSE(mapped_containing(target.pid(), "inj_ctor_raise.so"));
+  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(target.running());
+}
+
+TEST_CASE("a constructor that faults: reported as a crash in the constructor, with the target's state", "[ctor]") {
+  hotfix::test::require_root();
+  Child target({fixture("inj_single"), "read"});
+  REQUIRE(target.wait_for("ok pid="));
+  auto r = ctl({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_ctor_fault.so"), "--observe", "0",
+                "--timeout", "5"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("failed inside the library's constructors") != std::string::npos);
+  CHECK(r.err.find("SIGSEGV") != std::string::npos);
+  CHECK(r.err.find("the target is still running") != std::string::npos);
+  CHECK(value_of(target) == 42);
+  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(target.running());
+}
+
+TEST_CASE("a constructor that calls exit(): reported as the target ending inside dlopen", "[ctor]") {
+  hotfix::test::require_root();
+  Child target({fixture("inj_single"), "read"});
+  REQUIRE(target.wait_for("ok pid="));
+  auto r = ctl({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_ctor_exit.so"), "--observe", "0",
+                "--timeout", "5"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("the target ended while dlopen") != std::string::npos);
+  CHECK(r.err.find("exit()") != std::string::npos);
+  CHECK(target.wait() == 3);
+}
+
+TEST_CASE("preflight refuses a fix with an unresolvable symbol before touching the target, also in --dry-run", "[preflight]") {
+  hotfix::test::require_root();
+  Child target({fixture("inj_single"), "read"});
+  REQUIRE(target.wait_for("ok pid="));
+  for (bool dry : {true, false}) {
+    std::vector<std::string> args{"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("inj_needs_missing.so"),
+                                  "--observe", "0"};
+    if (dry) args.push_back("--dry-run");
+    auto r = ctl(args);
+    INFO(r.out << r.err);
+    CHECK(r.exit_code == 1);
+    CHECK(r.err.find("inj_no_such_helper") != std::string::npos);
+    CHECK_FALSE(mapped_containing(target.pid(), "inj_needs_missing"));
+  }
+  CHECK(value_of(target) == 42);
+}
