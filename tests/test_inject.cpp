@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include "process/maps.hpp"
 #include "process/ptrace.hpp"
@@ -243,4 +244,30 @@ TEST_CASE("preflight refuses a fix whose DT_NEEDED library the target would not 
   }
   CHECK(value_of(target) == 42);
   CHECK(status_field(target.pid(), "TracerPid") == "0");
+}
+
+TEST_CASE("a thread blocked inside dl_iterate_phdr's callback is refused; without CFI the reason says so", "[iterate]") {
+  hotfix::test::require_root();
+  for (std::string variant : {"cfi", "nocfi"}) {
+    DYNAMIC_SECTION(variant) {
+      Child target({fixture("inj_iterate_" + variant)});
+      REQUIRE(target.wait_for("ok inside"));
+      std::this_thread::sleep_for(milliseconds(100));  // into the callback's read()
+      auto t = Tracee::seize(target.pid());
+      REQUIRE(t);
+      REQUIRE(t->stop_thread(target.pid()));
+      auto why = remote__lock_frame(*t, target.pid());
+      REQUIRE(why);
+      INFO(*why);
+      CHECK(why->find("dl_iterate_phdr") != std::string::npos);
+      if (variant == "cfi") CHECK(why->find("is a live caller on its stack") != std::string::npos);
+      else CHECK(why->find("cannot be proven stale, so it counts as held") != std::string::npos);
+      REQUIRE(t->resume_thread(target.pid()));
+      auto chosen = remote__stop_safe_thread(*t, milliseconds(300));
+      REQUIRE_FALSE(chosen);
+      CHECK(chosen.error().what.find("dl_iterate_phdr") != std::string::npos);
+      REQUIRE(t->detach());
+      CHECK(status_field(target.pid(), "TracerPid") == "0");
+    }
+  }
 }
