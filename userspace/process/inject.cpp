@@ -183,6 +183,15 @@ class LockInspector {
  public:
   explicit LockInspector(Tracee& t) : t_(t) {}
 
+  // Build the unwinder's view of the process now (milliseconds: every module's ELF and CFI),
+  // best while no thread is stopped; why_unsafe builds it on first need otherwise.
+  void prepare_unwinder() { (void)get_checker(); }
+  bool unwinder_ready() const { return tried_; }
+  // why_unsafe had a stack hit to confirm (the unwinder was needed).
+  bool needed_unwinder() const { return needed_unwinder_; }
+  // Let why_unsafe answer "to be confirmed" instead of building the unwinder itself.
+  void defer_build() { defer_build_ = true; }
+
   Result<std::string> why_unsafe(pid_t tid) {
     HOTFIX_CHECK(ensure_loader_info(t_));
     auto* th = t_.find(tid);
@@ -192,6 +201,8 @@ class LockInspector {
     if (auto* r = range_containing(ranges, pc)) return fmt::format("it is executing {} (pc {:#x})", r->name, pc);
     auto hit = HOTFIX_TRY(scan_stack(*th));
     if (!hit) return std::string{};
+    needed_unwinder_ = true;
+    if (!tried_ && defer_build_) return *hit + " (to be confirmed by the unwinder)";
     auto checker = HOTFIX_TRY(get_checker());
     if (!checker) return *hit + " and no unwinder could check it";
     auto blockers = checker->check({StoppedThread{tid, th->regs}});
@@ -245,7 +256,7 @@ class LockInspector {
   }
 
   Tracee& t_;
-  bool tried_ = false;
+  bool tried_ = false, needed_unwinder_ = false, defer_build_ = false;
   std::optional<ConsistencyChecker> checker_;
 };
 
@@ -264,6 +275,7 @@ Result<std::string> remote__lock_frame(Tracee& t, pid_t tid) { return LockInspec
 Result<pid_t> remote__stop_safe_thread(Tracee& t, milliseconds timeout) {
   HOTFIX_CHECK(ensure_loader_info(t));
   LockInspector inspector(t);
+  inspector.defer_build();
   auto deadline = TraceClock::now() + timeout;
   std::string last_reason = "no thread could be stopped";
   do {
@@ -286,6 +298,23 @@ Result<pid_t> remote__stop_safe_thread(Tracee& t, milliseconds timeout) {
       auto why = th->usable_for_remote() ? inspector.why_unsafe(tid)
                                          : Result<std::string>(fmt::format("it is in a {}", stop_kind__name(th->stop)));
       if (why && why->empty()) return tid;
+      if (inspector.needed_unwinder() && !inspector.unwinder_ready()) {
+        // A stack hit to confirm: build the unwinder with the thread running again (a
+        // single-threaded target would otherwise stand still meanwhile), then look again.
+        HOTFIX_CHECK(t.resume_thread(tid));
+        inspector.prepare_unwinder();
+        if (!t.find(tid)) continue;
+        left = duration_cast<milliseconds>(deadline - TraceClock::now());
+        if (!t.stop_thread(tid, std::clamp<milliseconds>(left, milliseconds(50), milliseconds(500)))) {
+          HOTFIX_CHECK(t.check_alive());
+          if (t.find(tid)) HOTFIX_CHECK(t.resume_thread(tid));
+          continue;
+        }
+        th = t.find(tid);
+        why = th->usable_for_remote() ? inspector.why_unsafe(tid)
+                                      : Result<std::string>(fmt::format("it is in a {}", stop_kind__name(th->stop)));
+        if (why && why->empty()) return tid;
+      }
       last_reason = fmt::format("thread {}: {}", tid, why ? *why : why.error().what);
       HOTFIX_CHECK(t.resume_thread(tid));
     }
