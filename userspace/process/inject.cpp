@@ -20,6 +20,7 @@
 #include <set>
 
 #include "arch/arch.hpp"
+#include "common/crashpoint.hpp"
 #include "common/unique_fd.hpp"
 #include "process/maps.hpp"
 #include "process/remote_util.hpp"
@@ -467,7 +468,9 @@ Result<Injection> remote__inject_library(Tracee& t, const std::string& path, con
     bool had_signal = t.find(tid)->resume_signal != 0;
     auto began = TraceClock::now();
     // Never retried: once dlopen started, the library's constructors may have run.
+    crashpoint("inject: before dlopen");
     auto handle = remote__call(t, tid, t.remote_cache().dlopen, std::vector<uint64_t>{name, RTLD_NOW}, budget);
+    crashpoint("inject: after dlopen");
     auto elapsed = duration_cast<milliseconds>(TraceClock::now() - began);
     if (!t.check_alive()) return std::unexpected(process_ended_in_dlopen(t, tid, path));
     int raised = take_self_raised_fatal(t, tid, had_signal);
@@ -475,6 +478,7 @@ Result<Injection> remote__inject_library(Tracee& t, const std::string& path, con
     if (handle && *handle == 0) why = remote_dlerror(t, tid, opts.call_timeout).value_or("(dlerror failed)");
     if (handle && *handle && raised) {
       // The constructor went on after raise() returned (the signal was held): undo the load.
+      crashpoint("inject: before dlclose of a library whose constructor raised a signal");
       auto closed = remote__call(t, tid, t.remote_cache().dlclose, std::vector<uint64_t>{*handle}, budget);
       (void)remote__munmap(t, tid, name, page_up(path.size() + 1));
       return fail(fmt::format("a constructor of {} raised {} in thread {} of process {} ({}) during dlopen: the signal "
@@ -496,6 +500,7 @@ Result<Injection> remote__inject_library(Tracee& t, const std::string& path, con
 Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& opts) {
   HOTFIX_CHECK(require_dl(t));
   return with_safe_thread<void>(t, opts, [&](pid_t tid, milliseconds budget) -> Result<void> {
+    crashpoint("inject: before dlclose");
     uint64_t rc = HOTFIX_TRY(remote__call(t, tid, t.remote_cache().dlclose, std::vector<uint64_t>{handle}, budget));
     if (static_cast<int>(rc) == 0) return {};
     auto why = remote_dlerror(t, tid, opts.call_timeout).value_or("(dlerror failed)");
