@@ -292,3 +292,32 @@ TEST_CASE("a thread blocked inside dl_iterate_phdr's callback is refused; withou
     }
   }
 }
+
+TEST_CASE("a blocking constructor in a multi-threaded target: its other threads' dlopen blocks, as the message says", "[ctor]") {
+  hotfix::test::require_root();
+  Child target({fixture("proc_target")});
+  REQUIRE(target.request("pid").rfind("ok", 0) == 0);
+  std::string message;
+  {
+    auto t = Tracee::seize(target.pid());
+    REQUIRE(t);
+    auto inj = remote__inject_library(*t, fixture("inj_ctor_block.so"), InjectOptions::within(milliseconds(1500)));
+    REQUIRE_FALSE(inj);
+    message = inj.error().what;
+    REQUIRE(t->detach());
+  }
+  INFO(message);
+  CHECK(message.find("did not return within") != std::string::npos);
+  CHECK(message.find("its other threads will block in dlopen") != std::string::npos);
+  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  // The other threads run on (the command loop answers), but a new dlopen blocks for good.
+  auto hammer = fields(target.request("hammer " + fixture("libproc_hammer.so")));
+  REQUIRE(hammer["hammer"] > 0);
+  auto before = fields(target.request("counters"));
+  std::this_thread::sleep_for(milliseconds(500));
+  auto after = fields(target.request("counters"));
+  CHECK(after["busy"] > before["busy"]);
+  // Stuck in its first dlopen behind the held loader lock (unheld, it loops thousands of
+  // times in 500 ms: test_process's hammer test).
+  CHECK(after["hammer"] == before["hammer"]);
+}
