@@ -4,6 +4,8 @@
 // the patched worker without ETag (the other worker's keep theirs), revert restores them, and
 // nginx keeps serving throughout. Before injection chose threads by unwinding, a worker in
 // epoll_wait was refused for a stale __libc_fork word on its stack.
+#include <signal.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -107,6 +109,13 @@ http {{
 }}
 )", dir.path(), port));
   Child nginx({"/usr/sbin/nginx", "-p", dir.path(), "-c", conf, "-e", dir.file("error.log")});
+  // Child kills the master with SIGKILL, which would orphan the workers: end them first.
+  struct Workers {
+    pid_t master;
+    ~Workers() {
+      for (pid_t w : children_of(master)) ::kill(w, SIGKILL);
+    }
+  } reap_workers{nginx.pid()};
   REQUIRE(wait_for_port(port));
   std::vector<pid_t> workers;
   for (int i = 0; i < 100 && workers.size() < 2; ++i) {
