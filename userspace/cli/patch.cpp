@@ -69,7 +69,7 @@ int verb_patch(const Args& args) {
       "pattern", po::value<std::vector<std::string>>(&opts.patterns), "functions to replace (default: all fix.so replaces)")(
       "object", po::value<std::string>(&opts.object), "only functions of this mapped object")(
       "consistency", po::value<std::string>(&consistency), "strict (default): no thread may have an old function on its stack; entry: only not inside the overwritten bytes")(
-      "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
+      "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence, and for loading fix.so (its constructors included) (default 10)")(
       "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
       "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(

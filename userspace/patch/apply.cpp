@@ -22,6 +22,7 @@
 #include "patch/binder.hpp"
 #include "patch/counting.hpp"
 #include "patch/fixlib.hpp"
+#include "patch/preflight.hpp"
 #include "process/environment.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
@@ -95,6 +96,8 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   plan_opts.patch_dir = opts.patch_dir;
   plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
+  HOTFIX_CHECK(preflight__check({opts.pid, &p.table, p.executable, opts.library,
+                                 fmt::format("{}{}", opts.patch_dir, opts.pid)}));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
   p.id = p.registry.next_id;
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
@@ -128,7 +131,8 @@ namespace {
 // What the transaction has changed in the target so far, undone unless committed.
 class Undo {
  public:
-  Undo(Tracee& t, Journal& journal, uint32_t id) : t_(t), journal_(journal), id_(id) {}
+  Undo(Tracee& t, Journal& journal, uint32_t id, milliseconds timeout)
+      : t_(t), journal_(journal), id_(id), timeout_(timeout) {}
   ~Undo() {
     if (!committed_) rollback();
   }
@@ -144,7 +148,7 @@ class Undo {
     // Best effort, in reverse order; the target may already be gone -- or have exec'd: take
     // in its pending events first, so that nothing is undone into a new program's memory.
     bool same_image = t_.pump().has_value();
-    if (handle && same_image) (void)remote__dlclose(t_, handle);
+    if (handle && same_image) (void)remote__dlclose(t_, handle, InjectOptions::within(timeout_));
     if (!mappings.empty() && same_image && t_.check_alive()) {
       pid_t tid = t_.threads().front().tid;
       if (t_.stop_thread(tid)) {
@@ -161,6 +165,7 @@ class Undo {
   Tracee& t_;
   Journal& journal_;
   uint32_t id_;
+  milliseconds timeout_;
   bool committed_ = false;
 };
 
@@ -259,7 +264,8 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
   crashpoint("patch: after old-code probes");
 }
 
-Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress) {
+// `explained`: the failure already says what state the target is in (an injection that ended it).
+Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress, bool& explained) {
   const pid_t pid = p.options.pid;
   // Before anything changes: a sandbox that would kill or half-fail the injection refuses.
   HOTFIX_CHECK(target__check_sandbox(tracee, p.options.count));
@@ -273,7 +279,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
                                   .set("library", std::filesystem::absolute(p.options.library).string())
                                   .set("copy", copy)
                                   .set("consistency", consistency__name(p.options.consistency))));
-  Undo undo(tracee, journal, p.id);
+  Undo undo(tracee, journal, p.id, p.options.timeout);
 
   // Bind and load fix.so while every thread runs.
   crashpoint("patch: before binding the copy");
@@ -285,7 +291,9 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto id_of = recover__file_identity(bound.path);
   HOTFIX_CHECK(journal.append(jr("loading").set("copy", bound.path).set("dev", id_of.first).set("ino", id_of.second)));
   crashpoint("patch: before dlopen");
-  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
+  auto injected = remote__inject_library(tracee, bound.path, InjectOptions::within(p.options.timeout));
+  explained = !injected;  // inject.cpp describes a constructor that blocked, crashed or ended the target
+  auto injection = HOTFIX_TRY(std::move(injected));
   undo.handle = injection.handle;
   crashpoint("patch: after dlopen");  // the copy is loaded, nothing points at it yet
   uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
@@ -377,7 +385,9 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
 
 Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
   auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
-  return or_target_gone(tracee, apply_held(tracee, p, progress));
+  bool explained = false;
+  auto out = apply_held(tracee, p, progress, explained);
+  return explained ? out : or_target_gone(tracee, std::move(out));
 }
 
 }  // namespace hotfix

@@ -56,7 +56,7 @@ std::vector<uint64_t> island_pages(const PatchRecord& p) {
 
 // Unload a reverted patch once no thread can run its code (checked in one stop, strict).
 Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& table, PatchRecord& p,
-                                uint64_t registry_at, Registry& registry) {
+                                uint64_t registry_at, Registry& registry, std::chrono::milliseconds timeout) {
   auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), code_of(table, p)));
   HOTFIX_CHECK(t.stop_all());
   auto blockers = checker.check(stopped_threads(t));
@@ -67,7 +67,7 @@ Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& 
   HOTFIX_CHECK(journal.append(journal__record("release", p.id, "releasing").set("copy", p.loaded_copy).set("handle", p.handle)));
   crashpoint("release: before dlclose");
   if (recover__is_mapped(t.pid(), p.loaded_copy))  // not after a release killed past its dlclose
-    HOTFIX_CHECK(remote__dlclose(t, p.handle));
+    HOTFIX_CHECK(remote__dlclose(t, p.handle, InjectOptions::within(timeout)));
   crashpoint("release: after dlclose");
   if (auto pages = island_pages(p); !pages.empty() || p.counters) {
     pid_t tid = t.threads().front().tid;
@@ -184,7 +184,7 @@ Result<void> revert_held(Tracee& tracee, Journal& journal, const SymbolTable& ta
     if (p.state != PatchState::reverted) continue;
     (void)patchcount__remove(tracee.pid(), p.id);  // pins a revert killed after its commit left
     if (p.released) continue;
-    auto held = HOTFIX_TRY(try_release(tracee, journal, table, p, registry_at, registry));
+    auto held = HOTFIX_TRY(try_release(tracee, journal, table, p, registry_at, registry, opts.timeout));
     for (auto& o : out)
       if (o.id == p.id) o.released = held.empty(), o.held_by = held;
   }

@@ -20,9 +20,11 @@
 #include <set>
 
 #include "arch/arch.hpp"
+#include "common/crashpoint.hpp"
 #include "common/unique_fd.hpp"
 #include "process/maps.hpp"
 #include "process/remote_util.hpp"
+#include "patch/consistency.hpp"
 
 namespace hotfix {
 
@@ -120,6 +122,11 @@ const std::set<std::string>& lock_taking_functions() {
   return names;
 }
 
+// Frames of these are below `main` on every main thread's stack (glibc's __libc_start_call_main
+// is local, so not in any range): executing one means the process is starting up or ending,
+// but having one as a caller says nothing about locks.
+bool below_main(const Range& r) { return r.name.rfind("__libc_start_main ", 0) == 0; }
+
 std::string resolve_in_target(pid_t pid, const std::string& path) { return fmt::format("/proc/{}/root{}", pid, path); }
 
 Result<void> ensure_loader_info(Tracee& t) {
@@ -164,54 +171,124 @@ const Range* range_containing(const std::vector<Range>& ranges, uint64_t addr) {
 
 }  // namespace
 
-// ---------------------------------------------------------------- loader calls
+// ---------------------------------------------------------------- which thread may run the loader
 
-Result<std::string> remote__lock_frame(Tracee& t, pid_t tid) {
-  HOTFIX_CHECK(ensure_loader_info(t));
-  auto* th = t.find(tid);
-  if (!th || !th->stopped()) return fail(fmt::format("thread {} is not stopped by us", tid));
-  auto& ranges = t.remote_cache().lock_ranges;
-  uint64_t pc = arch::regs__pc(th->regs);
-  if (auto* r = range_containing(ranges, pc)) return fmt::format("it is executing {} (pc {:#x})", r->name, pc);
-  if (!arch::return_addresses_on_stack()) return std::string{};  // nothing more a scan can prove
-  uint64_t sp = arch::regs__sp(th->regs);
-  auto maps = HOTFIX_TRY(process__read_maps(t.pid()));
-  auto stack = std::find_if(maps.begin(), maps.end(), [&](auto& m) { return m.contains(sp); });
-  if (stack == maps.end()) return fmt::format("its stack pointer {:#x} is not in any mapping", sp);
-  constexpr uint64_t kMaxScan = 1 << 20;
-  size_t slot = arch::stack_slot_size();
-  uint64_t from = sp & ~(uint64_t(slot) - 1);
-  std::vector<uint8_t> bytes(std::min<uint64_t>(stack->end - from, kMaxScan));
-  bytes.resize(t.memory().read_bulk(from, bytes));
-  for (size_t off = 0; off + slot <= bytes.size(); off += slot) {
-    uint64_t word = 0;
-    std::memcpy(&word, bytes.data() + off, std::min(slot, sizeof word));
-    if (auto* r = range_containing(ranges, word))
-      return fmt::format("{} is on its stack (return address {:#x} at sp+{:#x})", r->name, word, from + off - sp);
+namespace {
+
+// Decides whether a stopped thread may run dlopen: not if it executes the loader or a
+// lock-taking libc function (its pc), nor if one of them is a live caller on its stack. A raw
+// scan of the stack clears most threads cheaply; a hit (often a stale word: an nginx worker
+// in epoll_wait keeps a `__libc_fork` word from its birth) is confirmed or refuted by a libdw
+// unwind (the strict checker's, patch/consistency.hpp), built once per inspector.
+class LockInspector {
+ public:
+  explicit LockInspector(Tracee& t) : t_(t) {}
+
+  // Build the unwinder's view of the process now (milliseconds: every module's ELF and CFI),
+  // best while no thread is stopped; why_unsafe builds it on first need otherwise.
+  void prepare_unwinder() { (void)get_checker(); }
+  bool unwinder_ready() const { return tried_; }
+  // why_unsafe had a stack hit to confirm (the unwinder was needed).
+  bool needed_unwinder() const { return needed_unwinder_; }
+  // Let why_unsafe answer "to be confirmed" instead of building the unwinder itself.
+  void defer_build() { defer_build_ = true; }
+
+  Result<std::string> why_unsafe(pid_t tid) {
+    HOTFIX_CHECK(ensure_loader_info(t_));
+    auto* th = t_.find(tid);
+    if (!th || !th->stopped()) return fail(fmt::format("thread {} is not stopped by us", tid));
+    auto& ranges = t_.remote_cache().lock_ranges;
+    uint64_t pc = arch::regs__pc(th->regs);
+    if (auto* r = range_containing(ranges, pc)) return fmt::format("it is executing {} (pc {:#x})", r->name, pc);
+    auto hit = HOTFIX_TRY(scan_stack(*th));
+    if (!hit) return std::string{};
+    needed_unwinder_ = true;
+    if (!tried_ && defer_build_) return *hit + " (to be confirmed by the unwinder)";
+    auto checker = HOTFIX_TRY(get_checker());
+    if (!checker) return *hit + " and no unwinder could check it";
+    auto blockers = checker->check({StoppedThread{tid, th->regs}});
+    if (!blockers) return fmt::format("{}, and unwinding it failed ({}): assumed held", *hit, blockers.error().what);
+    if (blockers->empty()) return std::string{};  // the unwind proves the hit stale
+    const Blocker& b = blockers->front();
+    if (b.unwind_incomplete)
+      return fmt::format("the unwinder (libdw) stopped after {} frame(s), below a word pointing into {} ({:#x}) on its "
+                         "stack: without call-frame information it cannot be proven stale, so it counts as held",
+                         b.frame, b.function, b.pc);
+    return fmt::format("{} is a live caller on its stack (frame #{}, return address {:#x})", b.function, b.frame, b.pc);
   }
-  return std::string{};
+
+ private:
+  // The first word of the stack pointing into a lock-taking range other than the frames below
+  // main, as "X is on its stack (...)"; nullopt if none (then no unwind is needed).
+  Result<std::optional<std::string>> scan_stack(const TracedThread& th) {
+    auto& ranges = t_.remote_cache().lock_ranges;
+    if (!arch::return_addresses_on_stack()) return std::optional<std::string>("return addresses are not on the stack");
+    uint64_t sp = arch::regs__sp(th.regs);
+    auto maps = HOTFIX_TRY(process__read_maps(t_.pid()));
+    auto stack = std::find_if(maps.begin(), maps.end(), [&](auto& m) { return m.contains(sp); });
+    if (stack == maps.end()) return std::optional<std::string>(fmt::format("its stack pointer {:#x} is not in any mapping", sp));
+    constexpr uint64_t kMaxScan = 1 << 20;
+    size_t slot = arch::stack_slot_size();
+    uint64_t from = sp & ~(uint64_t(slot) - 1);
+    std::vector<uint8_t> bytes(std::min<uint64_t>(stack->end - from, kMaxScan));
+    bytes.resize(t_.memory().read_bulk(from, bytes));
+    for (size_t off = 0; off + slot <= bytes.size(); off += slot) {
+      uint64_t word = 0;
+      std::memcpy(&word, bytes.data() + off, std::min(slot, sizeof word));
+      if (auto* r = range_containing(ranges, word); r && !below_main(*r))
+        return std::optional<std::string>(
+            fmt::format("{} is on its stack (word {:#x} at sp+{:#x})", r->name, word, from + off - sp));
+    }
+    return std::optional<std::string>();
+  }
+
+  // The checker over the lock-taking ranges, minus the frames below main (never counted as
+  // callers); nullptr if libdw cannot model the process (then every hit counts).
+  Result<ConsistencyChecker*> get_checker() {
+    if (tried_) return checker_ ? &*checker_ : nullptr;
+    tried_ = true;
+    std::vector<AddressRange> functions;
+    for (auto& r : t_.remote_cache().lock_ranges)
+      if (!below_main(r)) functions.push_back({r.begin, r.end, r.name});
+    auto c = ConsistencyChecker::create(t_.pid(), std::move(functions));
+    if (!c) return nullptr;
+    checker_.emplace(std::move(*c));
+    return &*checker_;
+  }
+
+  Tracee& t_;
+  bool tried_ = false, needed_unwinder_ = false, defer_build_ = false;
+  std::optional<ConsistencyChecker> checker_;
+};
+
+bool thread_sleeping(pid_t pid, pid_t tid) {
+  std::ifstream stat(fmt::format("/proc/{}/task/{}/stat", pid, tid));
+  std::string line;
+  std::getline(stat, line);
+  auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'S';
 }
+
+}  // namespace
+
+Result<std::string> remote__lock_frame(Tracee& t, pid_t tid) { return LockInspector(t).why_unsafe(tid); }
 
 Result<pid_t> remote__stop_safe_thread(Tracee& t, milliseconds timeout) {
   HOTFIX_CHECK(ensure_loader_info(t));
+  LockInspector inspector(t);
+  inspector.defer_build();
   auto deadline = TraceClock::now() + timeout;
   std::string last_reason = "no thread could be stopped";
-  while (TraceClock::now() < deadline) {
+  do {
     // Threads asleep in a system call first: they are the likeliest to hold no lock.
     std::vector<std::pair<bool, pid_t>> order;
-    for (auto& th : t.threads()) {
-      std::ifstream stat(fmt::format("/proc/{}/task/{}/stat", t.pid(), th.tid));
-      std::string line;
-      std::getline(stat, line);
-      auto close = line.rfind(')');
-      bool sleeping = close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'S';
-      order.emplace_back(!sleeping, th.tid);
-    }
+    for (auto& th : t.threads()) order.emplace_back(!thread_sleeping(t.pid(), th.tid), th.tid);
     std::stable_sort(order.begin(), order.end());
     for (auto [busy, tid] : order) {
       (void)busy;
       if (!t.find(tid)) continue;
-      auto stopped = t.stop_thread(tid, std::min<milliseconds>(timeout, milliseconds(500)));
+      auto left = duration_cast<milliseconds>(deadline - TraceClock::now());
+      auto stopped = t.stop_thread(tid, std::clamp<milliseconds>(left, milliseconds(50), milliseconds(500)));
       if (!stopped) {
         HOTFIX_CHECK(t.check_alive());
         last_reason = stopped.error().what;
@@ -219,17 +296,34 @@ Result<pid_t> remote__stop_safe_thread(Tracee& t, milliseconds timeout) {
         continue;
       }
       auto* th = t.find(tid);
-      auto why = th->usable_for_remote() ? remote__lock_frame(t, tid)
+      auto why = th->usable_for_remote() ? inspector.why_unsafe(tid)
                                          : Result<std::string>(fmt::format("it is in a {}", stop_kind__name(th->stop)));
       if (why && why->empty()) return tid;
+      if (inspector.needed_unwinder() && !inspector.unwinder_ready()) {
+        // A stack hit to confirm: build the unwinder with the thread running again (a
+        // single-threaded target would otherwise stand still meanwhile), then look again.
+        HOTFIX_CHECK(t.resume_thread(tid));
+        inspector.prepare_unwinder();
+        if (!t.find(tid)) continue;
+        left = duration_cast<milliseconds>(deadline - TraceClock::now());
+        if (!t.stop_thread(tid, std::clamp<milliseconds>(left, milliseconds(50), milliseconds(500)))) {
+          HOTFIX_CHECK(t.check_alive());
+          if (t.find(tid)) HOTFIX_CHECK(t.resume_thread(tid));
+          continue;
+        }
+        th = t.find(tid);
+        why = th->usable_for_remote() ? inspector.why_unsafe(tid)
+                                      : Result<std::string>(fmt::format("it is in a {}", stop_kind__name(th->stop)));
+        if (why && why->empty()) return tid;
+      }
       last_reason = fmt::format("thread {}: {}", tid, why ? *why : why.error().what);
       HOTFIX_CHECK(t.resume_thread(tid));
     }
     HOTFIX_CHECK(t.pump(milliseconds(5)));  // let them move on, then look again
-  }
+  } while (TraceClock::now() < deadline);
   return fail(fmt::format("no thread of process {} ({}) was outside the loader and malloc within {} ms (last: {})", t.pid(),
                           t.comm(), timeout.count(), last_reason),
-              "retry when the process is less busy, or raise the timeout");
+              "retry when the process is less busy, or raise --timeout");
 }
 
 namespace {
@@ -244,12 +338,17 @@ Result<void> require_running(Tracee& t) {
   return {};
 }
 
-// Runs `body(tid)` on a safe thread with the rest of the process running; resumes it after.
+// Runs `body(tid, call_timeout)` on a safe thread with the rest of the process running;
+// resumes it after. The whole takes at most choose_timeout + call_timeout.
 template <typename T, typename F>
 Result<T> with_safe_thread(Tracee& t, const InjectOptions& opts, F body) {
   HOTFIX_CHECK(require_running(t));
+  auto began = TraceClock::now();
   pid_t tid = HOTFIX_TRY(remote__stop_safe_thread(t, opts.choose_timeout));
-  auto out = body(tid);
+  // The call gets what the choice left of the budget (never less than its own share).
+  auto spent = duration_cast<milliseconds>(TraceClock::now() - began);
+  auto out = body(tid, std::max(opts.call_timeout, opts.choose_timeout + opts.call_timeout - spent));
+  if (!t.check_alive()) return out;  // body explains it
   if (auto resumed = t.resume_thread(tid); !resumed && out) return std::unexpected(resumed.error());
   return out;
 }
@@ -286,20 +385,111 @@ Result<void> require_dl(Tracee& t) {
 
 }  // namespace
 
+namespace {
+
+// Default action "terminate (and dump core)": a constructor raising one of these would kill the target.
+bool kills_by_default(int sig) {
+  return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGABRT || sig == SIGSYS ||
+         sig == SIGTRAP || sig == SIGTERM || sig == SIGINT || sig == SIGQUIT || sig == SIGHUP || sig == SIGUSR1 ||
+         sig == SIGUSR2 || sig == SIGALRM || sig == SIGPIPE;
+}
+
+// Does the target handle `sig` itself (SigCgt of /proc/PID/status)?
+bool target_catches(pid_t pid, int sig) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("SigCgt:", 0) == 0) return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1;
+  return false;
+}
+
+std::string sig_name(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  return abbrev ? fmt::format("SIG{}", abbrev) : fmt::format("signal {}", sig);
+}
+
+// A signal the thread sent itself during the call (raise, abort: si_pid is the target) that
+// would end the target: taken back from the thread's deferred signals, so it is never delivered.
+int take_self_raised_fatal(Tracee& t, pid_t tid, bool had_signal) {
+  auto* th = t.find(tid);
+  if (!th || had_signal || !th->resume_signal || !th->resume_info) return 0;
+  const siginfo_t& si = *th->resume_info;
+  int sig = th->resume_signal;
+  if (si.si_code > 0 || si.si_pid != t.pid() || !kills_by_default(sig) || target_catches(t.pid(), sig)) return 0;
+  th->resume_signal = 0;
+  th->resume_info.reset();
+  return sig;
+}
+
+// The loader call failed (timeout or crash): the thread was taken back out of dlopen and its
+// registers restored; the loader's state it held is abandoned. Say so exactly.
+Error abandoned_dlopen(Tracee& t, pid_t tid, const std::string& path, const Error& call, milliseconds elapsed,
+                       milliseconds budget) {
+  bool blocked = elapsed >= budget;
+  std::string happened =
+      blocked ? fmt::format("dlopen(\"{}\") in thread {} of process {} ({}) did not return within {} ms: a constructor of "
+                            "the library (or of a library it needs) blocks",
+                            path, tid, t.pid(), t.comm(), budget.count())
+              : fmt::format("dlopen(\"{}\") in thread {} of process {} ({}) failed inside the library's constructors ({})",
+                            path, tid, t.pid(), t.comm(), call.what);
+  bool alone = t.threads().size() == 1;
+  std::string state = fmt::format(
+      "the target is still running: thread {} was taken back to where it was and runs on, but the loader lock it took "
+      "in dlopen stays held by it and the library stays mapped, half initialised; {}",
+      tid,
+      alone ? "the process has one thread, which may take the (recursive) lock again, so its own later dlopen and exit "
+              "still work, but a thread it creates later blocks in dlopen, dlclose and exit"
+            : "its other threads will block in dlopen, dlclose, dl_iterate_phdr (C++ exceptions) and exit");
+  return Error{happened + "; " + state,
+               "restart the target when you can (SIGKILL if it no longer exits); fix the constructor of the library "
+               "(constructors run inside the target's loader lock and must not block, crash or exit), or move that "
+               "work out of it",
+               1};
+}
+
+// The target ended while the library's constructors ran.
+Error process_ended_in_dlopen(Tracee& t, pid_t tid, const std::string& path) {
+  std::string how = t.check_alive() ? std::string("ended") : t.check_alive().error().what;
+  return Error{fmt::format("the target ended while dlopen(\"{}\") ran fix.so's constructors in thread {}: {}", path, tid, how),
+               "a constructor of the library (or of a library it needs) called exit() or was killed; restart the "
+               "service and remove that from the constructor (constructors run inside the target's loader lock)",
+               1};
+}
+
+}  // namespace
+
 Result<Injection> remote__inject_library(Tracee& t, const std::string& path, const InjectOptions& opts) {
   if (path.empty() || path[0] != '/') return usage_error(fmt::format("library path '{}' is not absolute", path), "give the full path of the .so");
   if (::access(resolve_in_target(t.pid(), path).c_str(), R_OK) != 0)
     return fail(fmt::format("process {} cannot see {}: {}", t.pid(), path, errno_text(errno)),
                 "the library must exist at that path inside the target's mount namespace");
   HOTFIX_CHECK(require_dl(t));
-  return with_safe_thread<Injection>(t, opts, [&](pid_t tid) -> Result<Injection> {
+  return with_safe_thread<Injection>(t, opts, [&](pid_t tid, milliseconds budget) -> Result<Injection> {
     uint64_t name = HOTFIX_TRY(remote_string(t, tid, path));
+    bool had_signal = t.find(tid)->resume_signal != 0;
+    auto began = TraceClock::now();
     // Never retried: once dlopen started, the library's constructors may have run.
-    auto handle = remote__call(t, tid, t.remote_cache().dlopen, std::vector<uint64_t>{name, RTLD_NOW}, opts.call_timeout);
+    crashpoint("inject: before dlopen");
+    auto handle = remote__call(t, tid, t.remote_cache().dlopen, std::vector<uint64_t>{name, RTLD_NOW}, budget);
+    crashpoint("inject: after dlopen");
+    auto elapsed = duration_cast<milliseconds>(TraceClock::now() - began);
+    if (!t.check_alive()) return std::unexpected(process_ended_in_dlopen(t, tid, path));
+    int raised = take_self_raised_fatal(t, tid, had_signal);
     std::string why;
     if (handle && *handle == 0) why = remote_dlerror(t, tid, opts.call_timeout).value_or("(dlerror failed)");
+    if (handle && *handle && raised) {
+      // The constructor went on after raise() returned (the signal was held): undo the load.
+      crashpoint("inject: before dlclose of a library whose constructor raised a signal");
+      auto closed = remote__call(t, tid, t.remote_cache().dlclose, std::vector<uint64_t>{*handle}, budget);
+      (void)remote__munmap(t, tid, name, page_up(path.size() + 1));
+      return fail(fmt::format("a constructor of {} raised {} in thread {} of process {} ({}) during dlopen: the signal "
+                              "was held back (delivered, it would have killed the target) and {}",
+                              path, sig_name(raised), tid, t.pid(), t.comm(),
+                              closed && *closed == 0 ? "the library was unloaded again; the target runs on"
+                                                     : "unloading the library failed: it stays loaded, unused"),
+                  "fix the constructor of the library: it must not abort or raise fatal signals");
+    }
     (void)remote__munmap(t, tid, name, page_up(path.size() + 1));
-    if (!handle) return std::unexpected(handle.error());
+    if (!handle) return std::unexpected(abandoned_dlopen(t, tid, path, handle.error(), elapsed, budget));
     if (*handle == 0)
       return fail(fmt::format("dlopen(\"{}\") in process {} ({}) failed: {}", path, t.pid(), t.comm(), why),
                   "check the library's dependencies and symbols (ldd, nm -D) as the target sees them");
@@ -309,8 +499,9 @@ Result<Injection> remote__inject_library(Tracee& t, const std::string& path, con
 
 Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& opts) {
   HOTFIX_CHECK(require_dl(t));
-  return with_safe_thread<void>(t, opts, [&](pid_t tid) -> Result<void> {
-    uint64_t rc = HOTFIX_TRY(remote__call(t, tid, t.remote_cache().dlclose, std::vector<uint64_t>{handle}, opts.call_timeout));
+  return with_safe_thread<void>(t, opts, [&](pid_t tid, milliseconds budget) -> Result<void> {
+    crashpoint("inject: before dlclose");
+    uint64_t rc = HOTFIX_TRY(remote__call(t, tid, t.remote_cache().dlclose, std::vector<uint64_t>{handle}, budget));
     if (static_cast<int>(rc) == 0) return {};
     auto why = remote_dlerror(t, tid, opts.call_timeout).value_or("(dlerror failed)");
     return fail(fmt::format("dlclose({:#x}) in process {} failed: {}", handle, t.pid(), why));
@@ -319,9 +510,9 @@ Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& op
 
 Result<uint64_t> remote__dlsym(Tracee& t, uint64_t handle, const std::string& symbol, const InjectOptions& opts) {
   HOTFIX_CHECK(require_dl(t));
-  return with_safe_thread<uint64_t>(t, opts, [&](pid_t tid) -> Result<uint64_t> {
+  return with_safe_thread<uint64_t>(t, opts, [&](pid_t tid, milliseconds budget) -> Result<uint64_t> {
     uint64_t name = HOTFIX_TRY(remote_string(t, tid, symbol));
-    auto addr = remote__call(t, tid, t.remote_cache().dlsym, std::vector<uint64_t>{handle, name}, opts.call_timeout);
+    auto addr = remote__call(t, tid, t.remote_cache().dlsym, std::vector<uint64_t>{handle, name}, budget);
     (void)remote__munmap(t, tid, name, page_up(symbol.size() + 1));
     return addr;
   });

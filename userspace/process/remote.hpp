@@ -54,6 +54,9 @@ Result<uint64_t> remote__call(Tracee& t, pid_t tid, uint64_t fn, std::span<const
 struct InjectOptions {
   std::chrono::milliseconds choose_timeout = std::chrono::seconds(3);  // to find a safe thread
   std::chrono::milliseconds call_timeout = std::chrono::seconds(10);   // for dlopen itself
+  // Everything within `total` (hotfix-ctl's --timeout): half of it to find a safe thread,
+  // the rest for the loader call (dlopen runs fix.so's constructors).
+  static InjectOptions within(std::chrono::milliseconds total) { return {total / 2, total - total / 2}; }
 };
 struct Injection {
   uint64_t handle = 0;  // dlopen's handle in the target
@@ -62,7 +65,11 @@ struct Injection {
 // dlopen(path, RTLD_NOW) in the target, on a thread that holds no loader or malloc lock,
 // while every other thread keeps running (so a lock they hold gets released). Requires no
 // thread to be stopped by us. Never retried once started: constructors run at most once. On
-// failure the target's dlerror() text is in the error.
+// failure the target's dlerror() text is in the error. fix.so's constructors run inside the
+// call, under the target's loader lock; one that blocks past call_timeout, crashes or ends the
+// process is reported with the state it left the target in (see docs/limits.md). A fatal
+// signal a constructor raises itself (abort(), raise(SIGSEGV)) is not delivered: the library
+// is unloaded again and the call fails.
 Result<Injection> remote__inject_library(Tracee& t, const std::string& path, const InjectOptions& opts = {});
 // dlclose(handle) the same way (for reverted patches).
 Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& opts = {});
@@ -70,11 +77,13 @@ Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& op
 Result<uint64_t> remote__dlsym(Tracee& t, uint64_t handle, const std::string& name, const InjectOptions& opts = {});
 
 // Stop one thread that is not inside the dynamic loader or the malloc/fork/dlopen family of
-// libc (checked at its pc and by a conservative scan of its stack for return addresses),
-// trying each thread in turn and letting them run in between, until `timeout`.
+// libc: not at its pc, and not as a live caller on its stack (a scan of its stack for words
+// pointing there, each hit confirmed by a libdw unwind; __libc_start_main below main never
+// counts; a thread the unwinder cannot walk past a hit counts as holding the lock). Tries each
+// thread in turn (sleeping ones first), letting them run in between, until `timeout`.
 Result<pid_t> remote__stop_safe_thread(Tracee& t, std::chrono::milliseconds timeout);
 
-// Why `tid` (stopped) would be unsafe to run the loader on, or "" if safe.
+// Why `tid` (stopped) would be unsafe to run the loader on, or "" if safe (same rule).
 Result<std::string> remote__lock_frame(Tracee& t, pid_t tid);
 
 }  // namespace hotfix
