@@ -12,14 +12,17 @@
 #include <set>
 #include <thread>
 
+#include "common/sha256.hpp"
 #include "patch/abi_check.hpp"
 #include "observe/liveness.hpp"
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
 #include "patch/binder.hpp"
 #include "patch/counting.hpp"
+#include "patch/deliver.hpp"
 #include "patch/fixlib.hpp"
 #include "process/environment.hpp"
+#include "patch/trust.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
@@ -71,8 +74,6 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
   return s;
 }
 
-std::string basename_of(const std::string& path) { return std::filesystem::path(path).filename().string(); }
-
 }  // namespace
 
 const char* consistency__name(Consistency c) { return c == Consistency::strict ? "strict" : "entry"; }
@@ -84,8 +85,11 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   PreparedPatch p;
   p.options = opts;
   p.executable = executable_of(opts.pid);
-  HOTFIX_CHECK(fixlib__validate(opts.library, p.executable));
-  auto fix = HOTFIX_TRY(fixlib__read(opts.library));
+  auto trusted = HOTFIX_TRY(trust__read_fix(opts.library, opts.allow_untrusted_lib));
+  p.fix = std::move(trusted.image);
+  p.untrusted = std::move(trusted.untrusted);
+  HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
+  auto fix = HOTFIX_TRY(fixlib__read(p.fix));
   p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
   PlanOptions plan_opts;
   plan_opts.patterns = opts.patterns;
@@ -104,9 +108,9 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   // The ABI check stays last: it is the most expensive and the least specific, and a fix.so
   // that cannot be loaded or bound at all must hear that first.
   if (opts.abi_check) {
-    auto fix_table = HOTFIX_TRY(SymbolTable::for_file(opts.library));
+    auto fix_table = HOTFIX_TRY(SymbolTable::for_image(p.fix.bytes, opts.library));
     for (auto& s : p.switches)
-      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement}));
+      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement, p.fix.bytes}));
   }
   return p;
 }
@@ -114,7 +118,7 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, milliseconds window) {
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
-  auto live = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  auto live = registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr);
   auto seen = HOTFIX_TRY(liveness__observe(p.options.pid, live, window));
   std::vector<FunctionLiveness> out;
   for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight});
@@ -135,7 +139,7 @@ class Undo {
   uint64_t handle = 0;                                   // dlopen handle to dlclose
   std::optional<uint32_t> counters;                      // pinned hit counters of this patch id
   std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
-  std::string copy;                                      // the bound copy on disk
+  std::optional<DeliveredFix> delivered;                 // its memfd fd in the target, until closed
 
  private:
   void rollback() {
@@ -150,7 +154,7 @@ class Undo {
         (void)t_.resume_thread(tid);
       }
     }
-    if (!copy.empty()) ::unlink(copy.c_str());
+    if (delivered && t_.check_alive()) (void)deliver__close(t_, *delivered);
     if (counters) (void)patchcount__remove(t_.pid(), *counters);
   }
   Tracee& t_;
@@ -244,16 +248,23 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   HOTFIX_CHECK(target__check_sandbox(tracee, p.options.count));
   Undo undo(tracee);
 
-  // Bind and load fix.so while every thread runs.
-  std::string copy = fmt::format("{}{}/{}-{}", p.options.patch_dir, pid, p.id, basename_of(p.options.library));
-  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy));
-  undo.copy = bound.path;
-  auto injection = HOTFIX_TRY(remote__inject_library(tracee, bound.path));
+  // Bind and load fix.so while every thread runs: its bytes go into a sealed memfd inside the
+  // target, which dlopens that (never a path someone could swap, in any mount namespace).
+  auto bound = HOTFIX_TRY(binder__bind(p.table, p.executable, p.fix));
+  std::string sha256 = sha256__hex(p.fix.bytes);  // fix.so as read: what `sha256sum fix.so` says
+  undo.delivered = HOTFIX_TRY(deliver__into(tracee, p.table, deliver__memfd_name(p.id, sha256, p.options.library), bound.bytes));
+  const DeliveredFix& delivered = *undo.delivered;
+  auto injection = HOTFIX_TRY(remote__inject_library(tracee, delivered.dlopen_path));
   undo.handle = injection.handle;
-  uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
+  HOTFIX_CHECK(deliver__close(tracee, *undo.delivered));  // the loader's mappings keep the memfd alive
+  auto loaded = binder__load_base(pid, delivered.mapped, bound.bytes);
+  if (!loaded)  // dlopen gave back an object it had already, not ours
+    return fail(fmt::format("dlopen({}) in pid {} did not map the delivered fix library: {}", delivered.dlopen_path,
+                            pid, loaded.error().what), "retry; if it persists, report it");
+  uint64_t load_base = *loaded;
   HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
-  progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
-                       injection.handle, bound.bindings.size()));
+  progress(fmt::format("loaded {} (sha256 {}) at {:#x} (handle {:#x}); bound {} target symbol(s)", p.options.library,
+                       sha256, load_base, injection.handle, bound.bindings.size()));
 
   // Islands and the registry need one stopped thread; the others keep running.
   pid_t tid = tracee.threads().front().tid;
@@ -276,7 +287,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   PatchRecord record;
   record.id = p.id;
   record.library = std::filesystem::absolute(p.options.library).string();
-  record.loaded_copy = bound.path;
+  record.loaded_copy = delivered.mapped;
   record.handle = injection.handle;
   record.load_base = load_base;
   record.consistency = consistency__name(p.options.consistency);
@@ -300,7 +311,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
   auto quiet = p.options.quiesce_probes
-                   ? registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr)
+                   ? registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr)
                    : std::vector<Function>{};
   auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
   Registry registry = p.registry;
@@ -313,7 +324,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
   undo.commit();
   if (counters) count_old_code(p, progress);
-  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
+  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, delivered.mapped, sha256, delivered.sha256};
 }
 
 }  // namespace

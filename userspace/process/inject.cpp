@@ -288,7 +288,10 @@ Result<void> require_dl(Tracee& t) {
 
 Result<Injection> remote__inject_library(Tracee& t, const std::string& path, const InjectOptions& opts) {
   if (path.empty() || path[0] != '/') return usage_error(fmt::format("library path '{}' is not absolute", path), "give the full path of the .so");
-  if (::access(resolve_in_target(t.pid(), path).c_str(), R_OK) != 0)
+  // "/proc/self/fd/N" (a memfd delivered into the target) is the target's own /proc/PID/fd/N.
+  std::string seen = path.starts_with("/proc/self/") ? fmt::format("/proc/{}{}", t.pid(), path.substr(10))
+                                                     : resolve_in_target(t.pid(), path);
+  if (::access(seen.c_str(), R_OK) != 0)
     return fail(fmt::format("process {} cannot see {}: {}", t.pid(), path, errno_text(errno)),
                 "the library must exist at that path inside the target's mount namespace");
   HOTFIX_CHECK(require_dl(t));
