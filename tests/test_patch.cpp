@@ -284,12 +284,12 @@ void expect_untouched(Patchee& p, const Snapshot& before) {
 }
 
 // Start `hotfix-ctl args...` and return once it holds the target with fix.so loaded (its
-// bound copy under /run/hotfix/PID is mapped): it is now in its stop-and-check loop.
+// bound copy, a memfd named "hotfix:<id>:...", is mapped): it is now in its stop-and-check loop.
 std::unique_ptr<Child> start_ctl_and_wait_loaded(Patchee& p, std::vector<std::string> args) {
   args.insert(args.begin(), ctl());
   auto c = std::make_unique<Child>(args);
   c->close_stdin();
-  const std::string copy = "/run/hotfix/" + std::to_string(p.pid()) + "/";
+  const std::string copy = "/memfd:hotfix:";
   for (int i = 0; i < 2000 && !maps_contain(p.pid(), copy); ++i) {
     REQUIRE(c->running());
     std::this_thread::sleep_for(milliseconds(5));
@@ -349,7 +349,7 @@ TEST_CASE("patches stack and revert in order down to the file's bytes", "[patch]
   require_results(p, {}, "old");
   check_text(p, {{"c_answer", original}});
   CHECK(p.text("c_answer") == file_bytes(p.pid(), p.fn.at("c_answer"), kTextBytes));
-  CHECK(!maps_contain(p.pid(), "/run/hotfix/"));  // both libraries unloaded
+  CHECK(!maps_contain(p.pid(), "/memfd:hotfix:"));  // both libraries unloaded
 }
 
 TEST_CASE("static functions, members, class and namespace patterns, shared libraries", "[patch]") {
@@ -598,7 +598,7 @@ TEST_CASE("list and revert from later hotfix-ctl processes", "[patch][cli]") {
   REQUIRE(after.exit_code == 0);
   CHECK(after.out.find("\"state\":\"reverted\"") != std::string::npos);
   CHECK(after.out.find("\"released\":true") != std::string::npos);
-  CHECK(!maps_contain(p.pid(), "/run/hotfix/"));  // the bound copy was unloaded
+  CHECK(!maps_contain(p.pid(), "/memfd:hotfix:"));  // the bound copy was unloaded
   auto again = ctl_run({"revert", "--pid", pid, "--id", std::to_string(id)});
   expect_refused(again, "already reverted");
   require_results(p, {}, "old");

@@ -53,4 +53,9 @@ std::string foreign_breakpoint_text(pid_t pid, const ForeignBreakpoint& b);
 // Print `e` as one line on stderr and return its exit code.
 int report(const Error& e);
 
+// What the audit log could not record (common/audit.hpp): "note: audit: ..." lines on stdout,
+// or, for a --json result, its `,"audit_notes":[...]` member ("" when there are none).
+void print_audit_notes(const std::vector<std::string>& notes);
+std::string audit_notes_json(const std::vector<std::string>& notes);
+
 }  // namespace hotfix::cli

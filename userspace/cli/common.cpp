@@ -10,6 +10,7 @@
 #include "patch/fixlib.hpp"
 #include "process/environment.hpp"
 #include "process/memory.hpp"
+#include "common/json.hpp"
 
 namespace hotfix::cli {
 
@@ -93,6 +94,18 @@ std::string foreign_breakpoint_text(pid_t pid, const ForeignBreakpoint& b) {
 int report(const Error& e) {
   fmt::print(stderr, "hotfix-ctl: {}\n", one_line(e.line()));
   return e.exit_code;
+}
+
+void print_audit_notes(const std::vector<std::string>& notes) {
+  for (auto& n : notes) fmt::print("note: audit: {}\n", n);
+  std::fflush(stdout);
+}
+
+std::string audit_notes_json(const std::vector<std::string>& notes) {
+  if (notes.empty()) return "";
+  std::string items;
+  for (auto& n : notes) items += (items.empty() ? "" : ",") + json__quote(n);
+  return ",\"audit_notes\":[" + items + "]";
 }
 
 }  // namespace hotfix::cli

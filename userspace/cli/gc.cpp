@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include "cli/cli.hpp"
+#include "common/audit.hpp"
 #include "common/json.hpp"
 #include "observe/patchcount.hpp"
 #include "patch/recover.hpp"
@@ -17,12 +18,21 @@ int verb_gc(const Args& args) {
   bool dry_run = vm.count("dry-run") > 0;
   GcReport r = patchcount__gc(dry_run);
   recover__gc(dry_run, r);  // journals of dead processes; orphans of live ones
+  std::vector<std::string> notes;
+  if (!dry_run) {
+    AuditEntry audit;
+    audit.verb = "gc";
+    audit.removed = r.removed;
+    if (!r.errors.empty()) audit.result = r.errors.front();
+    notes = audit__record(audit);
+  }
   if (vm.count("json")) {
     std::string removed, errors;
     for (auto& p : r.removed) removed += (removed.empty() ? "" : ",") + json__quote(p);
     for (auto& e : r.errors) errors += (errors.empty() ? "" : ",") + json__quote(e);
-    fmt::print("{{\"dry_run\":{},\"removed\":[{}],\"errors\":[{}]}}\n", dry_run, removed, errors);
+    fmt::print("{{\"dry_run\":{},\"removed\":[{}],\"errors\":[{}]{}}}\n", dry_run, removed, errors, audit_notes_json(notes));
   } else {
+    print_audit_notes(notes);
     for (auto& p : r.removed) fmt::print("{} {}\n", dry_run ? "would remove" : "removed", p);
     if (r.removed.empty() && r.errors.empty()) fmt::print("nothing to remove: every pin and patch directory belongs to a live process\n");
   }

@@ -7,10 +7,13 @@
 
 #include "cli/cli.hpp"
 #include "cli/progress.hpp"
+#include "common/audit.hpp"
 #include "common/json.hpp"
 #include "patch/engine.hpp"
+#include "patch/deliver.hpp"
 #include "patch/fixlib.hpp"
 #include "process/environment.hpp"
+#include "patch/trust.hpp"
 #include "process/maps.hpp"
 
 namespace hotfix::cli {
@@ -123,10 +126,17 @@ int verb_revert(const Args& args) {
   bool json = vm.count("json");
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
   if (!recover_first(opts.pid)) return 1;
-  if (auto registry = registry__read(opts.pid); !registry) {
-    return report(registry.error());
+  // The audit log gets one line per reverted patch (its library, digest and functions, from
+  // the registry as it was before), or one line for a revert that failed.
+  AuditEntry audit;
+  audit.verb = "revert";
+  audit.pid = opts.pid;
+  audit.target = audit__target(opts.pid);
+  auto before = registry__read(opts.pid);
+  if (!before) {
+    return report(before.error());
   } else {
-    for (auto& b : foreign_breakpoints(opts.pid, *registry))
+    for (auto& b : foreign_breakpoints(opts.pid, *before))
       if (opts.all || std::find(opts.ids.begin(), opts.ids.end(), b.id) != opts.ids.end())
         return report(Error{foreign_breakpoint_text(opts.pid, b) + "; nothing was reverted",
                             "reverting under it is not safe either: restart the service, then stop the tool", 1});
@@ -134,7 +144,27 @@ int verb_revert(const Args& args) {
   ProgressPrinter printer(json);
   auto outcomes = patch__revert(opts, [&](const ProgressEvent& e) { printer(e); });
   printer.finish();
-  if (!outcomes) return report(outcomes.error());
+  std::vector<std::string> notes;
+  if (!outcomes) {
+    audit.ids = opts.ids;
+    audit.result = outcomes.error().line();
+    print_audit_notes(audit__record(audit));
+    return report(outcomes.error());
+  }
+  for (auto& o : *outcomes) {
+    AuditEntry one = audit;
+    one.ids = {o.id};
+    one.pause_us = o.pause.count() / 1000.0;
+    if (const PatchRecord* p = before->find(o.id)) {
+      one.library = p->library;
+      one.sha256 = deliver__sha256_of(p->loaded_copy);
+      for (auto& f : p->functions) one.functions.push_back(symbol__demangle(f.mangled));
+    }
+    for (auto& n : audit__record(one))
+      if (std::find(notes.begin(), notes.end(), n) == notes.end()) notes.push_back(n);
+  }
+  if (outcomes->empty()) notes = audit__record(audit);  // nothing to revert: still an attempt
+  if (!json) print_audit_notes(notes);
   std::string items;
   for (auto& o : *outcomes) {
     if (json) {
@@ -147,7 +177,7 @@ int verb_revert(const Args& args) {
                o.pause.count() / 1000.0, o.attempts,
                o.released ? "its library is unloaded" : "its library stays loaded: " + o.held_by);
   }
-  if (json) fmt::print("{{\"pid\":{},\"reverted\":[{}]}}\n", opts.pid, items);
+  if (json) fmt::print("{{\"pid\":{},\"reverted\":[{}]{}}}\n", opts.pid, items, audit_notes_json(notes));
   else if (outcomes->empty()) fmt::print("pid {} has no active patches: nothing to revert\n", opts.pid);
   return 0;
 }

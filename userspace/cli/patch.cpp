@@ -3,7 +3,9 @@
 
 #include "cli/cli.hpp"
 #include "cli/progress.hpp"
+#include "common/audit.hpp"
 #include "common/json.hpp"
+#include "common/sha256.hpp"
 #include "patch/engine.hpp"
 #include "process/environment.hpp"
 
@@ -13,7 +15,7 @@ namespace {
 
 constexpr const char* kSynopsis =
     "--pid PID --lib fix.so [PATTERN...] [--object NAME] [--consistency strict|entry] [--timeout SEC] "
-    "[--dry-run] [--json]";
+    "[--allow-untrusted-lib] [--dry-run] [--json]";
 
 std::string hex(const std::vector<uint8_t>& bytes) {
   std::string s;
@@ -74,6 +76,7 @@ int verb_patch(const Args& args) {
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
       "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
+      "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
       "dry-run", "print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -88,18 +91,41 @@ int verb_patch(const Args& args) {
   opts.quiesce_probes = !vm.count("blind-retry");
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
+  opts.allow_untrusted_lib = vm.count("allow-untrusted-lib") > 0;
+  bool dry_run = vm.count("dry-run") > 0;
+
+  // Every attempt that gets past the options is audited, refusals included (not dry runs).
+  AuditEntry audit;
+  audit.verb = "patch";
+  audit.pid = opts.pid;
+  audit.target = audit__target(opts.pid);
+  audit.library = opts.library;
+  audit.allow_untrusted_lib = opts.allow_untrusted_lib;
+  auto refused = [&](const Error& e) {
+    if (!dry_run) {
+      audit.result = e.line();
+      print_audit_notes(audit__record(audit));
+    }
+    return report(e);
+  };
 
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
   if (!recover_first(opts.pid)) return 1;
   auto prepared = patch__prepare(opts);
-  if (!prepared) return report(prepared.error());
+  if (!prepared) return refused(prepared.error());
+  audit.sha256 = sha256__hex(prepared->fix.bytes);
+  audit.ids = {prepared->id};
+  audit.untrusted = prepared->untrusted;
+  for (auto& s : prepared->switches) audit.functions.push_back(s.entry.target.name);
+  if (!prepared->untrusted.empty() && !json)
+    fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);
   if (!json) print_plan(*prepared);
   if (opts.observe.count() > 0) {
     auto liveness = patch__observe(*prepared, opts.observe);
-    if (!liveness) return report(liveness.error());
+    if (!liveness) return refused(liveness.error());
     if (!json) print_liveness(*liveness, opts.observe);
   }
-  if (vm.count("dry-run")) {
+  if (dry_run) {
     if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{}}}\n", prepared->switches.size());
     else fmt::print("dry run: nothing was changed\n");
     return 0;
@@ -107,11 +133,17 @@ int verb_patch(const Args& args) {
   ProgressPrinter printer(json);
   auto outcome = patch__apply(*prepared, [&](const ProgressEvent& e) { printer(e); });
   printer.finish();
-  if (!outcome) return report(outcome.error());
+  if (!outcome) return refused(outcome.error());
+  audit.ids = {outcome->id};
+  audit.loaded_sha256 = outcome->loaded_sha256;
+  audit.pause_us = outcome->pause.count() / 1000.0;
+  auto notes = audit__record(audit);
   if (json) {
-    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"functions\":{}}}\n", outcome->id,
-               outcome->pause.count() / 1000.0, outcome->attempts, functions_json(outcome->functions));
+    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{}{}}}\n", outcome->id,
+               outcome->pause.count() / 1000.0, outcome->attempts, outcome->sha256, functions_json(outcome->functions),
+               audit_notes_json(notes));
   } else {
+    print_audit_notes(notes);
     fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,
                opts.pid, outcome->functions.size(), outcome->pause.count() / 1000.0, outcome->attempts);
   }

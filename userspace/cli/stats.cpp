@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <ctime>
@@ -19,6 +20,7 @@
 #include "observe/callers.hpp"
 #include "observe/patchcount.hpp"
 #include "patch/registry.hpp"
+#include "patch/trust.hpp"
 #include "process/maps.hpp"
 #include "symbols/symbols.hpp"
 
@@ -412,6 +414,9 @@ int verb_stats(const Args& args) {
                one_line(foreign_breakpoint_text(a.pid, b)));
   auto patches = select_patches(*registry, a);
   if (!patches) return report(patches.error());
+  // Root-only pins read as "not counted" to others: say that they cannot see them instead.
+  if (std::any_of(patches->begin(), patches->end(), [](auto* p) { return p->counters != 0; }))
+    if (auto readable = hotfix_state__readable(a.pid, true); !readable) return report(readable.error());
   if (a.callers) {
     if (patches->empty()) return report(Error{fmt::format("pid {} has no active patches: no callers to sample", a.pid), "", 1});
     return run_callers(a, *patches);

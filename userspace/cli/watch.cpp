@@ -105,7 +105,7 @@ int run_watch(const WatchArgs& a) {
   auto registry = registry__read(a.pid);
   if (!registry) return report(registry.error());
   std::vector<std::string> notes;
-  auto live = registry__live_functions(*registry, *table, std::move(*functions), kPatchDir, &notes);
+  auto live = registry__live_functions(*registry, *table, std::move(*functions), kFixCopyPrefix, &notes);
   if (live.empty()) return report(Error{"every matching function is a fix library's copy", "name the original functions"});
   bool inflight = a.inflight.value_or(true);
   if (!a.inflight) {

@@ -60,9 +60,15 @@ uint64_t realtime_ns() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
 }
 
+// A root-only directory: created 0700, or made so (an older build created them 0755).
 Result<void> make_dir(const std::string& path, mode_t mode) {
   if (::mkdir(path.c_str(), mode) != 0 && errno != EEXIST)
     return fail(fmt::format("cannot create {}: {}", path, errno_text(errno)), "is the BPF filesystem mounted read-write?");
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid())
+    return fail(fmt::format("{} is not a directory of ours", path), "remove it (`hotfix-ctl gc` cannot)");
+  if ((st.st_mode & 07777) != mode && ::chmod(path.c_str(), mode) != 0)
+    return fail(fmt::format("cannot make {} mode {:o}: {}", path, mode, errno_text(errno)));
   return {};
 }
 
@@ -140,6 +146,10 @@ struct SkelGuard {
 Result<void> pin(int fd, const std::string& path) {
   if (bpf_obj_pin(fd, path.c_str()) != 0)
     return fail(fmt::format("cannot pin {}: {}", path, errno_text(errno)), "is the BPF filesystem mounted at /sys/fs/bpf?");
+  if (::chmod(path.c_str(), 0600) != 0) {  // root's alone, whatever the umask
+    ::unlink(path.c_str());
+    return fail(fmt::format("cannot make {} 0600: {}", path, errno_text(errno)));
+  }
   return {};
 }
 
@@ -151,11 +161,7 @@ Result<void> create_pins(const PatchCounters& c, const patchcount_bpf* skel, pid
   HOTFIX_CHECK(pin(bpf_map__fd(skel->maps.meta), c.dir + "/meta"));
   HOTFIX_CHECK(pin(bpf_map__fd(skel->maps.old_hits), c.old_hits_path));
   HOTFIX_CHECK(pin(bpf_map__fd(skel->maps.new_hits), c.new_hits_path));
-  // The target opens new_hits itself (BPF_OBJ_GET needs read+write on the pin): give it its owner.
-  struct stat st;
-  if (::stat(fmt::format("/proc/{}", pid).c_str(), &st) == 0 && ::chown(c.new_hits_path.c_str(), st.st_uid, st.st_gid) != 0)
-    return fail(fmt::format("cannot give {} to the target's user: {}", c.new_hits_path, errno_text(errno)));
-  return {};
+  return {};  // a target that is not root opens new_hits through patchcount__handoff
 }
 
 UniqueFd dup_fd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 3)); }
@@ -191,9 +197,9 @@ Result<PatchCounters> patchcount__create(pid_t pid, uint32_t id, uint32_t nfunct
   c.dir = patchcount__dir(pid, id);
   c.new_hits_path = c.dir + "/new_hits";
   c.old_hits_path = c.dir + "/old_hits";
-  HOTFIX_CHECK(make_dir(kPinRoot, 0755));
-  HOTFIX_CHECK(make_dir(pid_dir(pid), 0755));
-  if (::mkdir(c.dir.c_str(), 0755) != 0) {
+  HOTFIX_CHECK(make_dir(kPinRoot, 0700));
+  HOTFIX_CHECK(make_dir(pid_dir(pid), 0700));
+  if (::mkdir(c.dir.c_str(), 0700) != 0) {
     if (errno == EEXIST)
       return fail(fmt::format("patch {} of pid {} already has counters in {}", id, pid, c.dir),
                   "remove them with patchcount__remove first");
@@ -213,6 +219,31 @@ Result<PatchCounters> patchcount__create(pid_t pid, uint32_t id, uint32_t nfunct
   c.new_hits = dup_fd(bpf_map__fd((*skel)->maps.new_hits));
   c.old_hits = dup_fd(bpf_map__fd((*skel)->maps.old_hits));
   return c;
+}
+
+Result<std::string> patchcount__handoff(const PatchCounters& c, uid_t uid, gid_t gid) {
+  // No dots: bpffs reserves names with dots (EPERM).
+  std::string dir = fmt::format("{}/hotfix-handoff-{}-{}", kBpffsMount, c.pid, c.id);
+  (void)remove_pin_dir(dir);  // a crashed hotfix-ctl's
+  if (::mkdir(dir.c_str(), 0700) != 0) return fail(fmt::format("cannot create {}: {}", dir, errno_text(errno)));
+  std::string path = dir + "/new_hits";
+  // Everything is in place before the target's user owns anything here.
+  auto made = [&]() -> Result<void> {
+    HOTFIX_CHECK(pin(c.new_hits.get(), path));
+    if (::chown(path.c_str(), uid, gid) != 0 || ::chown(dir.c_str(), uid, gid) != 0)
+      return fail(fmt::format("cannot give {} to the target's user: {}", path, errno_text(errno)));
+    return {};
+  }();
+  if (!made) {
+    (void)remove_pin_dir(dir);
+    return std::unexpected(made.error());
+  }
+  return path;
+}
+
+void patchcount__handoff_done(const std::string& path) {
+  ::unlink(path.c_str());
+  ::rmdir(fs::path(path).parent_path().c_str());
 }
 
 Result<OldCodeExits> patchcount__old_exits(pid_t pid, const Function& old_fn, uint32_t index) {

@@ -50,11 +50,17 @@ struct PatchCounters {
   size_t mmap_size() const;
 };
 
-// Create and pin the counters of patch `id` of `pid` (zeroed, nfunctions slots). The new_hits
-// pin is chowned to the target's user so that the target itself may BPF_OBJ_GET it. Fails if
-// counters for this patch of this process exist already; stale ones of a reused pid are
-// replaced. On failure nothing is left pinned.
+// Create and pin the counters of patch `id` of `pid` (zeroed, nfunctions slots). Pins are
+// root's alone (files 0600, directories 0700). Fails if counters for this patch of this
+// process exist already; stale ones of a reused pid are replaced. On failure nothing is left
+// pinned.
 Result<PatchCounters> patchcount__create(pid_t pid, uint32_t id, uint32_t nfunctions);
+
+// A target that is not root cannot walk the 0700 directories to BPF_OBJ_GET new_hits itself:
+// pin it once more, for that user alone (/sys/fs/bpf/hotfix-handoff-<pid>-<id>/new_hits, 0600
+// in 0700, owned by uid/gid), for the moment it maps it; patchcount__handoff_done removes it.
+Result<std::string> patchcount__handoff(const PatchCounters& c, uid_t uid, gid_t gid);
+void patchcount__handoff_done(const std::string& path);
 
 // The exits of one old function: probes there count calls still running the old code.
 struct OldCodeExits {

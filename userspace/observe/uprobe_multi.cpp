@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "process/maps.hpp"
+
 namespace hotfix {
 
 namespace {
@@ -66,6 +68,11 @@ Result<UniqueFd> uprobe_multi__link(int prog_fd, const UprobeMultiSpec& spec, pi
 bool uprobe_multi__unsupported(int err) { return err == EINVAL || err == EOPNOTSUPP || err == kKernelENOTSUPP; }
 
 std::string uprobe__target_path(pid_t pid, const std::string& object) {
+  // A delivered fix copy is a memfd with no path anywhere: its mapping is the way to its inode.
+  if (object.starts_with("/memfd:"))
+    if (auto maps = process__read_maps(pid))
+      for (auto& m : *maps)
+        if (m.path == object) return fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, m.start, m.end);
   return fmt::format("/proc/{}/root{}", pid, object);
 }
 

@@ -30,6 +30,13 @@ std::optional<arch::CodeAt> file_code(const std::string& path, const Function& f
   return arch::CodeAt{std::move(bytes), f.address};
 }
 
+// The code of a fix.so function from the bytes that were checked (not from the file again).
+std::optional<arch::CodeAt> image_code(std::span<const uint8_t> image, const Function& f) {
+  if (f.size == 0 || f.offset >= image.size()) return std::nullopt;
+  auto len = std::min<uint64_t>({f.size, kMaxBody, image.size() - f.offset});
+  return arch::CodeAt{std::vector<uint8_t>(image.begin() + f.offset, image.begin() + f.offset + len), f.address};
+}
+
 std::optional<arch::CodeAt> live_code(const ProcessMemory& mem, const Function& f) {
   if (f.size == 0) return std::nullopt;
   auto bytes = mem.read(f.address, std::min(f.size, kMaxBody));
@@ -42,7 +49,10 @@ std::optional<arch::CodeAt> live_code(const ProcessMemory& mem, const Function& 
 Result<void> abi__check_replacement(const AbiCheckInput& in) {
   const Function* repl = replacement_in(in.fix, in.replacement);
   auto old_code = live_code(in.memory, in.original);
-  std::optional<arch::CodeAt> new_code = repl ? file_code(repl->object, *repl) : std::nullopt;
+  auto fix_code = [&](const Function& f) {
+    return in.fix_bytes.empty() ? file_code(f.object, f) : image_code(in.fix_bytes, f);
+  };
+  std::optional<arch::CodeAt> new_code = repl ? fix_code(*repl) : std::nullopt;
   if (!old_code || !new_code) return {};  // nothing to compare: the planner reports missing pieces
 
   auto live_callee = [&](uint64_t entry) -> std::optional<arch::CodeAt> {
@@ -51,7 +61,7 @@ Result<void> abi__check_replacement(const AbiCheckInput& in) {
   };
   auto fix_callee = [&](uint64_t entry) -> std::optional<arch::CodeAt> {
     const Function* f = in.fix.function_at(entry);
-    return f && f->address == entry ? file_code(f->object, *f) : std::nullopt;
+    return f && f->address == entry ? fix_code(*f) : std::nullopt;
   };
   auto before = arch::clobbered_registers(old_code->bytes, old_code->address, live_callee);
   auto after = arch::clobbered_registers(new_code->bytes, new_code->address, fix_callee);

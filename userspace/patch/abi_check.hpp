@@ -4,6 +4,8 @@
 // more of them would corrupt those callers silently, so such a patch is refused, with the
 // compiler flags that make the replacement preserve them.
 #pragma once
+#include <cstdint>
+#include <span>
 #include <string>
 
 #include "common/error.hpp"
@@ -19,6 +21,7 @@ struct AbiCheckInput {
   const Function& original;       // the function to be replaced
   const SymbolTable& fix;         // fix.so read as a file (addresses = st_value)
   const std::string& replacement; // its symbol in fix.so
+  std::span<const uint8_t> fix_bytes = {};  // fix.so's bytes (read once); empty: read `fix`'s object file
 };
 
 Result<void> abi__check_replacement(const AbiCheckInput& in);

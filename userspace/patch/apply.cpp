@@ -12,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "common/sha256.hpp"
 #include "patch/abi_check.hpp"
 #include "common/crashpoint.hpp"
 #include "patch/journal.hpp"
@@ -21,9 +22,11 @@
 #include "observe/watch.hpp"
 #include "patch/binder.hpp"
 #include "patch/counting.hpp"
+#include "patch/deliver.hpp"
 #include "patch/fixlib.hpp"
 #include "patch/preflight.hpp"
 #include "process/environment.hpp"
+#include "patch/trust.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
@@ -87,8 +90,11 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   PreparedPatch p;
   p.options = opts;
   p.executable = executable_of(opts.pid);
-  HOTFIX_CHECK(fixlib__validate(opts.library, p.executable));
-  auto fix = HOTFIX_TRY(fixlib__read(opts.library));
+  auto trusted = HOTFIX_TRY(trust__read_fix(opts.library, opts.allow_untrusted_lib));
+  p.fix = std::move(trusted.image);
+  p.untrusted = std::move(trusted.untrusted);
+  HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
+  auto fix = HOTFIX_TRY(fixlib__read(p.fix));
   p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
   PlanOptions plan_opts;
   plan_opts.patterns = opts.patterns;
@@ -109,9 +115,9 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   // The ABI check stays last: it is the most expensive and the least specific, and a fix.so
   // that cannot be loaded or bound at all must hear that first.
   if (opts.abi_check) {
-    auto fix_table = HOTFIX_TRY(SymbolTable::for_file(opts.library));
+    auto fix_table = HOTFIX_TRY(SymbolTable::for_image(p.fix.bytes, opts.library));
     for (auto& s : p.switches)
-      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement}));
+      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement, p.fix.bytes}));
   }
   return p;
 }
@@ -119,7 +125,7 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, milliseconds window) {
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
-  auto live = registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr);
+  auto live = registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr);
   auto seen = HOTFIX_TRY(liveness__observe(p.options.pid, live, window));
   std::vector<FunctionLiveness> out;
   for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight});
@@ -141,7 +147,7 @@ class Undo {
   uint64_t handle = 0;                                   // dlopen handle to dlclose
   std::optional<uint32_t> counters;                      // pinned hit counters of this patch id
   std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
-  std::string copy;                                      // the bound copy on disk
+  std::optional<DeliveredFix> delivered;                 // its memfd fd in the target, until closed
 
  private:
   void rollback() {
@@ -156,7 +162,7 @@ class Undo {
         (void)t_.resume_thread(tid);
       }
     }
-    if (!copy.empty()) ::unlink(copy.c_str());
+    if (delivered && t_.check_alive()) (void)deliver__close(t_, *delivered);
     if (counters) (void)patchcount__remove(t_.pid(), *counters);
     // Undone in this process: nothing for a later recovery to do (a kill before this record
     // leaves the operation unfinished, and recovery undoes it again, idempotently).
@@ -274,35 +280,44 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto journal = HOTFIX_TRY(Journal::open(pid));
   p.id = std::max(p.id, recover__next_id(journal));  // never reuse the id (and copy path) of a held one
   auto jr = [&](const char* step) { return journal__record("patch", p.id, step); };
-  std::string copy = binder__copy_path(pid, p.options.patch_dir, p.id, p.options.library);
+  // The copy is a memfd inside the target (patch/deliver.hpp); maps names it `copy`.
+  std::string sha256 = sha256__hex(p.fix.bytes);  // fix.so as read: what `sha256sum fix.so` says
+  std::string memfd_name = deliver__memfd_name(p.id, sha256, p.options.library);
+  std::string copy = "/memfd:" + memfd_name;
   HOTFIX_CHECK(journal.append(jr("begin")
                                   .set("library", std::filesystem::absolute(p.options.library).string())
                                   .set("copy", copy)
                                   .set("consistency", consistency__name(p.options.consistency))));
   Undo undo(tracee, journal, p.id, p.options.timeout);
 
-  // Bind and load fix.so while every thread runs.
+  // Bind and load fix.so while every thread runs: its bytes go into a sealed memfd inside the
+  // target, which dlopens that (never a path someone could swap, in any mount namespace).
   crashpoint("patch: before binding the copy");
-  undo.copy = copy;
-  auto bound = HOTFIX_TRY(binder__prepare(p.table, p.executable, p.options.library, copy,
-                                          registry__fix_copies(p.registry, p.table, p.options.patch_dir)));
-  undo.copy = bound.path;
+  auto bound = HOTFIX_TRY(binder__bind(p.table, p.executable, p.fix,
+                                       registry__fix_copies(p.registry, p.table, p.options.patch_dir)));
   crashpoint("patch: after binding the copy");
-  auto id_of = recover__file_identity(bound.path);
-  HOTFIX_CHECK(journal.append(jr("loading").set("copy", bound.path).set("dev", id_of.first).set("ino", id_of.second)));
+  undo.delivered = HOTFIX_TRY(deliver__into(tracee, p.table, memfd_name, bound.bytes));
+  const DeliveredFix& delivered = *undo.delivered;
+  HOTFIX_CHECK(journal.append(jr("loading").set("copy", delivered.mapped).set("dlopen", delivered.dlopen_path)));
   crashpoint("patch: before dlopen");
-  auto injected = remote__inject_library(tracee, bound.path, InjectOptions::within(p.options.timeout));
+  auto injected = remote__inject_library(tracee, delivered.dlopen_path, InjectOptions::within(p.options.timeout));
   explained = !injected;  // inject.cpp describes a constructor that blocked, crashed or ended the target
   auto injection = HOTFIX_TRY(std::move(injected));
   undo.handle = injection.handle;
+  HOTFIX_CHECK(journal.append(jr("loaded").set("handle", injection.handle)));
   crashpoint("patch: after dlopen");  // the copy is loaded, nothing points at it yet
-  uint64_t load_base = HOTFIX_TRY(binder__load_base(pid, bound.path));
+  HOTFIX_CHECK(deliver__close(tracee, *undo.delivered));  // the loader's mappings keep the memfd alive
+  auto loaded = binder__load_base(pid, delivered.mapped, bound.bytes);
+  if (!loaded)  // dlopen gave back an object it had already, not ours
+    return fail(fmt::format("dlopen({}) in pid {} did not map the delivered fix library: {}", delivered.dlopen_path,
+                            pid, loaded.error().what), "nothing was changed; retry; if it persists, report it");
+  uint64_t load_base = *loaded;
   HOTFIX_CHECK(journal.append(jr("loaded").set("handle", injection.handle).set("base", load_base)));
   crashpoint("patch: before fixups");
   HOTFIX_CHECK(binder__apply(pid, load_base, bound.fixups));
   crashpoint("patch: after fixups");
-  progress(fmt::format("loaded {} at {:#x} (handle {:#x}); bound {} target symbol(s)", bound.path, load_base,
-                       injection.handle, bound.bindings.size()));
+  progress(fmt::format("loaded {} (sha256 {}) at {:#x} (handle {:#x}); bound {} target symbol(s)", p.options.library,
+                       sha256, load_base, injection.handle, bound.bindings.size()));
 
   // Islands and the registry need one stopped thread; the others keep running.
   pid_t tid = tracee.threads().front().tid;
@@ -330,7 +345,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   PatchRecord record;
   record.id = p.id;
   record.library = std::filesystem::absolute(p.options.library).string();
-  record.loaded_copy = bound.path;
+  record.loaded_copy = delivered.mapped;
   record.handle = injection.handle;
   record.load_base = load_base;
   record.consistency = consistency__name(p.options.consistency);
@@ -354,7 +369,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   std::vector<Function> targets;
   for (auto& s : p.switches) targets.push_back(s.entry.target);
   auto quiet = p.options.quiesce_probes
-                   ? registry__live_functions(p.registry, p.table, targets, p.options.patch_dir, nullptr)
+                   ? registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr)
                    : std::vector<Function>{};
   auto guard = HOTFIX_TRY(make_guard(pid, p.options.consistency, overwritten, bodies, quiet));
   for (auto& w : writes)
@@ -378,7 +393,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   crashpoint("patch: after the switch");
   if (counters) count_old_code(p, progress);
   (void)journal.append(jr("done"));
-  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, bound.path};
+  return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, delivered.mapped, sha256, delivered.sha256};
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "patch/binder.hpp"
 
+#include "common/paths.hpp"
+
 #include <elf.h>
 #include <fcntl.h>
 #include <gelf.h>
@@ -8,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -77,11 +80,12 @@ void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool 
   }
 }
 
-// The target's own symbols: those of loaded fix copies are left out.
+// The target's own symbols: those of loaded fix copies (recorded ones, and any object named
+// like one: a delivered memfd or an older build's copy on disk) are left out.
 std::vector<Function> without_copies(const std::vector<Function>& symbols, const std::set<std::string>& fix_copies) {
   std::vector<Function> out;
   for (auto& f : symbols)
-    if (!fix_copies.count(f.object)) out.push_back(f);
+    if (!fix_copies.count(f.object) && !path__is_fix_copy(f.object)) out.push_back(f);
   return out;
 }
 
@@ -219,39 +223,40 @@ struct TempFile {
   }
 };
 
-Result<void> weaken_symbols(const std::string& path, const std::vector<size_t>& indices) {
-  auto elf = HOTFIX_TRY(ElfHandle::open(path, true));
-  // ELF_F_LAYOUT: libelf must not move a single section; only the st_info bytes change.
-  elf_flagelf(elf.get(), ELF_C_SET, ELF_F_LAYOUT);
+// Only the st_info bytes of the given .dynsym entries change: the layout stays exactly fix.so's.
+Result<void> weaken_symbols(std::vector<uint8_t>& bytes, const std::string& name, const std::vector<size_t>& indices) {
+  if (indices.empty()) return {};
+  auto elf = HOTFIX_TRY(ElfHandle::open_memory(bytes, name));
+  bool is64 = gelf_getclass(elf.get()) == ELFCLASS64;
+  size_t info_at = is64 ? offsetof(Elf64_Sym, st_info) : offsetof(Elf32_Sym, st_info);
   for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf.get(), scn));) {
     GElf_Shdr shdr;
     if (!gelf_getshdr(scn, &shdr) || shdr.sh_type != SHT_DYNSYM) continue;
     Elf_Data* data = elf_getdata(scn, nullptr);
     for (size_t i : indices) {
       GElf_Sym sym;
-      if (!data || !gelf_getsym(data, static_cast<int>(i), &sym))
-        return fail(fmt::format("cannot read dynamic symbol {} of {}: {}", i, path, elf_errmsg(-1)));
-      sym.st_info = GELF_ST_INFO(STB_WEAK, GELF_ST_TYPE(sym.st_info));
-      if (!gelf_update_sym(data, static_cast<int>(i), &sym))
-        return fail(fmt::format("cannot update dynamic symbol {} of {}: {}", i, path, elf_errmsg(-1)));
+      uint64_t at = shdr.sh_offset + i * shdr.sh_entsize + info_at;
+      if (!data || !gelf_getsym(data, static_cast<int>(i), &sym) || shdr.sh_entsize == 0 || at >= bytes.size() ||
+          (i + 1) * shdr.sh_entsize > shdr.sh_size)
+        return fail(fmt::format("cannot read dynamic symbol {} of {}: {}", i, name, elf_errmsg(-1)));
+      bytes[at] = static_cast<uint8_t>(GELF_ST_INFO(STB_WEAK, GELF_ST_TYPE(sym.st_info)));
     }
-    elf_flagdata(data, ELF_C_SET, ELF_F_DIRTY);
   }
-  if (elf_update(elf.get(), ELF_C_WRITE) < 0) return fail(fmt::format("cannot write {}: {}", path, elf_errmsg(-1)));
   return {};
 }
 
-Result<void> write_copy(const std::string& fix_path, const std::string& out_path, const std::vector<size_t>& weak) {
+Result<void> write_copy(const std::vector<uint8_t>& bytes, const std::string& out_path) {
   std::error_code ec;
   auto parent = fs::path(out_path).parent_path();
-  if (!parent.empty()) fs::create_directories(parent, ec);
-  if (ec) return fail(fmt::format("cannot create {}: {}", parent.string(), ec.message()), "check that /run is writable");
+  if (!parent.empty()) {
+    fs::create_directories(parent, ec);
+    if (!ec) fs::permissions(parent, fs::perms::owner_all, ec);
+  }
+  if (ec) return fail(fmt::format("cannot create {}: {}", parent.string(), ec.message()));
   TempFile tmp{fmt::format("{}.tmp.{}", out_path, ::getpid())};
-  if (!fs::copy_file(fix_path, tmp.path, fs::copy_options::overwrite_existing, ec))
-    return fail(fmt::format("cannot copy {} to {}: {}", fix_path, tmp.path, ec.message()));
-  // The target, whatever user it runs as, opens this file itself (dlopen).
-  ::chmod(tmp.path.c_str(), 0644);
-  if (!weak.empty()) HOTFIX_CHECK(weaken_symbols(tmp.path, weak));
+  UniqueFd fd(::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd || ::write(fd.get(), bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size()))
+    return fail(fmt::format("cannot write {}: {}", tmp.path, errno_text(errno)));
   if (::rename(tmp.path.c_str(), out_path.c_str()) != 0)
     return fail(fmt::format("cannot create {}: {}", out_path, errno_text(errno)));
   tmp.keep = true;
@@ -266,10 +271,9 @@ uint64_t load_u64(const std::vector<uint8_t>& bytes) {
 
 }  // namespace
 
-Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
-                                     const std::string& fix_path, const std::string& out_path,
-                                     const std::set<std::string>& fix_copies) {
-  auto fix = HOTFIX_TRY(fixlib__read(fix_path));
+Result<BoundLibrary> binder__bind(const SymbolTable& target, const std::string& executable, const FixImage& image,
+                                  const std::set<std::string>& fix_copies) {
+  auto fix = HOTFIX_TRY(fixlib__read(image));
   TargetSymbols own{without_copies(target.functions(), fix_copies), without_copies(target.variables(), fix_copies)};
   auto index = index_target(target, own, executable);
   HOTFIX_CHECK(check_no_private_copies(index, fix));
@@ -289,14 +293,23 @@ Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::strin
   }
   if (!missing.empty()) return std::unexpected(unresolved_error(target, fix, missing));
   BoundLibrary out;
-  out.path = out_path;
   out.fixups = HOTFIX_TRY(fixups_for(fix, bound));
   std::vector<size_t> weak;
   for (auto& [i, f] : bound) {
     out.bindings.push_back({fix.dynsyms[i].name, f});
     if (fix.dynsyms[i].bind != STB_WEAK) weak.push_back(i);
   }
-  HOTFIX_CHECK(write_copy(fix_path, out_path, weak));
+  out.bytes = image.bytes;
+  HOTFIX_CHECK(weaken_symbols(out.bytes, image.path, weak));
+  return out;
+}
+
+Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
+                                     const std::string& fix_path, const std::string& out_path,
+                                     const std::set<std::string>& fix_copies) {
+  auto out = HOTFIX_TRY(binder__bind(target, executable, HOTFIX_TRY(fixlib__load(fix_path)), fix_copies));
+  HOTFIX_CHECK(write_copy(out.bytes, out_path));
+  out.path = out_path;
   return out;
 }
 
@@ -341,6 +354,25 @@ Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixu
       return fail(fmt::format("the slot for `{}` at {:#x} did not keep its new value", fixups[i].symbol,
                               writes[i].address));
   return {};
+}
+
+Result<uint64_t> binder__load_base(pid_t pid, const std::string& mapped, std::span<const uint8_t> bytes) {
+  auto maps = HOTFIX_TRY(process__read_maps(pid));
+  auto first = std::find_if(maps.begin(), maps.end(), [&](auto& m) {
+    return (m.path == mapped || m.path == mapped + " (deleted)") && m.offset == 0;
+  });
+  if (first == maps.end()) return fail(fmt::format("{} is not loaded in pid {}", mapped, pid));
+  // l_addr = where the first PT_LOAD (file offset 0) landed minus its page-aligned p_vaddr.
+  auto elf = HOTFIX_TRY(ElfHandle::open_memory(bytes, mapped));
+  size_t count = 0;
+  elf_getphdrnum(elf.get(), &count);
+  uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < count; ++i) {
+    GElf_Phdr ph;
+    if (gelf_getphdr(elf.get(), static_cast<int>(i), &ph) && ph.p_type == PT_LOAD)
+      return first->start - (ph.p_vaddr & ~(page - 1));
+  }
+  return fail(fmt::format("{} has no loadable segment", mapped));
 }
 
 std::string binder__copy_path(pid_t pid, const std::string& patch_dir, uint32_t id, const std::string& library) {

@@ -8,7 +8,7 @@
 //      target's own symbols: same mangled name first, else a LOCAL target symbol with the
 //      same demangled name (`_ZL7g_calls` is `g_calls`, `_ZL6helperi` is `helper(int)`),
 //      preferring the main executable, refusing ambiguity;
-//   2. writes a private copy of fix.so in which exactly those symbols are WEAK (only
+//   2. makes a private copy of fix.so's bytes in which exactly those symbols are WEAK (only
 //      st_info bytes of .dynsym change, layout is kept), so dlopen(RTLD_NOW) succeeds and
 //      leaves their GOT slots / data words at 0 (+ addend);
 //   3. returns one fixup per dynamic relocation against them: the patch engine writes the
@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -45,7 +46,8 @@ struct Fixup {
 };
 
 struct BoundLibrary {
-  std::string path;                     // the rewritten copy: dlopen this one
+  std::vector<uint8_t> bytes;           // the rewritten copy: what the target loads
+  std::string path;                     // binder__prepare only: where the copy was written
   std::vector<SymbolBinding> bindings;  // empty when the dynamic linker can bind everything
   std::vector<Fixup> fixups;
 };
@@ -57,13 +59,17 @@ struct MemoryWrite {
   uint64_t expected = 0;  // Fixup::loader_value: what must be there before the store
 };
 
-// Resolve fix.so's undefined symbols against `target` (the main executable is preferred),
-// write the rewritten copy to `out_path` (parent directories are created; the file appears
-// atomically), and return the fixups. `fix_path` must have passed fixlib__validate.
+// Resolve fix.so's undefined symbols against `target` (the main executable is preferred) and
+// return the rewritten copy's bytes and the fixups. `fix` must have passed fixlib__validate.
 // `fix_copies` are objects of `target` (paths as the table spells them) that are loaded fix
 // copies, not the target (see registry__fix_copies): their symbols are neither bound to nor
 // taken for target variables fix.so would shadow. An earlier copy of the same fix defines
 // the same file-static `fsink` and the same replacement functions; they are not the service's.
+Result<BoundLibrary> binder__bind(const SymbolTable& target, const std::string& executable, const FixImage& fix,
+                                  const std::set<std::string>& fix_copies = {});
+
+// binder__bind on the file `fix_path`, with the copy written to `out_path` (0600; parent
+// directories are created 0700; the file appears atomically). For tests and offline use.
 Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
                                      const std::string& fix_path, const std::string& out_path,
                                      const std::set<std::string>& fix_copies = {});
@@ -84,6 +90,9 @@ std::vector<MemoryWrite> binder__writes(const std::vector<Fixup>& fixups, uint64
 // undefined symbol; on any mismatch nothing is written. Read back afterwards.
 Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixup>& fixups);
 
+// The load base (l_addr) of the ELF object `mapped` (as /proc/PID/maps names it, " (deleted)"
+// or not) in `pid`, whose bytes are `elf`.
+Result<uint64_t> binder__load_base(pid_t pid, const std::string& mapped, std::span<const uint8_t> elf);
 // The load base (l_addr) of the ELF file `path` mapped into `pid`, from /proc/PID/maps. The
 // mapping is found by the file's identity (device and inode, as stat(path) sees them), not by
 // its name: this works for a copy delivered by a memfd (/proc/PID/fd/N) as well, and it tells

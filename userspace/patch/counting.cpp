@@ -5,6 +5,8 @@
 #include <sys/syscall.h>
 
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "process/remote.hpp"
 
@@ -35,13 +37,34 @@ Result<int> remote_obj_get(Tracee& t, pid_t tid, const std::string& path) {
   return obj_get;
 }
 
+// The ids the target's file accesses run as (the 4th field of Uid:/Gid: in /proc/PID/status).
+std::pair<uid_t, gid_t> filesystem_ids(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  uid_t uid = 0;
+  gid_t gid = 0;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream fields(line);
+    std::string key;
+    unsigned long real, effective, saved, fsid;
+    if (!(fields >> key >> real >> effective >> saved >> fsid)) continue;
+    if (key == "Uid:") uid = static_cast<uid_t>(fsid);
+    if (key == "Gid:") gid = static_cast<gid_t>(fsid);
+  }
+  return {uid, gid};
+}
+
 }  // namespace
 
 Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions) {
   TargetCounters tc;
   tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));
   auto mapped = [&]() -> Result<void> {
-    int fd = HOTFIX_TRY(remote_obj_get(t, tid, tc.counters.new_hits_path));
+    auto [uid, gid] = filesystem_ids(t.pid());
+    std::string path = tc.counters.new_hits_path;
+    if (uid != 0) path = HOTFIX_TRY(patchcount__handoff(tc.counters, uid, gid));
+    auto got = remote_obj_get(t, tid, path);
+    if (uid != 0) patchcount__handoff_done(path);
+    int fd = HOTFIX_TRY(std::move(got));
     tc.length = tc.counters.mmap_size();
     auto at = remote__mmap(t, tid, 0, tc.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     (void)remote__close(t, tid, fd);  // the mapping keeps the map alive

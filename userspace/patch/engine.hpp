@@ -17,6 +17,7 @@
 #include "arch/arch.hpp"
 #include "common/error.hpp"
 #include "patch/consistency.hpp"
+#include "patch/fixlib.hpp"
 #include "patch/plan.hpp"
 #include "patch/progress.hpp"
 #include "patch/registry.hpp"
@@ -39,6 +40,7 @@ struct PatchOptions {
   bool count = true;      // count hits: new code through counting islands, old code at its exits
   std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
   bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
+  bool allow_untrusted_lib = false;  // load a fix.so that fails the trust rule (patch/trust.hpp)
 };
 
 // One function of a prepared patch: what will change where.
@@ -59,6 +61,8 @@ struct PreparedPatch {
   uint32_t id = 0;
   std::string executable;
   std::vector<PlannedSwitch> switches;
+  FixImage fix;           // fix.so's bytes, read once: what is checked, bound and delivered
+  std::string untrusted;  // why fix.so failed the trust rule, when allow_untrusted_lib let it in
 };
 
 // Resolve and plan without touching the target: every refusal that needs no ptrace happens
@@ -85,7 +89,9 @@ struct PatchOutcome {
   std::chrono::nanoseconds pause{};  // longest time any thread was stopped, over all attempts
   int attempts = 0;
   std::vector<FunctionRecord> functions;
-  std::string loaded_copy;
+  std::string loaded_copy;  // the delivered copy as /proc/PID/maps names it
+  std::string sha256;         // of fix.so's bytes as read (what `sha256sum fix.so` printed then)
+  std::string loaded_sha256;  // of the bytes the target loaded: fix.so with its hand-bound symbols made weak
 };
 
 // Apply a prepared patch. The plan's jump bytes are filled in (and reported through

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <gelf.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -142,7 +143,18 @@ Result<ElfHandle> ElfHandle::open(const std::string& path, bool writable) {
   return ElfHandle(std::move(fd), elf);
 }
 
-ElfHandle::ElfHandle(ElfHandle&& o) noexcept : fd_(std::move(o.fd_)), elf_(std::exchange(o.elf_, nullptr)) {}
+Result<ElfHandle> ElfHandle::open_memory(std::span<const uint8_t> bytes, const std::string& name) {
+  elf_version(EV_CURRENT);
+  ElfHandle h(UniqueFd(), nullptr);
+  h.image_.assign(bytes.begin(), bytes.end());
+  h.elf_ = elf_memory(h.image_.data(), h.image_.size());
+  if (!h.elf_) return fail(fmt::format("cannot read {} as ELF: {}", name, elf_text()));
+  if (elf_kind(h.elf_) != ELF_K_ELF) return fail(fmt::format("{} is not an ELF file", name), build_hint);
+  return h;
+}
+
+ElfHandle::ElfHandle(ElfHandle&& o) noexcept
+    : fd_(std::move(o.fd_)), image_(std::move(o.image_)), elf_(std::exchange(o.elf_, nullptr)) {}
 
 ElfHandle::~ElfHandle() {
   if (elf_) elf_end(elf_);
@@ -182,7 +194,9 @@ Result<void> check_complete(Elf* elf, const GElf_Ehdr& ehdr, off_t size, const s
 
 }  // namespace
 
-Result<void> fixlib__validate(const std::string& path, const std::string& target_executable) {
+const char* fixlib__file_kind(unsigned mode) { return file_kind(static_cast<mode_t>(mode)); }
+
+Result<FixImage> fixlib__load(const std::string& path) {
   struct stat st;
   UniqueFd probe(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
   if (!probe || ::fstat(probe.get(), &st) != 0) {
@@ -190,8 +204,21 @@ Result<void> fixlib__validate(const std::string& path, const std::string& target
     return fail(fmt::format("cannot open fix library {}: {}", path, errno_text(errno)), "check the path and its permissions");
   }
   if (!S_ISREG(st.st_mode)) return fail(fmt::format("fix library {} is {}, not a shared library", path, file_kind(st.st_mode)), build_hint);
-  if (st.st_size < 64) return fail(fmt::format("{} is not an ELF file (only {} bytes)", path, st.st_size), build_hint);
-  auto fix = HOTFIX_TRY(ElfHandle::open(path));
+  FixImage image{path, std::vector<uint8_t>(static_cast<size_t>(st.st_size))};
+  if (::pread(probe.get(), image.bytes.data(), image.bytes.size(), 0) != static_cast<ssize_t>(image.bytes.size()))
+    return fail(fmt::format("cannot read {}: {}", path, errno_text(errno)));
+  return image;
+}
+
+Result<void> fixlib__validate(const std::string& path, const std::string& target_executable) {
+  return fixlib__validate(HOTFIX_TRY(fixlib__load(path)), target_executable);
+}
+
+Result<void> fixlib__validate(const FixImage& image, const std::string& target_executable) {
+  const std::string& path = image.path;
+  const off_t size = static_cast<off_t>(image.bytes.size());
+  if (size < 64) return fail(fmt::format("{} is not an ELF file (only {} bytes)", path, size), build_hint);
+  auto fix = HOTFIX_TRY(ElfHandle::open_memory(image.bytes, path));
   auto fix_ehdr = HOTFIX_TRY(read_ehdr(fix, path));
   auto target = ElfHandle::open(target_executable);
   if (!target)
@@ -206,15 +233,18 @@ Result<void> fixlib__validate(const std::string& path, const std::string& target
   if (fix_ehdr.e_type != ET_DYN)
     return fail(fmt::format("{} is {}, not a shared library", path, type_name(fix_ehdr.e_type)),
                 "link it with `-shared -fPIC`");
-  HOTFIX_CHECK(check_complete(fix.get(), fix_ehdr, st.st_size, path));
+  HOTFIX_CHECK(check_complete(fix.get(), fix_ehdr, size, path));
   if (is_pie_executable(fix.get()))
     return fail(fmt::format("{} is a position-independent executable, not a shared library", path),
                 "link it with `-shared -fPIC` instead of building a program");
   return {};
 }
 
-Result<FixLibrary> fixlib__read(const std::string& path) {
-  auto elf = HOTFIX_TRY(ElfHandle::open(path));
+Result<FixLibrary> fixlib__read(const std::string& path) { return fixlib__read(HOTFIX_TRY(fixlib__load(path))); }
+
+Result<FixLibrary> fixlib__read(const FixImage& image) {
+  const std::string& path = image.path;
+  auto elf = HOTFIX_TRY(ElfHandle::open_memory(image.bytes, path));
   FixLibrary lib;
   lib.path = path;
   std::vector<FixSymbol> symtab;

@@ -2,6 +2,7 @@
 // libelf/gelf into its defined functions, its dynamic symbols and its dynamic relocations.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,8 @@ class ElfHandle {
  public:
   // Read-only, or read-write for editing in place (ELF_C_RDWR).
   static Result<ElfHandle> open(const std::string& path, bool writable = false);
+  // Read-only, over a private copy of `bytes` (`name` is for messages).
+  static Result<ElfHandle> open_memory(std::span<const uint8_t> bytes, const std::string& name);
   ElfHandle(ElfHandle&& o) noexcept;
   ElfHandle& operator=(ElfHandle&&) = delete;
   ~ElfHandle();
@@ -26,8 +29,20 @@ class ElfHandle {
  private:
   ElfHandle(UniqueFd fd, Elf* elf) : fd_(std::move(fd)), elf_(elf) {}
   UniqueFd fd_;
+  std::vector<char> image_;  // open_memory: the bytes libelf reads (moving keeps their address)
   Elf* elf_ = nullptr;
 };
+
+// The bytes of a fix library, read once (see patch/trust.hpp): every check, the plan, the
+// binding and what the target loads are these bytes, never the file again.
+struct FixImage {
+  std::string path;            // as the user gave it, for messages
+  std::vector<uint8_t> bytes;
+};
+
+// Read `path` as it is, without the trust rule (tests, offline tools; the engine uses
+// trust__read_fix).
+Result<FixImage> fixlib__load(const std::string& path);
 
 struct FixSymbol {
   std::string name;         // as in the ELF file (mangled for C++)
@@ -58,9 +73,14 @@ struct FixLibrary {
 
 // One clear error unless `path` is an ELF shared library for the machine of `target_executable`
 // (missing file, not ELF, wrong architecture, not a shared object, a PIE executable).
+Result<void> fixlib__validate(const FixImage& fix, const std::string& target_executable);
 Result<void> fixlib__validate(const std::string& path, const std::string& target_executable);
 
+// "a directory", "a FIFO", ... for a file that is not regular (st_mode).
+const char* fixlib__file_kind(unsigned mode);
+
 // Read a validated fix library.
+Result<FixLibrary> fixlib__read(const FixImage& fix);
 Result<FixLibrary> fixlib__read(const std::string& path);
 
 // The demangled form of an ELF symbol name (the name itself when it is not mangled).

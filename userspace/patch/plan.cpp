@@ -34,6 +34,7 @@ bool is_toolchain_function(const std::string& name) {
 bool replaces_by_default(const FixSymbol& s) { return s.bind != STB_WEAK && !is_toolchain_function(s.name); }
 
 bool in_patch_dir(const Function& f, const PlanOptions& opts) {
+  if (path__is_fix_copy(f.object)) return true;  // a delivered fix copy (memfd), never a target
   return !opts.patch_dir.empty() && f.object.rfind(opts.patch_dir, 0) == 0;
 }
 

@@ -201,7 +201,12 @@ Result<std::string> reachable(Tracee& t, const std::vector<AddressRange>& code) 
 Result<bool> unload(Tracee& t, const Op& o, const std::string& copy) {
   if (copy.empty() || !recover__is_mapped(t.pid(), copy)) return false;
   uint64_t handle = o.last("loaded") ? o.last("loaded")->number("handle") : 0;
-  if (!handle) handle = HOTFIX_TRY(remote__inject_library(t, copy)).handle;
+  if (!handle) {  // killed between dlopen and its record: the loader knows it by its dlopen name
+    InjectOptions noload;
+    noload.already_loaded = true;
+    std::string name = o.last("loading") ? o.last("loading")->get("dlopen") : "";
+    handle = HOTFIX_TRY(remote__inject_library(t, name.empty() ? copy : name, noload)).handle;
+  }
   for (int i = 0; i < 4 && recover__is_mapped(t.pid(), copy); ++i) {
     crashpoint("recover: before dlclose");
     HOTFIX_CHECK(remote__dlclose(t, handle));
@@ -323,8 +328,10 @@ Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const Progress
     did.push_back("pins removed");
   }
   std::error_code ec;
-  if (!copy.empty() && fs::remove(copy, ec)) did.push_back("copy deleted");
-  if (!copy.empty()) fs::remove(fs::path(copy).parent_path(), ec);  // only if empty
+  if (copy.starts_with(kPatchDir)) {  // a copy on disk (builds before memfd delivery)
+    if (fs::remove(copy, ec)) did.push_back("copy deleted");
+    fs::remove(fs::path(copy).parent_path(), ec);  // only if empty
+  }
   HOTFIX_CHECK(j.append(jr("rolled-back")));
   if (did.empty()) did.push_back("it had changed nothing");
   std::string text;

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "process/maps.hpp"
+#include "patch/trust.hpp"
 #include "process/memory.hpp"
 
 namespace hotfix {
@@ -103,10 +104,12 @@ std::string encode_text(const Registry& r) {
   return t + "end\n";
 }
 
-// Revert unlinks the loaded copy: a forged record must not name a host file. Copies live in
+// Revert unlinks the loaded copy: a forged record must not name a host file. Copies of older builds live in
 // kPatchDir/PID/, one plain name deep (no ".." or "." components).
 bool is_patch_copy(const std::string& path) {
   if (path.empty()) return true;
+  // A delivered memfd (patch/deliver.hpp) names no host file: revert never unlinks it.
+  if (path.starts_with(kFixCopyPrefix)) return path.size() <= 4096 && path.find('/', 1) == std::string::npos;
   const std::string dir = kPatchDir;
   if (path.rfind(dir, 0) != 0 || path.size() > 4096) return false;
   std::string rest = path.substr(dir.size());
@@ -273,8 +276,14 @@ std::optional<uint64_t> registry__locate(pid_t pid) {
 Result<Registry> registry__read(pid_t pid) {
   HOTFIX_CHECK(process__check_alive(pid));
   auto at = registry__locate(pid);
-  if (!at) return Registry{};
-  auto mem = HOTFIX_TRY(ProcessMemory::open(pid));
+  // Unreadable maps or memory hide the registry: say so, never "no patches".
+  if (!at) {
+    HOTFIX_CHECK(hotfix_state__readable(pid));
+    return Registry{};
+  }
+  auto opened = ProcessMemory::open(pid);
+  if (!opened) HOTFIX_CHECK(hotfix_state__readable(pid));
+  auto mem = HOTFIX_TRY(std::move(opened));
   auto head = HOTFIX_TRY(mem.read(*at, kHeaderSize));
   if (std::memcmp(head.data(), kMagic, 8) != 0) return registry__decode(head);
   uint32_t len;

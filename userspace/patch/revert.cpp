@@ -82,7 +82,7 @@ Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& 
     HOTFIX_CHECK(t.resume_thread(tid));
   }
   crashpoint("release: after munmap");
-  ::unlink(p.loaded_copy.c_str());
+  if (p.loaded_copy.starts_with(kPatchDir)) ::unlink(p.loaded_copy.c_str());  // an older build's copy on disk
   p.released = true;
   HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped
   auto written = registry__write(t.memory(), registry_at, registry);

@@ -459,7 +459,10 @@ Error process_ended_in_dlopen(Tracee& t, pid_t tid, const std::string& path) {
 
 Result<Injection> remote__inject_library(Tracee& t, const std::string& path, const InjectOptions& opts) {
   if (path.empty() || path[0] != '/') return usage_error(fmt::format("library path '{}' is not absolute", path), "give the full path of the .so");
-  if (::access(resolve_in_target(t.pid(), path).c_str(), R_OK) != 0)
+  // "/proc/self/fd/N" (a memfd delivered into the target) is the target's own /proc/PID/fd/N.
+  std::string seen = path.starts_with("/proc/self/") ? fmt::format("/proc/{}{}", t.pid(), path.substr(10))
+                                                     : resolve_in_target(t.pid(), path);
+  if (!opts.already_loaded && ::access(seen.c_str(), R_OK) != 0)
     return fail(fmt::format("process {} cannot see {}: {}", t.pid(), path, errno_text(errno)),
                 "the library must exist at that path inside the target's mount namespace");
   HOTFIX_CHECK(require_dl(t));
@@ -469,7 +472,8 @@ Result<Injection> remote__inject_library(Tracee& t, const std::string& path, con
     auto began = TraceClock::now();
     // Never retried: once dlopen started, the library's constructors may have run.
     crashpoint("inject: before dlopen");
-    auto handle = remote__call(t, tid, t.remote_cache().dlopen, std::vector<uint64_t>{name, RTLD_NOW}, budget);
+    uint64_t flags = RTLD_NOW | (opts.already_loaded ? RTLD_NOLOAD : 0);
+    auto handle = remote__call(t, tid, t.remote_cache().dlopen, std::vector<uint64_t>{name, flags}, budget);
     crashpoint("inject: after dlopen");
     auto elapsed = duration_cast<milliseconds>(TraceClock::now() - began);
     if (!t.check_alive()) return std::unexpected(process_ended_in_dlopen(t, tid, path));

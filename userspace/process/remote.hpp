@@ -57,6 +57,9 @@ struct InjectOptions {
   // Everything within `total` (hotfix-ctl's --timeout): half of it to find a safe thread,
   // the rest for the loader call (dlopen runs fix.so's constructors).
   static InjectOptions within(std::chrono::milliseconds total) { return {total / 2, total - total / 2}; }
+  // RTLD_NOLOAD: only take a new reference to an object the loader already has under that
+  // name (recovery's way to a handle it never journaled); nothing is opened, no constructor runs.
+  bool already_loaded = false;
 };
 struct Injection {
   uint64_t handle = 0;  // dlopen's handle in the target

@@ -10,7 +10,9 @@
 #include <elfutils/libdwfl.h>
 #include <fcntl.h>
 #include <gelf.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -408,6 +410,24 @@ Result<SymbolTable> SymbolTable::for_file(const std::string& path, const SymbolO
   SymbolTableBuilder builder;
   builder.table.file_ = path;
   builder.add(elf, path, 0);
+  return builder.finish();
+}
+
+Result<SymbolTable> SymbolTable::for_image(std::span<const uint8_t> bytes, const std::string& name,
+                                          const SymbolOptions& opts) {
+  // elfutils reads from an fd: a private memfd holding exactly these bytes.
+  UniqueFd fd(static_cast<int>(::syscall(SYS_memfd_create, "hotfix-image", MFD_CLOEXEC)));
+  if (!fd) return fail(fmt::format("cannot create a memfd for {}: {}", name, errno_text(errno)));
+  for (size_t done = 0; done < bytes.size();) {
+    ssize_t n = ::pwrite(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
+    if (n <= 0) return fail(fmt::format("cannot copy {} into a memfd: {}", name, errno_text(errno)));
+    done += static_cast<size_t>(n);
+  }
+  if (!is_elf(fd.get())) return fail(fmt::format("{} is not an ELF file", name), "give an executable or a shared library");
+  auto elf = HOTFIX_TRY(elf_symbols__load(std::move(fd), name, default_debug_root(opts)));
+  SymbolTableBuilder builder;
+  builder.table.file_ = name;
+  builder.add(elf, name, 0);
   return builder.finish();
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,9 @@ class SymbolTable {
   static Result<SymbolTable> for_pid(pid_t pid, const SymbolOptions& opts = {});
   // One ELF file on disk, not loaded anywhere (addresses are st_value, load_bias 0).
   static Result<SymbolTable> for_file(const std::string& path, const SymbolOptions& opts = {});
+  // ELF bytes held in memory (a fix library read once), named `name` (objects' path).
+  static Result<SymbolTable> for_image(std::span<const uint8_t> bytes, const std::string& name,
+                                       const SymbolOptions& opts = {});
 
   // A table of given records (sorted here; one ObjectInfo per distinct object): for tests
   // and for callers that already hold Function records.
