@@ -28,7 +28,9 @@ using namespace std::chrono;
 // Only what we need to see; no PTRACE_O_EXITKILL: the target must outlive us. TRACEEXEC: a
 // target that execs while we hold it must be noticed -- every address we know (the loader,
 // the functions, the mappings we made) belongs to the old image and means nothing in the new.
-constexpr long kSeizeOptions = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC;
+// TRACESYSGOOD: the remote layer follows its code with PTRACE_SYSCALL and must tell syscall
+// stops (SIGTRAP | 0x80) from a real SIGTRAP.
+constexpr long kSeizeOptions = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD;
 
 long ptrace_req(int request, pid_t tid, unsigned long addr = 0, unsigned long data = 0) {
   return ::ptrace(static_cast<__ptrace_request>(request), tid, reinterpret_cast<void*>(addr),
