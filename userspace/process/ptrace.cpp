@@ -46,7 +46,7 @@ bool is_group_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || 
 // put it back in the thread's pending set -- with its siginfo where the kernel lets us
 // (sigqueue'd and timer signals), else plainly -- and let the thread trap again at once into an
 // interrupt stop. Returns that stop's wait status, or 0 if the signal stays with us (stop
-// signals keep their group-stop handling; a re-send that fails).
+// signals keep their group-stop handling; a re-send that fails), -1 if the thread vanished.
 int requeue_at_signal_stop(pid_t pid, pid_t tid, int sig) {
   if (sig == SIGKILL || is_group_stop_signal(sig)) return 0;
   siginfo_t si{};
@@ -59,7 +59,7 @@ int requeue_at_signal_stop(pid_t pid, pid_t tid, int sig) {
   if (ptrace_req(PTRACE_INTERRUPT, tid) != 0 || ptrace_req(PTRACE_CONT, tid) != 0) return 0;
   int status = 0;
   while (::waitpid(tid, &status, __WALL) < 0)
-    if (errno != EINTR) return 0;
+    if (errno != EINTR) return -1;
   return status;
 }
 
@@ -543,9 +543,16 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
       done += th.exited;
       continue;
     }
-    if (th.stop == StopKind::signal) {
-      if (int again = requeue_at_signal_stop(pid_, th.tid, WSTOPSIG(status))) note_status(th, again);
-      else defer_signal(th.tid, WSTOPSIG(status));
+    // A signal stop becomes an interrupt stop with the signal pending again (or, if that cannot
+    // be done, the signal is held for the resume as before).
+    for (int n = 0; th.stop == StopKind::signal && !th.exited; ++n) {
+      int again = n < 64 ? requeue_at_signal_stop(pid_, th.tid, WSTOPSIG(status)) : 0;
+      if (again == 0) {
+        defer_signal(th.tid, WSTOPSIG(status));
+        break;
+      }
+      if (again < 0) th.exited = true;
+      else note_status(th, status = again);
     }
     if (auto rr = arch::regs__read(th.tid, th.regs); !rr && errno == ESRCH) th.exited = true;
     ++done;
@@ -633,16 +640,18 @@ Result<void> Tracee::stop_thread(pid_t tid, std::chrono::milliseconds timeout) {
     return fail(fmt::format("cannot interrupt thread {} of process {}: {}", tid, pid_, errno_text(errno)));
   int status = HOTFIX_TRY(wait_stop(tid, TraceClock::now() + timeout));
   th = find(tid);
-  if (th->stop == StopKind::signal) {
-    if (int again = requeue_at_signal_stop(pid_, tid, WSTOPSIG(status))) {
-      note_status(*th, again);
-      forget_exited();
-      HOTFIX_CHECK(check_alive());
-      th = find(tid);
-      if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
-    } else {
+  for (int n = 0; th->stop == StopKind::signal; ++n) {
+    int again = n < 64 ? requeue_at_signal_stop(pid_, tid, WSTOPSIG(status)) : 0;
+    if (again == 0) {
       defer_signal(tid, WSTOPSIG(status));
+      break;
     }
+    if (again < 0) th->exited = true;
+    else note_status(*th, status = again);
+    forget_exited();
+    HOTFIX_CHECK(check_alive());
+    th = find(tid);
+    if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
   }
   return arch::regs__read(tid, th->regs);
 }
