@@ -232,7 +232,8 @@ Result<uint64_t> run_on_frame(Tracee& t, pid_t tid, const Job& job, std::span<co
   int phase = 0;  // system call: 0 before ours, 1 inside it, 2 done
   uint64_t result = 0;
   for (;;) {
-    HOTFIX_CHECK(t.step(tid, PTRACE_SYSCALL, resume_with));
+    if (auto stepped = t.step(tid, PTRACE_SYSCALL, resume_with); !stepped)
+      return fail_restoring(Where::syscall_stop, stepped.error());
     resume_with = 0;
     auto status = t.wait_stop(tid, deadline);
     if (!status) {
@@ -319,7 +320,6 @@ Result<uint64_t> run_on_frame(Tracee& t, pid_t tid, const Job& job, std::span<co
                                               diff.empty() ? "" : ": " + diff,
                                               mask_now != mask ? fmt::format(", signal mask {:#x}", mask_now) : ""),
                                   "the thread was restored by hand; please report this"});
-    (void)altstack;
     return result;
   }
 }
