@@ -152,6 +152,9 @@ struct Target {
 };
 
 // Sends SIGRTMIN to the process and to its register thread, as fast as it can, until stopped.
+// Queued with siginfo (sigqueue, rt_tgsigqueueinfo): when the user's queue is full (other
+// processes of root may fill it) the send fails and is not counted, where kill() would merge
+// it silently into a pending one.
 struct SignalBurst {
   pid_t pid, tid;
   std::atomic<bool> stop{false};
@@ -160,7 +163,13 @@ struct SignalBurst {
   SignalBurst(pid_t p, pid_t t, long already) : pid(p), tid(t), sent(already) {
     th = std::thread([this] {
       for (long i = 0; !stop; ++i) {
-        int r = (i & 1) ? ::syscall(SYS_tgkill, pid, tid, SIGRTMIN) : ::kill(pid, SIGRTMIN);
+        siginfo_t si{};
+        si.si_signo = SIGRTMIN;
+        si.si_code = SI_QUEUE;
+        si.si_pid = ::getpid();
+        si.si_uid = ::getuid();
+        long r = (i & 1) ? ::syscall(SYS_rt_tgsigqueueinfo, pid, tid, SIGRTMIN, &si)
+                         : ::syscall(SYS_rt_sigqueueinfo, pid, SIGRTMIN, &si);
         if (r == 0) ++sent;
         std::this_thread::sleep_for(microseconds(100));
       }
