@@ -75,6 +75,45 @@ std::span<const uint8_t> trap_instruction();     // x86_64: cc
 // The PC reported after a trap instruction at `trap_addr` executed.
 uint64_t pc_after_trap(uint64_t trap_addr);
 
+// ---- self-restoring remote code (arch/x86_64/sigframe.cpp) ----
+// Code hotfix runs in a target thread (a system call, a function call) starts on a real signal
+// frame built below the thread's red zone from its saved state -- registers, FP/vector state,
+// signal mask, sigaltstack -- and ends in the kernel's rt_sigreturn on that frame. So the
+// thread puts itself back exactly as it was even if hotfix dies at any instruction meanwhile.
+struct SelfRestoreFrame {
+  uint64_t sp = 0;             // the frame's first byte (its return-address slot): the code's rsp
+  std::vector<uint8_t> bytes;  // to write at sp
+  uint64_t fpstate = 0;        // where the FP/vector image is
+  uint64_t altstack_addr = 0;  // where the frame holds the thread's stack_t (sigaltstack)
+  uint64_t result_slot = 0;    // where the call-return stub leaves the return value
+  RegsBuffer resumed{};        // the registers rt_sigreturn gives the thread (a restartable syscall restarted)
+};
+// `altstack` is the thread's sigaltstack as stack_t bytes (sigframe__altstack_size()), which
+// rt_sigreturn re-installs; `return_address` is where code run on the frame returns.
+Result<SelfRestoreFrame> sigframe__build(const RegsBuffer& saved, uint64_t sigmask, const ExtendedRegs& xstate,
+                                         std::span<const uint8_t> altstack, uint64_t return_address);
+size_t sigframe__altstack_size();
+std::vector<uint8_t> sigframe__no_altstack();   // stack_t with SS_DISABLE
+long sigreturn_syscall_nr();                    // x86_64: 15
+std::span<const uint8_t> sigreturn_code();      // glibc's __restore_rt: mov rax, 15; syscall
+std::span<const uint8_t> syscall_return_gadget();  // syscall; ret
+// Where a called function returns to: keeps its return value at result_slot, then rt_sigreturn.
+std::vector<uint8_t> encode_call_return_stub();
+// Registers to run syscall `nr` at `gadget` (syscall_return_gadget()) with rsp = frame.sp.
+void regs__prepare_syscall_on_frame(RegsBuffer& r, uint64_t gadget, long nr, std::span<const uint64_t> args,
+                                    uint64_t sp);
+// Registers to call fn(args...) (at most 6 integer args) returning via the frame's return address.
+Result<void> regs__prepare_call_on_frame(RegsBuffer& r, uint64_t fn, std::span<const uint64_t> args, uint64_t sp);
+long regs__syscall_nr(const RegsBuffer& r);  // at a syscall stop: the call being made
+// Interrupted in a call the kernel restarts through its restart block (relative sleeps)?
+// rt_sigreturn resets that block, so the tracer, when alive, restores such a thread by hand.
+bool regs__restart_needs_block(const RegsBuffer& r);
+// The registers to give a thread at a syscall-entry stop (with the syscall skipped) or a
+// syscall-exit stop, where the kernel restarts nothing: regs__restart_syscall, orig = -1.
+RegsBuffer regs__resume_by_hand(const RegsBuffer& saved);
+// "" if `actual` equals `expected` in every register user code can see, else what differs.
+std::string regs__diff(const RegsBuffer& actual, const RegsBuffer& expected);
+
 // ---- jumps written over a function entry ----
 size_t entry_jump_size();                                // x86_64: 5 (jmp rel32)
 size_t island_jump_size();                               // x86_64: 14 (jmp [rip+0]; .quad to)

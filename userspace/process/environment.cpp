@@ -180,6 +180,8 @@ std::vector<SeccompCall> injection_calls(bool counting) {
       {SYS_pread64, {3, 0x10000, 784, 64}, "pread64"},
       {SYS_newfstatat, {3, 0x10000, 0x10000, AT_EMPTY_PATH}, "newfstatat"},
       {SYS_close, {3}, "close"},
+      {SYS_sigaltstack, {0, 0x10000}, "sigaltstack (remote code reads the thread's alternate stack)"},
+      {SYS_rt_sigreturn, {}, "rt_sigreturn (how all remote code ends)"},
   };
   if (counting) calls.push_back({SYS_bpf, {BPF_OBJ_GET, 0x10000, 16}, "bpf(BPF_OBJ_GET) of the hit counters"});
   return calls;

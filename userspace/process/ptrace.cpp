@@ -28,7 +28,9 @@ using namespace std::chrono;
 // Only what we need to see; no PTRACE_O_EXITKILL: the target must outlive us. TRACEEXEC: a
 // target that execs while we hold it must be noticed -- every address we know (the loader,
 // the functions, the mappings we made) belongs to the old image and means nothing in the new.
-constexpr long kSeizeOptions = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC;
+// TRACESYSGOOD: the remote layer follows its code with PTRACE_SYSCALL and must tell syscall
+// stops (SIGTRAP | 0x80) from a real SIGTRAP.
+constexpr long kSeizeOptions = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD;
 
 long ptrace_req(int request, pid_t tid, unsigned long addr = 0, unsigned long data = 0) {
   return ::ptrace(static_cast<__ptrace_request>(request), tid, reinterpret_cast<void*>(addr),
@@ -38,6 +40,28 @@ long ptrace_req(int request, pid_t tid, unsigned long addr = 0, unsigned long da
 int stop_event(int status) { return status >> 16; }
 
 bool is_group_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
+
+// A thread caught in a signal-delivery-stop has dequeued its signal: only we hold it, and the
+// kernel drops it if we die (it does not deliver the signal of a stop whose tracer exits). So
+// put it back in the thread's pending set -- with its siginfo where the kernel lets us
+// (sigqueue'd and timer signals), else plainly -- and let the thread trap again at once into an
+// interrupt stop. Returns that stop's wait status, or 0 if the signal stays with us (stop
+// signals keep their group-stop handling; a re-send that fails), -1 if the thread vanished.
+int requeue_at_signal_stop(pid_t pid, pid_t tid, int sig) {
+  if (sig == SIGKILL || is_group_stop_signal(sig)) return 0;
+  siginfo_t si{};
+  if (ptrace_req(PTRACE_GETSIGINFO, tid, 0, reinterpret_cast<unsigned long>(&si)) != 0 || si.si_signo != sig) return 0;
+  bool exact = si.si_code < 0 && si.si_code != SI_TKILL &&
+               ::syscall(SYS_rt_tgsigqueueinfo, pid, tid, sig, &si) == 0;
+  if (!exact && ::syscall(SYS_tgkill, pid, tid, sig) != 0) return 0;
+  // From here the signal is pending again: leave the stop without it (a pending interrupt
+  // traps before the next signal is dequeued).
+  if (ptrace_req(PTRACE_INTERRUPT, tid) != 0 || ptrace_req(PTRACE_CONT, tid) != 0) return 0;
+  int status = 0;
+  while (::waitpid(tid, &status, __WALL) < 0)
+    if (errno != EINTR) return -1;
+  return status;
+}
 
 StopKind classify_stop(int status) {
   int event = stop_event(status);
@@ -519,7 +543,17 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
       done += th.exited;
       continue;
     }
-    if (th.stop == StopKind::signal) defer_signal(th.tid, WSTOPSIG(status));
+    // A signal stop becomes an interrupt stop with the signal pending again (or, if that cannot
+    // be done, the signal is held for the resume as before).
+    for (int n = 0; th.stop == StopKind::signal && !th.exited; ++n) {
+      int again = n < 64 ? requeue_at_signal_stop(pid_, th.tid, WSTOPSIG(status)) : 0;
+      if (again == 0) {
+        defer_signal(th.tid, WSTOPSIG(status));
+        break;
+      }
+      if (again < 0) th.exited = true;
+      else note_status(th, status = again);
+    }
     if (auto rr = arch::regs__read(th.tid, th.regs); !rr && errno == ESRCH) th.exited = true;
     ++done;
     backoff = {};
@@ -606,7 +640,19 @@ Result<void> Tracee::stop_thread(pid_t tid, std::chrono::milliseconds timeout) {
     return fail(fmt::format("cannot interrupt thread {} of process {}: {}", tid, pid_, errno_text(errno)));
   int status = HOTFIX_TRY(wait_stop(tid, TraceClock::now() + timeout));
   th = find(tid);
-  if (th->stop == StopKind::signal) defer_signal(tid, WSTOPSIG(status));
+  for (int n = 0; th->stop == StopKind::signal; ++n) {
+    int again = n < 64 ? requeue_at_signal_stop(pid_, tid, WSTOPSIG(status)) : 0;
+    if (again == 0) {
+      defer_signal(tid, WSTOPSIG(status));
+      break;
+    }
+    if (again < 0) th->exited = true;
+    else note_status(*th, status = again);
+    forget_exited();
+    HOTFIX_CHECK(check_alive());
+    th = find(tid);
+    if (!th) return fail(fmt::format("thread {} of process {} exited", tid, pid_));
+  }
   return arch::regs__read(tid, th->regs);
 }
 

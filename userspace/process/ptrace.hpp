@@ -141,8 +141,15 @@ class Tracee {
 
   // Addresses found once per target by the remote layer.
   struct RemoteCache {
-    uint64_t syscall_gadget = 0;
-    uint64_t trap_gadget = 0;
+    uint64_t syscall_gadget = 0;    // syscall; ret
+    uint64_t sigreturn_gadget = 0;  // glibc's __restore_rt
+    // A thread's sigaltstack (stack_t bytes), read once per stop (stop_began) for its frames.
+    struct AltStack {
+      pid_t tid = 0;
+      TraceClock::time_point stop_began{};
+      std::vector<uint8_t> bytes;
+    };
+    std::vector<AltStack> altstacks;
     struct Range {
       uint64_t begin = 0, end = 0;
       std::string name;

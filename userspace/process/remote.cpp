@@ -14,10 +14,12 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <set>
 
 #include "arch/arch.hpp"
+#include "common/crashpoint.hpp"
 #include "common/unique_fd.hpp"
 #include "process/maps.hpp"
 #include "process/remote_util.hpp"
@@ -41,15 +43,13 @@ std::string signal_name(int sig) {
 
 Result<void> ensure_gadgets(Tracee& t) {
   auto& cache = t.remote_cache();
-  if (cache.syscall_gadget && cache.trap_gadget) return {};
+  if (cache.syscall_gadget && cache.sigreturn_gadget) return {};
   auto maps = HOTFIX_TRY(process__read_maps(t.pid()));
-  // The vDSO first: always there, small, never unmapped; then libc, then any other text.
+  // libc first (it has both: every wrapper like getpid ends in `syscall; ret`, and __restore_rt
+  // is the restorer of every signal handler glibc installs), then any other text.
   std::stable_sort(maps.begin(), maps.end(), [](const Mapping& a, const Mapping& b) {
-    auto rank = [](const Mapping& m) { return m.path == "[vdso]" ? 0 : is_libc(m.path) ? 1 : 2; };
-    return rank(a) < rank(b);
+    return is_libc(a.path) > is_libc(b.path);
   });
-  auto sys = arch::syscall_instruction();
-  auto trap = arch::trap_instruction();
   for (auto& m : maps) {
     if (!m.executable() || m.path == "[vsyscall]" || m.end - m.start > (64u << 20)) continue;
     auto bytes = t.memory().read(m.start, m.end - m.start);
@@ -59,13 +59,14 @@ Result<void> ensure_gadgets(Tracee& t) {
       auto it = std::search(bytes->begin(), bytes->end(), needle.begin(), needle.end());
       if (it != bytes->end()) slot = m.start + static_cast<uint64_t>(it - bytes->begin());
     };
-    find(sys, cache.syscall_gadget);
-    find(trap, cache.trap_gadget);
-    if (cache.syscall_gadget && cache.trap_gadget) return {};
+    find(arch::syscall_return_gadget(), cache.syscall_gadget);
+    find(arch::sigreturn_code(), cache.sigreturn_gadget);
+    if (cache.syscall_gadget && cache.sigreturn_gadget) return {};
   }
-  return fail(fmt::format("found no {} instruction in the executable memory of process {}",
-                          cache.syscall_gadget ? "trap" : "system call", t.pid()),
-              "the target has no usable [vdso] or libc text; it cannot be patched");
+  return fail(fmt::format("found no {} in the executable memory of process {}",
+                          cache.syscall_gadget ? "rt_sigreturn restorer (glibc's __restore_rt)" : "`syscall; ret` sequence",
+                          t.pid()),
+              "hotfix runs code in a target only through glibc's own code; a target without glibc cannot be patched");
 }
 
 Result<TracedThread*> usable_thread(Tracee& t, pid_t tid) {
@@ -78,72 +79,278 @@ Result<TracedThread*> usable_thread(Tracee& t, pid_t tid) {
   return th;
 }
 
-// After a timeout the thread may still run our code: take it back so its registers can be restored.
-void take_back(Tracee& t, pid_t tid) {
-  auto* th = t.find(tid);
-  if (!th || th->stopped()) return;
-  if (::ptrace(PTRACE_INTERRUPT, tid, nullptr, nullptr) == 0) (void)t.wait_stop(tid, TraceClock::now() + seconds(1));
-}
-
-Result<long> step_over_syscall(Tracee& t, pid_t tid, uint64_t gadget, TraceClock::time_point deadline) {
-  uint64_t after = gadget + arch::syscall_instruction().size();
-  for (int attempt = 0; attempt < 64; ++attempt) {
-    HOTFIX_CHECK(t.step(tid, PTRACE_SINGLESTEP));
-    auto status = t.wait_stop(tid, deadline);
-    if (!status) {
-      take_back(t, tid);
-      return std::unexpected(status.error());
-    }
-    if ((*status >> 16) != 0) continue;  // a stray interrupt or a group stop: step again
-    arch::RegsBuffer now;
-    HOTFIX_CHECK(arch::regs__read(tid, now));
-    int sig = WSTOPSIG(*status);
-    if (sig == SIGTRAP && arch::regs__pc(now) == after) return arch::regs__syscall_result(now);
-    if (arch::regs__pc(now) == gadget) {
-      t.defer_signal(tid, sig);  // a pending signal came first; deliver it when the thread resumes
-      continue;
-    }
-    return fail(fmt::format("single-stepping a system call in thread {} stopped at {:#x} with {} instead of {:#x}", tid,
-                            arch::regs__pc(now), signal_name(sig), after));
-  }
-  return fail(fmt::format("thread {} kept receiving signals instead of running the system call", tid));
-}
-
 bool synchronous_fault(int sig, const siginfo_t& si) {
   bool fault_signal = sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGTRAP || sig == SIGSYS;
   return fault_signal && si.si_code > 0;  // si_code <= 0: sent by kill/tgkill/sigqueue, not raised by the code
 }
 
-Result<uint64_t> run_until_trap(Tracee& t, pid_t tid, uint64_t fn, uint64_t trap, TraceClock::time_point deadline,
-                                milliseconds timeout) {
-  HOTFIX_CHECK(t.step(tid, PTRACE_CONT));
+bool blockable(int sig) { return sig != SIGKILL && sig != SIGSTOP; }
+
+Result<uint64_t> read_sigmask(pid_t tid) {
+  uint64_t mask = 0;
+  if (::ptrace(PTRACE_GETSIGMASK, tid, sizeof mask, &mask) == -1)
+    return fail(fmt::format("cannot read the signal mask of thread {}: {}", tid, errno_text(errno)));
+  return mask;
+}
+
+Result<void> write_sigmask(pid_t tid, uint64_t mask) {
+  if (::ptrace(PTRACE_SETSIGMASK, tid, sizeof mask, &mask) == -1)
+    return fail(fmt::format("cannot set the signal mask of thread {}: {}", tid, errno_text(errno)));
+  return {};
+}
+
+// ---------------------------------------------------------------- code on a signal frame
+//
+// Every system call and function call runs on a signal frame (arch::sigframe__build) holding
+// the thread's own state, and ends in rt_sigreturn on it:
+//   system call:   pc = `syscall; ret` in libc, rsp = frame; the `ret` pops the frame's return
+//                  address, __restore_rt, which is rt_sigreturn.
+//   function call: pc = fn, rsp = frame; fn returns to a stub page (mov [rsp-8], rax;
+//                  rt_sigreturn) that keeps the return value in the frame.
+// Every signal is blocked meanwhile (PTRACE_SETSIGMASK; the frame holds the real mask), so what
+// arrives stays pending in the kernel rather than being dequeued by us. We follow the code with
+// PTRACE_SYSCALL (syscall stops need no tracer), read results at syscall stops, and check that
+// rt_sigreturn gave back exactly the saved registers. If hotfix dies anywhere in between, the
+// kernel detaches the thread and it runs on into rt_sigreturn by itself.
+
+enum class Code { syscall, call };
+
+struct Job {
+  Code code = Code::syscall;
+  long nr = 0;                                          // Code::syscall
+  std::function<std::vector<uint64_t>(const arch::SelfRestoreFrame&)> args;
+  uint64_t fn = 0, stub = 0;                            // Code::call: the function, the stub page
+  milliseconds timeout{};
+};
+
+// Where the thread is held when something goes wrong: decides how to restore it by hand.
+enum class Where { kernel_restarts, syscall_stop };
+
+// Put the thread back by hand (the tracer is alive): registers, FP state and signal mask. At a
+// signal or interrupt stop the kernel itself restarts an interrupted syscall on resume; at a
+// syscall stop it does not, so the registers are given in restarted form.
+Result<void> restore_by_hand(Tracee& t, pid_t tid, Where where, uint64_t mask, const arch::ExtendedRegs& xstate) {
+  auto* th = t.find(tid);
+  if (!th) return t.check_alive();
+  arch::RegsBuffer regs = where == Where::syscall_stop ? arch::regs__resume_by_hand(th->regs) : th->regs;
+  auto r1 = arch::regs__write(tid, regs);
+  auto r2 = arch::regs__write_extended(tid, xstate);
+  auto r3 = write_sigmask(tid, mask);
+  if (r1) th->regs_dirty = false;
+  crashpoint("remote: restored by hand");
+  if (!r1) return r1;
+  if (!r2) return r2;
+  return r3;
+}
+
+// Blocked signals the thread had dequeued before we used it go back to its pending set, so that
+// they survive us: the signal of its signal-delivery-stop is re-queued by the kernel (siginfo
+// intact) when resumed with it while blocked; signals held in late_signals are re-sent.
+int requeue_held_signals(Tracee& t, pid_t tid) {
+  auto* th = t.find(tid);
+  int resume_with = 0;
+  if (th->resume_signal && blockable(th->resume_signal)) {
+    resume_with = th->resume_signal;
+    th->resume_signal = 0;
+    th->resume_info.reset();
+  }
+  std::vector<int> keep;
+  for (int sig : th->late_signals) {
+    if (blockable(sig)) ::syscall(SYS_tgkill, t.pid(), tid, sig);
+    else keep.push_back(sig);
+  }
+  th->late_signals = std::move(keep);
+  return resume_with;
+}
+
+// At a syscall stop: entering (true) or leaving the call.
+bool syscall_stop_is_entry(pid_t tid) {
+  struct {
+    uint8_t op;
+    uint8_t pad[87];
+  } info{};
+  if (::ptrace(PTRACE_GET_SYSCALL_INFO, tid, sizeof info, &info) <= 0) return false;
+  return info.op == 1;  // PTRACE_SYSCALL_INFO_ENTRY
+}
+
+std::string describe_stop(int status) {
+  if (WIFSTOPPED(status)) return fmt::format("stop {:#x}", status >> 8);
+  return fmt::format("status {:#x}", status);
+}
+
+// After a timeout the thread may still run our code: take it back so it can be restored.
+Result<Where> take_back(Tracee& t, pid_t tid) {
+  auto* th = t.find(tid);
+  if (!th) return std::unexpected(t.check_alive() ? Error{fmt::format("thread {} exited", tid), ""} : t.check_alive().error());
+  if (!th->stopped()) {
+    if (::ptrace(PTRACE_INTERRUPT, tid, nullptr, nullptr) != 0) return fail(fmt::format("cannot interrupt thread {}", tid));
+    int status = HOTFIX_TRY(t.wait_stop(tid, TraceClock::now() + seconds(1)));
+    if (WIFSTOPPED(status) && WSTOPSIG(status) == (SIGTRAP | 0x80)) return Where::syscall_stop;
+  }
+  return Where::kernel_restarts;
+}
+
+Result<std::vector<uint8_t>> thread_altstack(Tracee& t, pid_t tid);
+
+Result<uint64_t> run_on_frame(Tracee& t, pid_t tid, const Job& job, std::span<const uint8_t> altstack) {
+  auto* th = HOTFIX_TRY(usable_thread(t, tid));
+  const StopKind kind = th->stop;
+  const arch::RegsBuffer saved = th->regs;
+  uint64_t mask = HOTFIX_TRY(read_sigmask(tid));
+  auto xstate = HOTFIX_TRY(arch::regs__read_extended(tid));
+  auto& cache = t.remote_cache();
+  uint64_t ret_to = job.code == Code::syscall ? cache.sigreturn_gadget : job.stub;
+  auto frame = HOTFIX_TRY(arch::sigframe__build(saved, mask, xstate, altstack, ret_to));
+  HOTFIX_CHECK(t.memory().write(frame.sp, frame.bytes));  // below the red zone: nothing of the thread's
+  crashpoint("remote: frame written");
+
+  arch::RegsBuffer regs = saved;
+  uint64_t end_pc = 0;  // pc at the entry stop of our rt_sigreturn
+  if (job.code == Code::syscall) {
+    auto args = job.args(frame);
+    arch::regs__prepare_syscall_on_frame(regs, cache.syscall_gadget, job.nr, args, frame.sp);
+    end_pc = cache.sigreturn_gadget + arch::sigreturn_code().size();
+  } else {
+    auto args = job.args(frame);
+    HOTFIX_CHECK(arch::regs__prepare_call_on_frame(regs, job.fn, args, frame.sp));
+    end_pc = job.stub + arch::encode_call_return_stub().size();
+  }
+  // Registers first, then the mask: from here on any path of the thread leads to rt_sigreturn,
+  // which also restores the mask.
+  HOTFIX_CHECK(t.set_regs(tid, regs));
+  crashpoint("remote: registers set");
+  HOTFIX_CHECK(write_sigmask(tid, ~uint64_t{0}));
+  crashpoint("remote: signals blocked");
+  int resume_with = requeue_held_signals(t, tid);
+
+  auto fail_restoring = [&](Where where, Error e) -> Result<uint64_t> {
+    (void)restore_by_hand(t, tid, where, mask, xstate);
+    if (auto* x = t.find(tid)) x->stop = kind;
+    return std::unexpected(std::move(e));
+  };
+  auto deadline = TraceClock::now() + job.timeout;
+  int phase = 0;  // system call: 0 before ours, 1 inside it, 2 done
+  uint64_t result = 0;
   for (;;) {
+    if (auto stepped = t.step(tid, PTRACE_SYSCALL, resume_with); !stepped)
+      return fail_restoring(Where::syscall_stop, stepped.error());
+    resume_with = 0;
     auto status = t.wait_stop(tid, deadline);
     if (!status) {
       HOTFIX_CHECK(t.check_alive());
-      take_back(t, tid);
-      return fail(fmt::format("the call to {:#x} in thread {} of process {} did not return within {} ms (or the thread "
-                              "exited): the thread was taken back and its registers restored, but the call may have "
-                              "left locks or state behind",
-                              fn, tid, t.pid(), timeout.count()),
-                  "inspect the target; restart it if it misbehaves");
+      auto where = take_back(t, tid);
+      if (!where) return std::unexpected(where.error());
+      std::string what = job.code == Code::call
+          ? fmt::format("the call to {:#x} in thread {} of process {} did not return within {} ms (or the thread "
+                        "exited): the thread was taken back and restored, but the call may have left locks or "
+                        "state behind", job.fn, tid, t.pid(), job.timeout.count())
+          : fmt::format("system call {} in thread {} of process {} did not finish within {} ms; the thread was "
+                        "taken back and restored", job.nr, tid, t.pid(), job.timeout.count());
+      return fail_restoring(*where, Error{what, "inspect the target; restart it if it misbehaves"});
     }
-    if ((*status >> 16) == 0) {
-      int sig = WSTOPSIG(*status);
+    if ((*status >> 16) != 0) continue;  // a clone event of the callee, a stray interrupt: carry on
+    int sig = WSTOPSIG(*status);
+    arch::RegsBuffer now;
+    HOTFIX_CHECK(arch::regs__read(tid, now));
+    if (sig != (SIGTRAP | 0x80)) {
       siginfo_t si{};
       ::ptrace(PTRACE_GETSIGINFO, tid, nullptr, &si);
-      arch::RegsBuffer now;
-      HOTFIX_CHECK(arch::regs__read(tid, now));
-      if (sig == SIGTRAP && arch::regs__pc(now) == arch::pc_after_trap(trap)) return arch::regs__return_value(now);
       if (synchronous_fault(sig, si))
-        return fail(fmt::format("the call to {:#x} in thread {} of process {} crashed with {} at pc {:#x} (address {})", fn,
-                                tid, t.pid(), signal_name(sig), arch::regs__pc(now), si.si_addr),
-                    "the thread's registers were restored and the signal discarded; the called code is broken");
-      t.defer_signal(tid, sig);  // an outside signal: held, delivered when the thread is resumed
+        return fail_restoring(Where::kernel_restarts,
+                              Error{fmt::format("the {} in thread {} of process {} crashed with {} at pc {:#x} (address {})",
+                                                job.code == Code::call ? fmt::format("call to {:#x}", job.fn)
+                                                                       : fmt::format("system call {}", job.nr),
+                                                tid, t.pid(), signal_name(sig), arch::regs__pc(now), si.si_addr),
+                                    "the thread's registers were restored and the signal discarded; the called code is broken"});
+      // Only what cannot be blocked gets here (SIGSTOP): held, delivered when the thread resumes.
+      t.defer_signal(tid, sig);
+      continue;
     }
-    // Other stops (a new thread's clone event, a stray interrupt, a group stop): carry on.
-    HOTFIX_CHECK(t.step(tid, PTRACE_CONT));
+    bool entry = syscall_stop_is_entry(tid);
+    long nr = arch::regs__syscall_nr(now);
+    if (job.code == Code::syscall && phase == 0) {
+      // Ours: the entry at the gadget (a syscall-exit stop of a call skipped before comes first).
+      if (entry && nr == job.nr && arch::regs__pc(now) == cache.syscall_gadget + arch::syscall_instruction().size()) {
+        phase = 1;
+        crashpoint("remote: at the system call");
+      }
+      continue;
+    }
+    if (job.code == Code::syscall && phase == 1) {
+      if (entry) continue;
+      phase = 2;
+      result = static_cast<uint64_t>(arch::regs__syscall_result(now));
+      crashpoint("remote: system call done");
+      continue;
+    }
+    if (!entry || nr != arch::sigreturn_syscall_nr() || arch::regs__pc(now) != end_pc) continue;  // the callee's own
+    // At the entry of our rt_sigreturn: the result is ours to read, the thread's state still the frame's.
+    crashpoint("remote: at rt_sigreturn");
+    if (job.code == Code::call) {
+      auto slot = t.memory().read(frame.result_slot, 8);
+      if (!slot) return fail_restoring(Where::syscall_stop, slot.error());
+      std::memcpy(&result, slot->data(), 8);
+    }
+    if (arch::regs__restart_needs_block(saved)) {
+      // rt_sigreturn would reset the kernel's restart block of the interrupted sleep: skip it
+      // (orig = -1 at a syscall-entry stop) and restore the thread ourselves.
+      HOTFIX_CHECK(restore_by_hand(t, tid, Where::syscall_stop, mask, xstate));
+      t.find(tid)->stop = kind;
+      return result;
+    }
+    HOTFIX_CHECK(t.step(tid, PTRACE_SYSCALL));
+    auto exit_status = t.wait_stop(tid, deadline);
+    if (!exit_status) {
+      HOTFIX_CHECK(t.check_alive());
+      auto where = take_back(t, tid);
+      if (!where) return std::unexpected(where.error());
+      return fail_restoring(*where, Error{fmt::format("thread {} did not finish rt_sigreturn", tid), ""});
+    }
+    crashpoint("remote: rt_sigreturn done");
+    HOTFIX_CHECK(arch::regs__read(tid, now));
+    auto* back = t.find(tid);
+    back->regs_dirty = false;  // rt_sigreturn restored them
+    back->stop = kind;
+    auto diff = arch::regs__diff(now, frame.resumed);
+    uint64_t mask_now = HOTFIX_TRY(read_sigmask(tid));
+    if (*exit_status >> 8 != (SIGTRAP | 0x80) || !diff.empty() || mask_now != mask)
+      return fail_restoring(Where::syscall_stop,
+                            Error{fmt::format("internal error: rt_sigreturn in thread {} of process {} did not restore "
+                                              "the thread exactly ({}{}{})", tid, t.pid(), describe_stop(*exit_status),
+                                              diff.empty() ? "" : ": " + diff,
+                                              mask_now != mask ? fmt::format(", signal mask {:#x}", mask_now) : ""),
+                                  "the thread was restored by hand; please report this"});
+    return result;
   }
+}
+
+// The thread's sigaltstack, which the frame must hold (rt_sigreturn re-installs it): read once
+// per stop by a sigaltstack(NULL, &frame.uc_stack) on the frame itself, so the frame is right
+// even if we die during this very call.
+Result<std::vector<uint8_t>> thread_altstack(Tracee& t, pid_t tid) {
+  auto* th = HOTFIX_TRY(usable_thread(t, tid));
+  auto& list = t.remote_cache().altstacks;
+  auto it = std::find_if(list.begin(), list.end(), [&](auto& a) { return a.tid == tid; });
+  if (it != list.end() && it->stop_began == th->stop_began) return it->bytes;
+  auto began = th->stop_began;
+  uint64_t where = 0;
+  Job query{Code::syscall, SYS_sigaltstack,
+            [&](const arch::SelfRestoreFrame& f) {
+              where = f.altstack_addr;
+              return std::vector<uint64_t>{0, f.altstack_addr};
+            },
+            0, 0, seconds(2)};
+  auto none = arch::sigframe__no_altstack();
+  long r = static_cast<long>(HOTFIX_TRY(run_on_frame(t, tid, query, none)));
+  if (r != 0) return fail(fmt::format("sigaltstack in thread {} of process {} failed: {}", tid, t.pid(), errno_text(static_cast<int>(-r))));
+  auto bytes = HOTFIX_TRY(t.memory().read(where, arch::sigframe__altstack_size()));
+  if (it == list.end()) {
+    list.push_back({tid, began, bytes});
+  } else {
+    it->stop_began = began;
+    it->bytes = bytes;
+  }
+  return bytes;
 }
 
 }  // namespace
@@ -151,17 +358,12 @@ Result<uint64_t> run_until_trap(Tracee& t, pid_t tid, uint64_t fn, uint64_t trap
 // ---------------------------------------------------------------- system calls
 
 Result<long> remote__syscall(Tracee& t, pid_t tid, long nr, std::initializer_list<uint64_t> args, milliseconds timeout) {
-  auto* th = HOTFIX_TRY(usable_thread(t, tid));
+  HOTFIX_TRY(usable_thread(t, tid));
   HOTFIX_CHECK(ensure_gadgets(t));
-  uint64_t gadget = t.remote_cache().syscall_gadget;
-  arch::RegsBuffer regs = th->regs;
-  arch::regs__prepare_syscall(regs, gadget, nr, std::span<const uint64_t>(args.begin(), args.size()));
-  HOTFIX_CHECK(t.set_regs(tid, regs));
-  auto result = step_over_syscall(t, tid, gadget, TraceClock::now() + timeout);
-  auto restored = t.restore_regs(tid);
-  if (!result) return result;
-  if (!restored) return std::unexpected(restored.error());
-  return result;
+  auto altstack = HOTFIX_TRY(thread_altstack(t, tid));
+  std::vector<uint64_t> list(args);
+  Job job{Code::syscall, nr, [&](const arch::SelfRestoreFrame&) { return list; }, 0, 0, timeout};
+  return static_cast<long>(HOTFIX_TRY(run_on_frame(t, tid, job, altstack)));
 }
 
 namespace {
@@ -256,21 +458,28 @@ Result<RemoteMemfd> remote__map_memfd(Tracee& t, pid_t tid, const std::string& n
 // ---------------------------------------------------------------- function calls
 
 Result<uint64_t> remote__call(Tracee& t, pid_t tid, uint64_t fn, std::span<const uint64_t> args, milliseconds timeout) {
-  auto* th = HOTFIX_TRY(usable_thread(t, tid));
+  HOTFIX_TRY(usable_thread(t, tid));
   HOTFIX_CHECK(ensure_gadgets(t));
-  uint64_t trap = t.remote_cache().trap_gadget;
-  auto fp = HOTFIX_TRY(arch::regs__read_extended(tid));  // the callee may use any vector register
-  arch::RegsBuffer regs = th->regs;
-  auto frame = arch::regs__prepare_call(regs, fn, args, trap);
-  HOTFIX_CHECK(t.memory().write(frame.sp, frame.stack_bytes));
-  HOTFIX_CHECK(t.set_regs(tid, regs));
-  auto result = run_until_trap(t, tid, fn, trap, TraceClock::now() + timeout, timeout);
+  if (args.size() > 6) return fail(fmt::format("a remote call takes at most 6 arguments, not {}", args.size()));
+  // The stub the function returns to lives on a page of its own, for this call only (a page
+  // left behind if we die meanwhile holds no trap: nothing in it can harm the target).
+  auto stub_code = arch::encode_call_return_stub();
+  uint64_t stub = HOTFIX_TRY(remote__mmap(t, tid, 0, page_size(), PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS));
+  crashpoint("remote: stub page mapped");
+  auto result = [&]() -> Result<uint64_t> {
+    HOTFIX_CHECK(t.memory().write(stub, stub_code));
+    auto altstack = HOTFIX_TRY(thread_altstack(t, tid));
+    std::vector<uint64_t> list(args.begin(), args.end());
+    Job job{Code::call, 0, [&](const arch::SelfRestoreFrame&) { return list; }, fn, stub, timeout};
+    return run_on_frame(t, tid, job, altstack);
+  }();
   if (!t.check_alive()) return std::unexpected(t.check_alive().error());
-  auto restored = t.restore_regs(tid);
-  auto fp_restored = arch::regs__write_extended(tid, fp);
-  if (!result) return result;
-  if (!restored) return std::unexpected(restored.error());
-  if (!fp_restored) return std::unexpected(fp_restored.error());
+  auto* th = t.find(tid);
+  if (th && th->usable_for_remote()) {
+    auto unmapped = remote__munmap(t, tid, stub, page_size());
+    crashpoint("remote: stub page unmapped");
+    if (result && !unmapped) return std::unexpected(unmapped.error());
+  }
   return result;
 }
 

@@ -1,6 +1,8 @@
 // Running code inside a traced process: system calls and function calls on ONE stopped
 // thread (the others may keep running), and loading a library with the target's own dlopen.
-// Every operation restores the thread's registers before returning, success or failure.
+// Every operation restores the thread's registers before returning, success or failure, and
+// restores ITSELF if hotfix dies meanwhile: the code runs on a signal frame holding the
+// thread's state and ends in rt_sigreturn (see docs/design.md, "Remote execution").
 #pragma once
 #include <sys/types.h>
 
@@ -17,8 +19,9 @@
 namespace hotfix {
 
 // ---- system calls (the thread must be stopped: Tracee::stop_all or stop_thread) ----
-// Executes system call `nr` in `tid` at a syscall instruction found in the target ([vdso]
-// or libc text), single-stepping over it. Returns the raw result (negative errno).
+// Executes system call `nr` in `tid` at a `syscall; ret` of libc, returning into glibc's
+// rt_sigreturn restorer on a frame holding the thread's state; every signal stays pending
+// meanwhile. Returns the raw result (negative errno).
 Result<long> remote__syscall(Tracee& t, pid_t tid, long nr, std::initializer_list<uint64_t> args,
                              std::chrono::milliseconds timeout = std::chrono::seconds(2));
 
@@ -42,11 +45,13 @@ struct RemoteMemfd {
 Result<RemoteMemfd> remote__map_memfd(Tracee& t, pid_t tid, const std::string& name, uint64_t size, int prot);
 
 // ---- function calls ----
-// Calls `fn(args...)` in `tid` (stopped, usable_for_remote) and returns its return value.
-// Other threads keep their state (running or stopped). Signals the thread receives meanwhile
-// are held and delivered when it is resumed; a crash inside the call (SIGSEGV...) or no
-// return within `timeout` fails the call, restoring the thread's registers (general and
-// FP/vector) -- the code it ran may have left state behind, and the error says so.
+// Calls `fn(args...)` (at most 6 integer arguments) in `tid` (stopped, usable_for_remote) and
+// returns its return value. Other threads keep their state (running or stopped). Every
+// signal to the thread stays pending during the call (threads the call creates inherit that
+// fully blocked mask) and is delivered when it resumes; a crash inside the call (SIGSEGV...)
+// or no return within `timeout` fails the call, restoring the thread's registers (general and
+// FP/vector) and mask -- the code it ran may have left state behind, and the error says so.
+// Maps a one-page return stub for the call and unmaps it afterwards.
 Result<uint64_t> remote__call(Tracee& t, pid_t tid, uint64_t fn, std::span<const uint64_t> args,
                               std::chrono::milliseconds timeout = std::chrono::seconds(5));
 
