@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <set>
 
 #include "arch/arch.hpp"
@@ -29,6 +30,19 @@ bool maps_loaded_copy(const Mapping& m, const PatchRecord& p) {
   if (path.ends_with(deleted)) path.resize(path.size() - deleted.size());
   if (!p.loaded_copy.empty() && path == p.loaded_copy) return true;
   return p.load_base && m.start - m.offset == p.load_base && m.path.find(kPatchDir) == 0;
+}
+
+// Add the parts of `r` that no range of `out` covers yet.
+void add_uncovered(std::vector<AddressRange>& out, const AddressRange& r) {
+  std::vector<AddressRange> covered = out;
+  std::sort(covered.begin(), covered.end(), [](auto& a, auto& b) { return a.begin < b.begin; });
+  uint64_t at = r.begin;
+  for (auto& c : covered) {
+    if (c.end <= at || c.begin >= r.end) continue;
+    if (c.begin > at) out.push_back({at, c.begin, r.name});
+    at = std::max(at, c.end);
+  }
+  if (at < r.end) out.push_back({at, r.end, r.name});
 }
 
 }  // namespace
@@ -61,13 +75,17 @@ Result<std::vector<AddressRange>> patch_code__all(pid_t pid, const SymbolTable& 
     auto code = patch_code__function(table, p, f);
     out.insert(out.end(), code.begin(), code.end());
   }
-  // Whole island pages: an island of another function on the same page is this patch's too.
+  // Whole island pages (an island of another function on the same page is this patch's too),
+  // and the copy's other code: its other functions, PLT, init code. Only the parts not named
+  // above, so that a message names the function a thread is in.
+  std::vector<AddressRange> more;
   for (uint64_t page : patch_code__island_pages(p))
-    out.push_back({page, page + page_size(), fmt::format("an island page of patch {}", p.id)});
+    more.push_back({page, page + page_size(), fmt::format("an island page of patch {}", p.id)});
   auto maps = HOTFIX_TRY(process__read_maps(pid));
   for (auto& m : maps)
     if (m.executable() && maps_loaded_copy(m, p))
-      out.push_back({m.start, m.end, fmt::format("the code of {} (patch {})", p.loaded_copy, p.id)});
+      more.push_back({m.start, m.end, fmt::format("other code of {} (patch {})", p.loaded_copy, p.id)});
+  for (auto& r : more) add_uncovered(out, r);
   return out;
 }
 
