@@ -125,7 +125,7 @@ class OutsideStorm {
       : thread_([this, pid] {
           for (int i = 0; !stop_; ++i) {
             ::kill(pid, i % 2 ? SIGUSR1 : SIGRTMIN);
-            std::this_thread::sleep_for(microseconds(50));
+            std::this_thread::sleep_for(microseconds(500));
           }
         }) {}
   ~OutsideStorm() {

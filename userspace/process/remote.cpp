@@ -85,7 +85,28 @@ void take_back(Tracee& t, pid_t tid) {
   if (::ptrace(PTRACE_INTERRUPT, tid, nullptr, nullptr) == 0) (void)t.wait_stop(tid, TraceClock::now() + seconds(1));
 }
 
+// While we step one system call, the thread's signals wait: under a storm of queued
+// (real-time) signals each step would otherwise meet one more pending signal instead of the
+// syscall. PTRACE_SETSIGMASK changes only the mask, not what is pending; put back after.
+class SignalsBlocked {
+ public:
+  explicit SignalsBlocked(pid_t tid) : tid_(tid) {
+    uint64_t all = ~0ull;
+    blocked_ = ::ptrace(PTRACE_GETSIGMASK, tid, sizeof saved_, &saved_) == 0 &&
+               ::ptrace(PTRACE_SETSIGMASK, tid, sizeof all, &all) == 0;
+  }
+  ~SignalsBlocked() {
+    if (blocked_) (void)::ptrace(PTRACE_SETSIGMASK, tid_, sizeof saved_, &saved_);
+  }
+
+ private:
+  pid_t tid_;
+  uint64_t saved_ = 0;
+  bool blocked_ = false;
+};
+
 Result<long> step_over_syscall(Tracee& t, pid_t tid, uint64_t gadget, TraceClock::time_point deadline) {
+  SignalsBlocked quiet(tid);
   uint64_t after = gadget + arch::syscall_instruction().size();
   for (int attempt = 0; attempt < 64; ++attempt) {
     HOTFIX_CHECK(t.step(tid, PTRACE_SINGLESTEP));
