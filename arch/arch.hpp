@@ -183,6 +183,14 @@ bool return_addresses_on_stack();
 size_t stack_slot_size();         // size and alignment of a saved return address; x86_64: 8
 unsigned dwarf_sp_register();     // DWARF number of the stack pointer; x86_64: 7 (rsp)
 
+// Signal frames. A handler's return address is the restorer, whose code is this sequence
+// (x86_64: glibc's __restore_rt, `mov rax, 15; syscall`, i.e. rt_sigreturn). The frame the
+// kernel pushed for the handler starts at the slot holding that return address; the pc and
+// stack pointer of the interrupted code are saved at these byte offsets from that slot.
+std::vector<uint8_t> sigreturn_sequence();
+size_t sigframe_pc_offset();
+size_t sigframe_sp_offset();
+
 // ---- dynamic relocations (the binder patches a fix library's GOT / data words) ----
 // What a dynamic relocation type asks the loader to store at r_offset, for the ones the
 // binder knows how to redo by hand: `got` = the symbol's address S (GOT and PLT slots),

@@ -168,14 +168,19 @@ int verb_revert(const Args& args) {
   std::string items;
   for (auto& o : *outcomes) {
     if (json) {
-      items += fmt::format("{}{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"released\":{},\"held_by\":{}}}",
+      items += fmt::format("{}{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"released\":{},\"held_by\":{},"
+                           "\"earlier\":{},\"note\":{}}}",
                            items.empty() ? "" : ",", o.id, o.pause.count() / 1000.0, o.attempts, o.released,
-                           json__quote(o.held_by));
+                           json__quote(o.held_by), o.earlier, json__quote(o.note));
       continue;
     }
-    fmt::print("reverted patch {} of pid {}: pause {:.1f} us, {} attempt(s); {}\n", o.id, opts.pid,
-               o.pause.count() / 1000.0, o.attempts,
-               o.released ? "its library is unloaded" : "its library stays loaded: " + o.held_by);
+    std::string memory = !o.released       ? o.held_by
+                         : !o.note.empty() ? o.note
+                                           : "its library is unloaded and its islands unmapped";
+    if (o.earlier) fmt::print("patch {} of pid {} (reverted earlier): {}\n", o.id, opts.pid, memory);
+    else
+      fmt::print("reverted patch {} of pid {}: pause {:.1f} us, {} attempt(s); {}\n", o.id, opts.pid,
+                 o.pause.count() / 1000.0, o.attempts, memory);
   }
   if (json) fmt::print("{{\"pid\":{},\"reverted\":[{}]{}}}\n", opts.pid, items, audit_notes_json(notes));
   else if (outcomes->empty()) fmt::print("pid {} has no active patches: nothing to revert\n", opts.pid);

@@ -21,6 +21,7 @@
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
 #include "patch/binder.hpp"
+#include "patch/code.hpp"
 #include "patch/counting.hpp"
 #include "patch/deliver.hpp"
 #include "patch/fixlib.hpp"
@@ -358,11 +359,10 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
     writes.push_back({fn.address, s.current, s.jump, fn.name});
     overwritten.push_back(overwritten_range(fn.address, s.check.covered, fn.name));
     bodies.push_back({fn.address, fn.address + std::max<uint64_t>(fn.size, 1), fn.name});
-    if (s.stacked_on)  // a thread inside the replacement we supersede is also running old code
+    if (s.stacked_on)  // a thread inside the replacement we supersede, or its island, runs old code too
       for (auto& f : s.stacked_on->functions)
         if (f.old_address == fn.address)
-          if (auto* prev = p.table.function_at(f.new_address))
-            bodies.push_back({prev->address, prev->address + prev->size, fn.name + " (patch " + std::to_string(s.stacked_on->id) + ")"});
+          for (auto& r : patch_code__function(p.table, *s.stacked_on, f)) bodies.push_back(r);
     record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump});
   }
 

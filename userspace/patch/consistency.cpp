@@ -120,7 +120,14 @@ struct ConsistencyChecker::State {
   size_t buffer_words = 0;
   std::vector<Segment> segments;
   std::vector<iovec> remote;
-  std::vector<uint64_t> candidate_slots;
+  // Words of the thread being checked that point into a function: (slot address, value).
+  std::vector<std::pair<uint64_t, uint64_t>> candidates;
+  // The current thread's stack holds a signal frame (a handler runs on it): the unwinder must
+  // see through it, and if it stops early no word of the thread can be proven stale.
+  bool saw_sigframe = false;
+  bool other_stack_unread = false;  // a frame's interrupted stack could not be read (blocks)
+  std::vector<uint64_t> restorers;  // addresses of the signal restorer (libc's __restore_rt)
+  std::vector<uint64_t> other_stack;  // buffer for an interrupted stack elsewhere (sigaltstack)
   const std::vector<StoppedThread>* threads = nullptr;  // during check()
   const Segment* current = nullptr;                     // the thread being unwound
   ConsistencyStats stats;
@@ -185,6 +192,10 @@ struct ConsistencyChecker::State {
   Segment plan_segment(const StoppedThread& t) const;
   void read_segments();
   void scan(const Segment& g, std::vector<Blocker>& out);
+  void scan_words(const uint64_t* words, size_t count, uint64_t lo, std::vector<uint64_t>& interrupted_sps);
+  void scan_interrupted_stacks(const Segment& g, std::vector<uint64_t> sps);
+  void find_restorers();
+  const AddressRange* function_of_word(uint64_t w) const;
   void unwind(const Segment& g, std::vector<Blocker>& out);
   const AddressRange* function_at_return_address(uint64_t ra) const;
 };
@@ -244,6 +255,39 @@ const AddressRange* ConsistencyChecker::State::function_at_return_address(uint64
   return ra ? find_range(functions, ra - 1) : nullptr;
 }
 
+// A word that may be a place the thread returns to: a return address (into the function, or
+// just past its end), or an interrupted pc saved in a signal frame (which may be a function's
+// very first byte).
+const AddressRange* ConsistencyChecker::State::function_of_word(uint64_t w) const {
+  if (w < lowest || w > highest) return nullptr;
+  if (const AddressRange* f = find_range(functions, w)) return f;
+  return function_at_return_address(w);
+}
+
+// Where the signal restorer is: a handler's frame returns to it, and the kernel's signal
+// frame starts right there. libc has no symbol for it (Debian strips .symtab), so look for
+// its code in libc's executable mappings (or the executable's, when no libc is loaded:
+// statically linked). Done before the stop window.
+void ConsistencyChecker::State::find_restorers() {
+  restorers.clear();
+  const auto needle = arch::sigreturn_sequence();
+  auto is_libc = [](const std::string& path) {
+    auto base = path.substr(path.rfind('/') + 1);
+    return base.starts_with("libc.so") || base.starts_with("libc-");
+  };
+  bool have_libc = std::any_of(maps.begin(), maps.end(), [&](const Mapping& m) { return is_libc(m.path); });
+  for (const Mapping& m : maps) {
+    if (!m.executable() || !m.file_backed()) continue;
+    if (have_libc ? !is_libc(m.path) : m.path != maps.front().path) continue;
+    std::vector<uint8_t> text(m.end - m.start);
+    if (pread(mem.get(), text.data(), text.size(), static_cast<off_t>(m.start)) != static_cast<ssize_t>(text.size()))
+      continue;
+    for (auto it = text.begin();
+         (it = std::search(it, text.end(), needle.begin(), needle.end())) != text.end(); ++it)
+      restorers.push_back(m.start + uint64_t(it - text.begin()));
+  }
+}
+
 void ConsistencyChecker::State::reserve_buffer(size_t words) {
   if (words <= buffer_words) return;
   buffer.reset(new uint64_t[words]);
@@ -294,24 +338,63 @@ void ConsistencyChecker::State::read_segments() {
 // none, whose whole stack was read, cannot have one of the functions on it.
 void ConsistencyChecker::State::scan(const Segment& g, std::vector<Blocker>& out) {
   auto t0 = Clock::now();
-  candidate_slots.clear();
-  const uint64_t* words = buffer.get() + g.offset;
-  const size_t step = arch::stack_slot_size() / 8;
-  for (size_t i = 0; i < g.got; i += step) {
-    uint64_t w = words[i];
-    // w - 1 < highest: a return address may point just past a function ending in a call.
-    if (w <= lowest || w - 1 >= highest) continue;
-    if (function_at_return_address(w)) candidate_slots.push_back(g.lo + 8 * i);
-  }
+  candidates.clear();
+  saw_sigframe = other_stack_unread = false;
+  std::vector<uint64_t> interrupted_sps;
+  scan_words(buffer.get() + g.offset, g.got, g.lo, interrupted_sps);
+  if (!interrupted_sps.empty()) scan_interrupted_stacks(g, std::move(interrupted_sps));
   stats.scan_us += micros_since(t0);
   // Where calls leave no return address in memory, a clean scan proves nothing.
-  if (g.scanned_all() && candidate_slots.empty() && arch::return_addresses_on_stack()) return;
+  if (g.scanned_all() && candidates.empty() && !other_stack_unread && arch::return_addresses_on_stack()) return;
   ++stats.candidates;
   auto t1 = Clock::now();
   current = &g;
   unwind(g, out);
   current = nullptr;
   stats.unwind_us += micros_since(t1);
+}
+
+// One stack's words: candidates, and the stack pointers saved by signal frames found on it.
+void ConsistencyChecker::State::scan_words(const uint64_t* words, size_t count, uint64_t lo,
+                                           std::vector<uint64_t>& interrupted_sps) {
+  const size_t step = arch::stack_slot_size() / 8;
+  const size_t sp_at = arch::sigframe_sp_offset() / 8;
+  for (size_t i = 0; i < count; i += step) {
+    uint64_t w = words[i];
+    if (function_of_word(w)) candidates.emplace_back(lo + 8 * i, w);
+    if (restorers.empty() || std::find(restorers.begin(), restorers.end(), w) == restorers.end()) continue;
+    saw_sigframe = true;
+    if (i + sp_at < count) interrupted_sps.push_back(words[i + sp_at]);
+    else other_stack_unread = true;  // the frame runs past what was read
+  }
+}
+
+// A handler on an alternate signal stack: the code it interrupted has its frames on the
+// other stack. Scan each such stack too (from the saved stack pointer to the end of its
+// mapping), so a return address there is seen.
+void ConsistencyChecker::State::scan_interrupted_stacks(const Segment& g, std::vector<uint64_t> sps) {
+  std::vector<std::pair<uint64_t, uint64_t>> scanned{{g.lo, g.lo + 8 * g.got}};
+  for (size_t n = 0; n < sps.size() && n < 16; ++n) {
+    uint64_t lo = sps[n] & ~uint64_t(arch::stack_slot_size() - 1);
+    if (std::any_of(scanned.begin(), scanned.end(), [&](auto& r) { return lo >= r.first && lo < r.second; }))
+      continue;  // on a stack already read (the usual case: no sigaltstack)
+    auto m = std::upper_bound(maps.begin(), maps.end(), lo, [](uint64_t a, const Mapping& x) { return a < x.start; });
+    if (m == maps.begin() || !(--m)->contains(lo)) {
+      other_stack_unread = true;
+      continue;
+    }
+    uint64_t hi = std::min<uint64_t>(m->end, lo + kScanCap);
+    if (hi != m->end) other_stack_unread = true;
+    other_stack.resize((hi - lo) / 8);
+    iovec local{other_stack.data(), hi - lo}, remote_one{reinterpret_cast<void*>(lo), hi - lo};
+    ssize_t got = process_vm_readv(pid, &local, 1, &remote_one, 1, 0);
+    if (got != static_cast<ssize_t>(hi - lo)) other_stack_unread = true;
+    size_t words = got > 0 ? size_t(got) / 8 : 0;
+    stats.stack_bytes += words * 8;
+    scanned.emplace_back(lo, lo + 8 * words);
+    scan_words(other_stack.data(), words, lo, sps);
+  }
+  if (sps.size() > 16) other_stack_unread = true;
 }
 
 // The confirmation: a real unwind (libdw, CFI) of one thread the scan could not clear.
@@ -349,18 +432,20 @@ void ConsistencyChecker::State::unwind(const Segment& g, std::vector<Blocker>& o
 
   // The unwind stopped early. Every live return address of the frames it did not reach lies at
   // or above the last known stack pointer; words below it belong to the frames it walked, whose
-  // return addresses it saw, so those are stale. Anything above is unproven: it blocks.
+  // return addresses it saw, so those are stale. Anything above is unproven: it blocks. With a
+  // signal frame on the stack the frames may live on two stacks (sigaltstack), where "below"
+  // proves nothing: every candidate blocks.
   uint64_t reached = 0;
-  for (const Frame& f : walk.frames)
-    if (f.sp) reached = std::max(reached, f.sp);
+  if (!saw_sigframe)
+    for (const Frame& f : walk.frames)
+      if (f.sp) reached = std::max(reached, f.sp);
   const int frame = int(walk.frames.size());
-  for (uint64_t slot : candidate_slots) {
+  for (auto [slot, value] : candidates) {
     if (slot < reached) continue;
-    uint64_t value = buffer[g.offset + (slot - g.lo) / 8];
-    out.push_back(Blocker{tid, {}, frame, value, function_at_return_address(value)->name, true});
+    out.push_back(Blocker{tid, {}, frame, value, function_of_word(value)->name, true});
     return;
   }
-  if (!g.scanned_all()) {
+  if (!g.scanned_all() || other_stack_unread) {
     // Part of the stack was neither scanned nor unwound: any function may be there.
     std::string names;
     for (const auto& f : functions) names += (names.empty() ? "" : " or ") + f.name;
@@ -441,6 +526,7 @@ Result<ConsistencyChecker> ConsistencyChecker::create(pid_t pid, std::vector<Add
                            "check that the process still runs and that you are root");
   HOTFIX_CHECK(s->build_dwfl());
   HOTFIX_CHECK(s->read_maps());
+  s->find_restorers();
   // Room for typical stacks (a few KiB each) of the threads there are now.
   s->reserve_buffer(std::min(kBatchBytes, std::max<size_t>(s->known_tids.size(), 16) * 16384) / 8);
   return ConsistencyChecker(std::move(s));
@@ -453,7 +539,9 @@ Result<std::vector<Blocker>> ConsistencyChecker::check(const std::vector<Stopped
 Result<void> ConsistencyChecker::refresh() {
   s_->dwfl.reset();
   HOTFIX_CHECK(s_->build_dwfl());
-  return s_->read_maps();
+  HOTFIX_CHECK(s_->read_maps());
+  s_->find_restorers();
+  return {};
 }
 
 const ConsistencyStats& ConsistencyChecker::last_stats() const { return s_->stats; }

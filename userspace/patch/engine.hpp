@@ -112,6 +112,8 @@ struct RevertOutcome {
   int attempts = 0;
   bool released = false;  // fix.so unloaded and islands unmapped
   std::string held_by;    // why its memory is still held, when not released
+  bool earlier = false;   // reverted by an earlier revert: only its memory was given back now
+  std::string note;       // released, but something stays (the loader kept the library mapped)
 };
 
 Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress);

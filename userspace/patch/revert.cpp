@@ -4,12 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <set>
+#include <optional>
 
 #include "common/crashpoint.hpp"
 #include "patch/engine.hpp"
+#include "patch/code.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
+#include "process/maps.hpp"
 #include "patch/switch.hpp"
 #include "observe/patchcount.hpp"
 #include "process/memory.hpp"
@@ -34,42 +36,47 @@ FunctionRecord* record_above(Registry& r, uint32_t below, uint64_t address) {
   return best;
 }
 
-// The code of `p` a thread could be running: its replacements and its islands.
-std::vector<AddressRange> code_of(const SymbolTable& table, const PatchRecord& p) {
-  std::vector<AddressRange> out;
-  for (auto& f : p.functions) {
-    std::string name = symbol__demangle(f.mangled) + fmt::format(" (patch {})", p.id);
-    if (auto* fn = table.function_at(f.new_address)) out.push_back({fn->address, fn->address + fn->size, name});
-    else out.push_back({f.new_address, f.new_address + 1, name});
-    if (f.island) out.push_back({f.island, f.island + arch::island_jump_size(), name + " island"});
-  }
-  return out;
-}
-
-std::vector<uint64_t> island_pages(const PatchRecord& p) {
-  std::set<uint64_t> pages;
-  const uint64_t page = static_cast<uint64_t>(::getpagesize());
-  for (auto& f : p.functions)
-    if (f.island) pages.insert(f.island & ~(page - 1));
-  return {pages.begin(), pages.end()};
-}
-
-// Unload a reverted patch once no thread can run its code (checked in one stop, strict).
-Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& table, PatchRecord& p,
-                                uint64_t registry_at, Registry& registry, std::chrono::milliseconds timeout) {
-  auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), code_of(table, p)));
+// Why `p`'s memory may not be given back now, or nullopt if it may: the first thread that
+// could still execute or return into any of `code` (its pc, a return address, or a pc saved in
+// a signal frame on its stacks; strict check, every thread stopped), or one stepping a probed
+// instruction out of line (it resumes in the probed function, which may be ours).
+Result<std::optional<std::string>> release__blocker(Tracee& t, std::vector<AddressRange> code) {
+  auto maps = HOTFIX_TRY(process__read_maps(t.pid()));
+  std::vector<AddressRange> xol;
+  for (auto& m : maps)
+    if (m.path == "[uprobes]") xol.push_back({m.start, m.end, "a probed instruction (uprobe single-step)"});
+  auto checker = HOTFIX_TRY(ConsistencyChecker::create(t.pid(), std::move(code)));
   HOTFIX_CHECK(t.stop_all());
-  auto blockers = checker.check(stopped_threads(t));
+  auto threads = stopped_threads(t);
+  auto stepping = consistency__check_entry(threads, xol);
+  auto blockers = stepping.empty() ? checker.check(threads) : Result<std::vector<Blocker>>(stepping);
   HOTFIX_CHECK(t.resume_all());
   if (!blockers) return std::unexpected(blockers.error());
-  if (!blockers->empty()) return blocker__describe(blockers->front());
+  if (blockers->empty()) return std::nullopt;
+  return blocker__describe(blockers->front());
+}
+
+// Is anything of p's loaded copy still mapped?
+bool copy_mapped(pid_t pid, const PatchRecord& p) {
+  auto maps = process__read_maps(pid);
+  if (!maps) return false;
+  return std::any_of(maps->begin(), maps->end(), [&](const Mapping& m) {
+    return m.path == p.loaded_copy || m.path == p.loaded_copy + " (deleted)";
+  });
+}
+
+// Give back p's memory (the caller proved no thread can run it): dlclose its copy, unmap its
+// islands and counters, delete the copy's file, and record it. Returns a note when the loader
+// kept the copy mapped all the same (its code is unreachable, but the mapping stays).
+Result<std::string> release__now(Tracee& t, Journal& journal, PatchRecord& p, uint64_t registry_at, Registry& registry,
+                                 milliseconds timeout) {
   // Each step again from the start if killed: recovery unloads only what is still mapped.
   HOTFIX_CHECK(journal.append(journal__record("release", p.id, "releasing").set("copy", p.loaded_copy).set("handle", p.handle)));
   crashpoint("release: before dlclose");
   if (recover__is_mapped(t.pid(), p.loaded_copy))  // not after a release killed past its dlclose
     HOTFIX_CHECK(remote__dlclose(t, p.handle, InjectOptions::within(timeout)));
   crashpoint("release: after dlclose");
-  if (auto pages = island_pages(p); !pages.empty() || p.counters) {
+  if (auto pages = patch_code__island_pages(p); !pages.empty() || p.counters) {
     pid_t tid = t.threads().front().tid;
     HOTFIX_CHECK(t.stop_thread(tid));
     // Only what is still the mapping we made: a release killed after its munmap may find
@@ -82,6 +89,11 @@ Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& 
     HOTFIX_CHECK(t.resume_thread(tid));
   }
   crashpoint("release: after munmap");
+  std::string note;
+  if (copy_mapped(t.pid(), p))
+    note = fmt::format("its islands are unmapped, but the loader keeps {} mapped after dlclose (a library with "
+                       "unique symbols or -z nodelete is never unloaded); no jump leads into it",
+                       p.loaded_copy);
   if (p.loaded_copy.starts_with(kPatchDir)) ::unlink(p.loaded_copy.c_str());  // an older build's copy on disk
   p.released = true;
   HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped
@@ -90,7 +102,32 @@ Result<std::string> try_release(Tracee& t, Journal& journal, const SymbolTable& 
   HOTFIX_CHECK(written);
   HOTFIX_CHECK(journal.append(journal__record("release", p.id, "released")));
   crashpoint("release: released");
-  return std::string();
+  return note;
+}
+
+struct Release {
+  bool released = false;
+  std::string why;  // held: the thread that holds it; released: a note, if any
+};
+
+// Give back a reverted patch's memory once no thread can run its code. A thread that was just
+// inside usually leaves within microseconds: a few checks, spread over up to `patience`.
+Result<Release> try_release(Tracee& t, Journal& journal, const SymbolTable& table, PatchRecord& p, uint64_t registry_at,
+                            Registry& registry, milliseconds patience, milliseconds timeout) {
+  auto code = HOTFIX_TRY(patch_code__all(t.pid(), table, p));
+  auto deadline = steady_clock::now() + patience;
+  auto backoff = milliseconds(1);
+  for (;;) {
+    auto blocker = HOTFIX_TRY(release__blocker(t, code));
+    if (!blocker) return Release{true, HOTFIX_TRY(release__now(t, journal, p, registry_at, registry, timeout))};
+    if (steady_clock::now() + backoff > deadline)
+      return Release{false, fmt::format("its memory is held (fix library and islands stay mapped) because {}; "
+                                        "`hotfix-ctl revert --pid {} --all` gives it back once no thread can "
+                                        "return into it",
+                                        *blocker, t.pid())};
+    HOTFIX_CHECK(t.pump(backoff));  // let the threads run (and their signals be delivered)
+    backoff = std::min(backoff * 2, milliseconds(50));
+  }
 }
 
 Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable& table, Registry& registry,
@@ -124,7 +161,7 @@ Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable&
       progress(fmt::format("  {} stays with a newer patch; it now returns to what patch {} replaced", name, id));
     }
   }
-  auto guard = HOTFIX_TRY(make_guard(t.pid(), opts.consistency, overwritten, code_of(table, *p)));
+  auto guard = HOTFIX_TRY(make_guard(t.pid(), opts.consistency, overwritten, HOTFIX_TRY(patch_code__all(t.pid(), table, *p))));
   Registry updated = registry;
   auto commit_record = [&]() -> Result<void> {
     PatchRecord* q = updated.find(id);
@@ -148,7 +185,7 @@ Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable&
     progress(fmt::format("note: {}", removed.error().line()));
   crashpoint("revert: after unpinning");
   HOTFIX_CHECK(journal.append(jr("done")));
-  return RevertOutcome{id, sw.pause, sw.attempts, false, {}};
+  return RevertOutcome{id, sw.pause, sw.attempts, false, {}, false, {}};
 }
 
 Result<std::vector<uint32_t>> revert_ids(const Registry& registry, const RevertOptions& opts) {
@@ -184,9 +221,15 @@ Result<void> revert_held(Tracee& tracee, Journal& journal, const SymbolTable& ta
     if (p.state != PatchState::reverted) continue;
     (void)patchcount__remove(tracee.pid(), p.id);  // pins a revert killed after its commit left
     if (p.released) continue;
-    auto held = HOTFIX_TRY(try_release(tracee, journal, table, p, registry_at, registry, opts.timeout));
-    for (auto& o : out)
-      if (o.id == p.id) o.released = held.empty(), o.held_by = held;
+    auto r = HOTFIX_TRY(
+        try_release(tracee, journal, table, p, registry_at, registry, std::min(opts.timeout, milliseconds(1000)),
+                    opts.timeout));
+    auto o = std::find_if(out.begin(), out.end(), [&](auto& x) { return x.id == p.id; });
+    if (o == out.end()) o = out.insert(out.end(), RevertOutcome{p.id, {}, 0, false, {}, true, {}});
+    o->released = r.released;
+    (r.released ? o->note : o->held_by) = r.why;
+    if (r.released) progress(fmt::format("  released patch {}: fix library unloaded, islands unmapped{}", p.id,
+                                         r.why.empty() ? "" : " (" + r.why + ")"));
   }
   return {};
 }

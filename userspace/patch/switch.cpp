@@ -38,7 +38,13 @@ std::vector<StoppedThread> stopped_threads(const Tracee& t) {
 Result<Guard> make_guard(pid_t pid, Consistency mode, std::vector<AddressRange> overwritten,
                          std::vector<AddressRange> bodies, const std::vector<Function>& quiet) {
   Guard g{mode, std::move(overwritten), std::nullopt, std::nullopt, {}, pid, std::nullopt};
-  if (mode != Consistency::strict) return g;
+  if (mode != Consistency::strict) {
+    // A thread whose pc is elsewhere may still resume inside the bytes under the jump: one
+    // interrupted there runs a signal handler now, its pc saved in the signal frame on its
+    // stack (or a call among those bytes left a return address). The frame check finds both.
+    if (!g.overwritten.empty()) g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, g.overwritten));
+    return g;
+  }
   g.strict = HOTFIX_TRY(ConsistencyChecker::create(pid, std::move(bodies)));
   g.quiet = quiet;
   return g;

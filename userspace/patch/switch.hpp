@@ -41,6 +41,8 @@ inline constexpr int kStuckAttempts = 4;
 struct Guard {
   Consistency mode;
   std::vector<AddressRange> overwritten;  // entry mode: the bytes under the jump
+  // Frames: strict mode, no frame in the bodies; entry mode, none resuming inside the bytes under
+  // the jump (a pc saved in a signal frame, a return address).
   std::optional<ConsistencyChecker> strict;
   std::optional<QuietWaiter> waiter;      // strict mode: uprobes pick the moment to stop
   std::vector<Function> quiet;            // what the waiter watches, once a first stop was blocked
