@@ -41,20 +41,6 @@ const std::set<std::string> kNeedsSelfrestore = {
     "patch: islands written",     "patch: before registry mmap", "patch: after registry mmap",
 };
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-long status_field(pid_t pid, const std::string& key) {
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
-  return -1;
-}
-
 std::string process_state(pid_t pid) {
   std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
   for (std::string line; std::getline(in, line);)
@@ -191,6 +177,7 @@ struct Patchee {
     }
     std::string maps = read_file("/proc/" + std::to_string(pid()) + "/maps");
     CHECK(maps.find("/run/hotfix/") == std::string::npos);
+    CHECK(maps.find("/memfd:hotfix:") == std::string::npos);
     CHECK(maps.find("bpf-map") == std::string::npos);
     CHECK(anonymous_exec_pages(pid(), fn.at(kPatched[0]), kReach) == baseline_islands);  // no island page
     // Elsewhere: selfrestore's remote calls map a one-page return stub and leave it behind when

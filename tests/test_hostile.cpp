@@ -29,13 +29,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 std::string status_of(pid_t pid, const std::string& key) {
   std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
   for (std::string line; std::getline(in, line);)
@@ -48,14 +41,6 @@ std::string status_of(pid_t pid, const std::string& key) {
 }
 
 long tracer_of(pid_t pid) { return std::stol("0" + status_of(pid, "TracerPid")); }
-
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);)
-    if (!line.empty()) out.push_back(line);
-  return out;
-}
 
 RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(60)) {
   args.insert(args.begin(), ctl());
@@ -131,7 +116,7 @@ struct Target {
   }
 };
 
-std::set<std::string> file_mappings(pid_t pid) {
+std::set<std::string> file_mapping_set(pid_t pid) {
   std::set<std::string> out;
   for (auto& line : lines_of(read_file("/proc/" + std::to_string(pid) + "/maps")))
     if (line.find(" /") != std::string::npos) out.insert(line);
@@ -147,7 +132,7 @@ struct Snapshot {
 Snapshot snapshot(Target& t) {
   Snapshot s;
   for (auto& [name, addr] : t.fn) s.text[name] = t.text(name);
-  s.mappings = file_mappings(t.pid());
+  s.mappings = file_mapping_set(t.pid());
   s.threads = status_of(t.pid(), "Threads");
   return s;
 }
@@ -659,9 +644,10 @@ TEST_CASE("10,000 patterns: a clear answer, no blowup", "[hostile][patterns]") {
   expect_untouched(t, before);
 }
 
-// Since fix copies are delivered as a memfd inside the target, nothing is written to /run: a
-// read-only /run no longer matters, and the patch applies (then is reverted).
-TEST_CASE("a read-only /run does not stop a patch: nothing is written there", "[hostile][run]") {
+// Fix copies are delivered as a memfd inside the target, but the journal (root's record of
+// every step, which recovery trusts) lives in /run/hotfix/state: a read-only /run is refused
+// before anything changes.
+TEST_CASE("a read-only /run is refused before anything changes: the journal cannot be written", "[hostile][run]") {
   require_root();
   if (::access("/usr/bin/unshare", X_OK) != 0) {
     WARN("SKIP part: no unshare");
@@ -673,9 +659,11 @@ TEST_CASE("a read-only /run does not stop a patch: nothing is written there", "[
                     std::to_string(t.pid()) + " --lib " + fixture("hostile_fix.so") + " --observe 0";
   auto r = run({"/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", cmd, ctl()});
   INFO(r.out << r.err);
-  CHECK(r.exit_code == 0);
-  CHECK(ctl_run({"revert", "--pid", std::to_string(t.pid()), "--all"}).exit_code == 0);
-  for (auto& [name, bytes] : before.text) CHECK(t.text(name) == bytes);
+  CHECK(r.exit_code == 1);
+  auto err = lines_of(r.err);
+  REQUIRE(err.size() == 1);
+  CHECK(err[0].find("Read-only file system") != std::string::npos);
+  expect_untouched(t, before);
 }
 
 TEST_CASE("bpffs missing (a tmpfs in its place) is refused and undone", "[hostile][run]") {
@@ -695,4 +683,33 @@ TEST_CASE("bpffs missing (a tmpfs in its place) is refused and undone", "[hostil
   REQUIRE(err.size() == 1);
   CHECK(err[0].find("hit counters") != std::string::npos);
   expect_untouched(t, before);
+}
+
+// gc (and every verb that reads or changes hotfix's state) inside a pid namespace would see
+// its own pids, not the host's that the state is keyed by: it must refuse and touch nothing.
+TEST_CASE("gc from a pid namespace leaves the host's processes' state alone", "[hostile][pidns]") {
+  require_root();
+  if (::access("/usr/bin/unshare", X_OK) != 0) {
+    WARN("SKIP part: no unshare");
+    return;
+  }
+  Target t;
+  REQUIRE(ctl_run(patch_args(t, fixture("hostile_fix.so"), {})).exit_code == 0);
+  auto patched = snapshot(t);
+  std::string pins = "/sys/fs/bpf/hotfix/" + std::to_string(t.pid());
+  REQUIRE(fs::exists(pins));
+  for (auto verb : {"gc", "list"}) {
+    std::vector<std::string> args = {"/usr/bin/unshare", "--pid", "--fork", "--mount-proc", ctl(), verb};
+    if (std::string(verb) == "list") args.insert(args.end(), {"--pid", "1"});
+    auto r = run(args);
+    INFO(verb << ": " << r.out << r.err);
+    CHECK(r.exit_code == 1);
+    CHECK(lines_of(r.err).size() == 1);
+    CHECK(r.err.find("pid namespace") != std::string::npos);
+  }
+  CHECK(fs::exists(pins));  // the host process's counters are still there
+  CHECK(snapshot(t).text == patched.text);
+  auto listed = ctl_run({"list", "--pid", std::to_string(t.pid())});
+  CHECK(listed.out.find("active") != std::string::npos);
+  CHECK(ctl_run({"revert", "--pid", std::to_string(t.pid()), "--all"}).exit_code == 0);
 }

@@ -51,7 +51,7 @@ bool mapped_containing(pid_t pid, const std::string& needle) {
   return false;
 }
 
-std::string status_field(pid_t pid, const std::string& key) {
+std::string status_text(pid_t pid, const std::string& key) {
   std::ifstream in(fmt::format("/proc/{}/status", pid));
   for (std::string line; std::getline(in, line);)
     if (line.rfind(key + ":", 0) == 0) return line.substr(key.size() + 2);
@@ -70,7 +70,7 @@ void patch_and_revert(Child& target, const std::string& consistency) {
   INFO(reverted.out << reverted.err);
   REQUIRE(reverted.exit_code == 0);
   CHECK(value_of(target) == 42);
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
   CHECK(target.running());
 }
 
@@ -177,7 +177,7 @@ TEST_CASE("a blocking constructor: hotfix-ctl returns after --timeout and says w
   CHECK(r.err.find("the target is still running") != std::string::npos);
   // As described: it runs on untraced and unpatched, the half-loaded library stays mapped,
   // and its only thread may still dlopen (the lock is recursive and held by itself).
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
   CHECK(value_of(target) == 42);
   CHECK(mapped_containing(target.pid(), "inj_ctor_block.so"));
   CHECK(fields(target.request("dlopen " + fixture("libproc_hammer.so")))["dlopen"] == 1);
@@ -197,7 +197,7 @@ TEST_CASE("a constructor raising SIGSEGV: the signal is held back, the library u
   CHECK(r.err.find("unloaded again") != std::string::npos);
   CHECK(value_of(target) == 42);
   CHECK_FALSE(mapped_containing(target.pid(), "inj_ctor_raise.so"));
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
   CHECK(target.running());
 }
 
@@ -213,7 +213,7 @@ TEST_CASE("a constructor that faults: reported as a crash in the constructor, wi
   CHECK(r.err.find("SIGSEGV") != std::string::npos);
   CHECK(r.err.find("the target is still running") != std::string::npos);
   CHECK(value_of(target) == 42);
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
   CHECK(target.running());
 }
 
@@ -264,7 +264,7 @@ TEST_CASE("preflight refuses a fix whose DT_NEEDED library the target would not 
     CHECK(r.out.find("loaded ") == std::string::npos);  // refused before dlopen
   }
   CHECK(value_of(target) == 42);
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
 }
 
 TEST_CASE("a thread blocked inside dl_iterate_phdr's callback is refused; without CFI the reason says so", "[iterate]") {
@@ -288,7 +288,7 @@ TEST_CASE("a thread blocked inside dl_iterate_phdr's callback is refused; withou
       REQUIRE_FALSE(chosen);
       CHECK(chosen.error().what.find("dl_iterate_phdr") != std::string::npos);
       REQUIRE(t->detach());
-      CHECK(status_field(target.pid(), "TracerPid") == "0");
+      CHECK(status_text(target.pid(), "TracerPid") == "0");
     }
   }
 }
@@ -309,7 +309,7 @@ TEST_CASE("a blocking constructor in a multi-threaded target: its other threads'
   INFO(message);
   CHECK(message.find("did not return within") != std::string::npos);
   CHECK(message.find("its other threads will block in dlopen") != std::string::npos);
-  CHECK(status_field(target.pid(), "TracerPid") == "0");
+  CHECK(status_text(target.pid(), "TracerPid") == "0");
   // The other threads run on (the command loop answers), but a new dlopen blocks for good.
   auto hammer = fields(target.request("hammer " + fixture("libproc_hammer.so")));
   REQUIRE(hammer["hammer"] > 0);

@@ -28,30 +28,6 @@ struct Counts {
   long calls() const { return old_n + new1 + new2 + bad; }
 };
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// The value of "Key:\t..." in /proc/PID/status (-1 when absent).
-long status_field(pid_t pid, const std::string& key) {
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
-  return -1;
-}
-
-// The lines of /proc/PID/maps that map a file or a memfd (anything with a '/' path).
-std::set<std::string> file_mappings(pid_t pid) {
-  std::set<std::string> out;
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
-  for (std::string line; std::getline(in, line);)
-    if (line.find(" /") != std::string::npos) out.insert(line);
-  return out;
-}
-
 bool maps_contain(pid_t pid, const std::string& needle) {
   return read_file("/proc/" + std::to_string(pid) + "/maps").find(needle) != std::string::npos;
 }
@@ -59,14 +35,6 @@ bool maps_contain(pid_t pid, const std::string& needle) {
 RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
   args.insert(args.begin(), ctl());
   return run(std::move(args), timeout);
-}
-
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);)
-    if (!line.empty()) out.push_back(line);
-  return out;
 }
 
 int json_int(const std::string& json, const std::string& key) {

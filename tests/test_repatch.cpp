@@ -31,14 +31,6 @@ std::string slurp(const std::string& path) {
   return s.str();
 }
 
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);)
-    if (!line.empty()) out.push_back(line);
-  return out;
-}
-
 std::string maps_of(pid_t pid) { return slurp("/proc/" + std::to_string(pid) + "/maps"); }
 
 long tracer_of(pid_t pid) {

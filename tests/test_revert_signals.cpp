@@ -24,13 +24,6 @@ using namespace std::chrono;
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 bool maps_contain(pid_t pid, const std::string& needle) {
   return read_file("/proc/" + std::to_string(pid) + "/maps").find(needle) != std::string::npos;
 }
@@ -216,7 +209,7 @@ void wait_parked(Storm& s, long n) {
 
 // Nothing of the patch stays: no fix copy mapped, no island page mapped.
 void check_released(Storm& s, const PatchInfo& p) {
-  CHECK(!maps_contain(s.pid(), "/run/hotfix/"));
+  CHECK(!maps_contain(s.pid(), "/memfd:hotfix:"));
   for (auto& [name, at] : p.island) {
     INFO(name << " island");
     CHECK(!mapped(s.pid(), at));
@@ -243,7 +236,7 @@ TEST_CASE("patch and revert under a signal storm: strict and entry, 50 rounds ea
         if (p.exit_code != 0) {
           REQUIRE(mode == "strict");
           REQUIRE(p.err.find("nothing was changed") != std::string::npos);
-          REQUIRE(!maps_contain(s.pid(), "/run/hotfix/"));
+          REQUIRE(!maps_contain(s.pid(), "/memfd:hotfix:"));
           s.check_text();
           continue;
         }
@@ -267,8 +260,8 @@ TEST_CASE("patch and revert under a signal storm: strict and entry, 50 rounds ea
           // Held: a thread could still return into it. Then it must really still be there,
           // and a later revert gives it back once the thread has left.
           REQUIRE(r.out.find("its memory is held") != std::string::npos);
-          REQUIRE(maps_contain(s.pid(), "/run/hotfix/"));
-          for (int i = 0; i < 20 && maps_contain(s.pid(), "/run/hotfix/"); ++i) {
+          REQUIRE(maps_contain(s.pid(), "/memfd:hotfix:"));
+          for (int i = 0; i < 20 && maps_contain(s.pid(), "/memfd:hotfix:"); ++i) {
             auto again = revert(s, {"--all"});
             REQUIRE(again.exit_code == 0);
           }
@@ -325,7 +318,7 @@ TEST_CASE("a thread interrupted inside the island or the replacement holds the m
       CHECK(entry.out.find("its memory is held") != std::string::npos);
       CHECK(entry.out.find("thread " + std::to_string(s.tids.at(c.parker))) != std::string::npos);
       CHECK(entry.out.find("unloaded") == std::string::npos);
-      CHECK(maps_contain(s.pid(), "/run/hotfix/"));
+      CHECK(maps_contain(s.pid(), "/memfd:hotfix:"));
       CHECK(mapped(s.pid(), island));
       s.check_text();
 
@@ -334,7 +327,7 @@ TEST_CASE("a thread interrupted inside the island or the replacement holds the m
       INFO("revert --all while parked: " << still.out << still.err);
       CHECK(still.exit_code == 0);
       CHECK(still.out.find("its memory is held") != std::string::npos);
-      CHECK(maps_contain(s.pid(), "/run/hotfix/"));
+      CHECK(maps_contain(s.pid(), "/memfd:hotfix:"));
 
       // Released, the thread finishes its call through the held code, correctly.
       long before = s.calls();

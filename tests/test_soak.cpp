@@ -22,15 +22,8 @@ using namespace std::chrono;
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 long status_kb(pid_t pid, const std::string& key) {
-  std::istringstream in(read_text("/proc/" + std::to_string(pid) + "/status"));
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
   for (std::string line; std::getline(in, line);)
     if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
   return -1;
@@ -71,7 +64,7 @@ uint32_t registry_bytes(pid_t pid, const std::string& maps) {
 Footprint footprint(pid_t pid) {
   Footprint f;
   std::string p = std::to_string(pid);
-  f.maps = read_text("/proc/" + p + "/maps");
+  f.maps = read_file("/proc/" + p + "/maps");
   // Plain anonymous rw mappings are left out: glibc keeps the malloc arenas that the threads
   // which ran dlopen created, a few per process, not one per cycle (RSS bounds them below).
   std::istringstream in(f.maps);

@@ -29,13 +29,6 @@ constexpr uid_t kNobody = 65534;
 constexpr gid_t kNogroup = 65534;
 const std::string kAuditLog = "/var/log/hotfix/audit.log";
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 struct ScratchDir {
   fs::path path;
   ScratchDir() {
@@ -481,4 +474,38 @@ TEST_CASE("a target running as nobody is patched with counting although the pins
   CHECK(mode_of("/sys/fs/bpf/hotfix/" + pid + "/" + std::to_string(id)) == 0700);
   CHECK_FALSE(fs::exists("/sys/fs/bpf/hotfix-handoff-" + pid + "-" + std::to_string(id)));  // removed once mapped
   revert_all(t);
+}
+
+// The registry lives in the target, so whoever runs as the target's user can rewrite it (here
+// the nobody-owned process itself does, with a valid checksum). Root's hotfix-ctl must not act
+// on it: revert and a new patch refuse as tampering, write nothing, delete nothing.
+TEST_CASE("a registry forged by the target's user is refused as tampering; nothing is written or deleted",
+          "[trust][forged]") {
+  require_root();
+  ::unsetenv("SUDO_UID");
+  ScratchDir dir;
+  build_fix(dir / "good.so", kGoodFix);
+  Target t({"/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", fixture("trust_target")});
+  const std::string pid = std::to_string(t.pid());
+  auto r = ctl_run({"patch", "--pid", pid, "--lib", dir / "good.so", "--observe", "0"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(t.answer() == "ok 1041");
+  REQUIRE(t.child.request("forge") == "ok forged");
+  auto maps_before = maps_of(t.pid());
+  for (auto verb : {"revert", "patch"}) {
+    std::vector<std::string> args = {verb, "--pid", pid};
+    if (std::string(verb) == "revert") args.push_back("--all");
+    else args.insert(args.end(), {"--lib", dir / "good.so", "--observe", "0"});
+    auto refused = ctl_run(args);
+    INFO(verb << ": " << refused.out << refused.err);
+    CHECK(refused.exit_code == 1);
+    CHECK(std::count(refused.err.begin(), refused.err.end(), '\n') == 1);
+    CHECK(refused.err.find("tampering") != std::string::npos);
+  }
+  auto listed = ctl_run({"list", "--pid", pid});
+  CHECK(listed.err.find("not root's") != std::string::npos);
+  CHECK(t.answer() == "ok 1041");  // still the fix: nothing (the forged int3s above all) was written
+  CHECK(maps_of(t.pid()) == maps_before);
+  CHECK(tracer_of(t.pid()) == 0);
 }

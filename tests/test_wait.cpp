@@ -22,28 +22,6 @@ using namespace std::chrono;
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-long status_field(pid_t pid, const std::string& key) {
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
-  return -1;
-}
-
-std::set<std::string> file_mappings(pid_t pid) {
-  std::set<std::string> out;
-  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
-  for (std::string line; std::getline(in, line);)
-    if (line.find(" /") != std::string::npos) out.insert(line);
-  return out;
-}
-
 // The runtime address of `symbol` in the target's executable (nm value + load base).
 uint64_t symbol_address(pid_t pid, const std::string& symbol) {
   auto r = run({"/usr/bin/nm", fixture("waiter_target")});

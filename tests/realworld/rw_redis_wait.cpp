@@ -31,13 +31,6 @@ void aeMain(struct aeEventLoop *eventLoop) {
 }
 )";
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // The lines of /proc/PID/maps that map a file (the heap's anonymous ones grow under load).
 std::string file_maps(pid_t pid) {
   std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -222,6 +224,36 @@ std::vector<unsigned char> file_bytes(pid_t pid, unsigned long addr, size_t len)
   }
   std::fclose(maps);
   return bytes;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+long status_field(pid_t pid, const std::string& key) {
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
+  return -1;
+}
+
+std::set<std::string> file_mappings(pid_t pid) {
+  std::set<std::string> out;
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/maps"));
+  for (std::string line; std::getline(in, line);)
+    if (line.find(" /") != std::string::npos) out.insert(line);
+  return out;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);)
+    if (!line.empty()) out.push_back(line);
+  return out;
 }
 
 }  // namespace hotfix::test

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,15 @@ std::vector<unsigned char> read_memory(pid_t pid, unsigned long addr, size_t len
 // The bytes the FILE mapped at `addr` of `pid` holds there (path and offset from
 // /proc/PID/maps): what a patched entry must show again after revert. Empty if unmapped.
 std::vector<unsigned char> file_bytes(pid_t pid, unsigned long addr, size_t len);
+
+// The whole text of a file ("" if it cannot be read), e.g. /proc/PID/maps.
+std::string read_file(const std::string& path);
+// The number in "Key:\t..." of /proc/PID/status (-1 when absent), e.g. "TracerPid", "Threads".
+long status_field(pid_t pid, const std::string& key);
+// The lines of /proc/PID/maps that map a file or a memfd (anything with a '/' path).
+std::set<std::string> file_mappings(pid_t pid);
+// The non-empty lines of `text`.
+std::vector<std::string> lines_of(const std::string& text);
 
 // How many live processes run this executable (to prove nothing is left behind).
 int count_processes(const std::string& exe_path);

@@ -34,6 +34,10 @@ std::optional<int> parse(const std::string& verb, const Args& args, const po::op
                synopsis);
     return 2;
   }
+  // State is keyed by host pids (see process__check_host_pid_namespace).
+  static const std::set<std::string> kStateVerbs = {"patch", "revert", "recover", "list", "stats", "gc"};
+  if (kStateVerbs.count(verb))
+    if (auto host = process__check_host_pid_namespace(); !host) return report(host.error());
   // Every verb that takes --pid gets the same answer for a pid that names no user process
   // (a thread id, a kernel thread, ourselves, <= 0) before it reads or attaches anything.
   if (vm.count("pid")) {

@@ -94,6 +94,9 @@ int verb_list(const Args& args) {
   if (!recover_first(pid, true)) return 1;
   auto registry = registry__read(pid);
   if (!registry) return report(registry.error());
+  if (!registry->authentic)  // shown, never acted on (revert refuses)
+    fmt::print(stderr, "hotfix-ctl: warning: the hotfix registry of pid {} is not root's: {}; what follows may be forged\n",
+               pid, registry->authenticity);
   for (auto& b : foreign_breakpoints(pid, *registry))
     fmt::print(stderr, "hotfix-ctl: warning: {}; hint: stop that tool only after restarting the service\n",
                one_line(foreign_breakpoint_text(pid, b)));
@@ -125,6 +128,8 @@ int verb_revert(const Args& args) {
   opts.timeout = std::chrono::milliseconds(static_cast<long>(timeout_s * 1000));
   bool json = vm.count("json");
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
+  // Missing privileges are named before recovery (which needs them too) says anything else.
+  if (auto ok = process__check_privileges(false, true); !ok) return report(ok.error());
   if (!recover_first(opts.pid)) return 1;
   // The audit log gets one line per reverted patch (its library, digest and functions, from
   // the registry as it was before), or one line for a revert that failed.

@@ -2,6 +2,7 @@
 #include <fmt/core.h>
 
 #include "cli/cli.hpp"
+#include "process/maps.hpp"
 #include "cli/progress.hpp"
 #include "common/audit.hpp"
 #include "common/json.hpp"
@@ -110,6 +111,8 @@ int verb_patch(const Args& args) {
   };
 
   if (auto holdable = target__check_holdable(opts.pid); !holdable) return report(holdable.error());
+  // Missing privileges are named before recovery (which needs them too) says anything else.
+  if (auto ok = process__check_privileges(false, true); !ok) return report(ok.error());
   if (!recover_first(opts.pid)) return 1;
   auto prepared = patch__prepare(opts);
   if (!prepared) return refused(prepared.error());

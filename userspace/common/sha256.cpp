@@ -1,5 +1,7 @@
 #include "common/sha256.hpp"
 
+#include <vector>
+
 #include <array>
 #include <cstring>
 #include <fmt/format.h>
@@ -39,7 +41,7 @@ void compress(std::array<uint32_t, 8>& h, const uint8_t* block) {
 
 }  // namespace
 
-std::string sha256__hex(std::span<const uint8_t> bytes) {
+std::array<uint8_t, 32> sha256__digest(std::span<const uint8_t> bytes) {
   std::array<uint32_t, 8> h = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
   size_t full = bytes.size() / 64 * 64;
   for (size_t i = 0; i < full; i += 64) compress(h, bytes.data() + i);
@@ -52,9 +54,33 @@ std::string sha256__hex(std::span<const uint8_t> bytes) {
   uint64_t bits = uint64_t(bytes.size()) * 8;
   for (int i = 0; i < 8; ++i) tail[blocks * 64 - 1 - i] = static_cast<uint8_t>(bits >> (8 * i));
   for (size_t b = 0; b < blocks; ++b) compress(h, tail + 64 * b);
-  std::string out;
-  for (uint32_t v : h) out += fmt::format("{:08x}", v);
+  std::array<uint8_t, 32> out;
+  for (size_t i = 0; i < 8; ++i)
+    for (size_t k = 0; k < 4; ++k) out[i * 4 + k] = static_cast<uint8_t>(h[i] >> (24 - 8 * k));
   return out;
+}
+
+std::string sha256__hex(std::span<const uint8_t> bytes) {
+  std::string out;
+  for (uint8_t b : sha256__digest(bytes)) out += fmt::format("{:02x}", b);
+  return out;
+}
+
+std::string hmac_sha256__hex(std::span<const uint8_t> key, std::span<const uint8_t> message) {
+  // RFC 2104 with a 64-byte block: H((K ^ opad) || H((K ^ ipad) || m)).
+  std::array<uint8_t, 64> k{};
+  if (key.size() > k.size()) {
+    auto d = sha256__digest(key);
+    std::copy(d.begin(), d.end(), k.begin());
+  } else {
+    std::copy(key.begin(), key.end(), k.begin());
+  }
+  std::vector<uint8_t> inner(64 + message.size()), outer(64 + 32);
+  for (size_t i = 0; i < 64; ++i) inner[i] = k[i] ^ 0x36, outer[i] = k[i] ^ 0x5c;
+  std::copy(message.begin(), message.end(), inner.begin() + 64);
+  auto ih = sha256__digest(inner);
+  std::copy(ih.begin(), ih.end(), outer.begin() + 64);
+  return sha256__hex(outer);
 }
 
 }  // namespace hotfix

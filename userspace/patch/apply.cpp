@@ -104,8 +104,9 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
   HOTFIX_CHECK(preflight__check({opts.pid, &p.table, p.executable, opts.library,
-                                 fmt::format("{}{}", opts.patch_dir, opts.pid)}));
+                                 fmt::format("{}{}", opts.patch_dir, opts.pid), &p.fix}));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
+  HOTFIX_CHECK(registry__require_authentic(p.registry, opts.pid));  // stacking trusts its saved bytes
   p.id = p.registry.next_id;
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
   for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));

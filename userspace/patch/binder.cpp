@@ -248,7 +248,8 @@ Result<void> weaken_symbols(std::vector<uint8_t>& bytes, const std::string& name
 Result<void> write_copy(const std::vector<uint8_t>& bytes, const std::string& out_path) {
   std::error_code ec;
   auto parent = fs::path(out_path).parent_path();
-  if (!parent.empty()) {
+  // Only a directory made here becomes root's alone: never one that was there (/tmp!).
+  if (!parent.empty() && !fs::exists(parent, ec)) {
     fs::create_directories(parent, ec);
     if (!ec) fs::permissions(parent, fs::perms::owner_all, ec);
   }
@@ -356,23 +357,31 @@ Result<void> binder__apply(pid_t pid, uint64_t load_base, const std::vector<Fixu
   return {};
 }
 
+namespace {
+
+// l_addr of an object whose first PT_LOAD (file offset 0) is mapped at `start`: that address
+// minus the segment's page-aligned p_vaddr.
+Result<uint64_t> load_base_at(uint64_t start, Elf* elf, const std::string& name) {
+  size_t count = 0;
+  elf_getphdrnum(elf, &count);
+  uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < count; ++i) {
+    GElf_Phdr ph;
+    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) return start - (ph.p_vaddr & ~(page - 1));
+  }
+  return fail(fmt::format("{} has no loadable segment", name));
+}
+
+}  // namespace
+
 Result<uint64_t> binder__load_base(pid_t pid, const std::string& mapped, std::span<const uint8_t> bytes) {
   auto maps = HOTFIX_TRY(process__read_maps(pid));
   auto first = std::find_if(maps.begin(), maps.end(), [&](auto& m) {
     return (m.path == mapped || m.path == mapped + " (deleted)") && m.offset == 0;
   });
   if (first == maps.end()) return fail(fmt::format("{} is not loaded in pid {}", mapped, pid));
-  // l_addr = where the first PT_LOAD (file offset 0) landed minus its page-aligned p_vaddr.
   auto elf = HOTFIX_TRY(ElfHandle::open_memory(bytes, mapped));
-  size_t count = 0;
-  elf_getphdrnum(elf.get(), &count);
-  uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  for (size_t i = 0; i < count; ++i) {
-    GElf_Phdr ph;
-    if (gelf_getphdr(elf.get(), static_cast<int>(i), &ph) && ph.p_type == PT_LOAD)
-      return first->start - (ph.p_vaddr & ~(page - 1));
-  }
-  return fail(fmt::format("{} has no loadable segment", mapped));
+  return load_base_at(first->start, elf.get(), mapped);
 }
 
 std::string binder__copy_path(pid_t pid, const std::string& patch_dir, uint32_t id, const std::string& library) {
@@ -429,17 +438,8 @@ Result<uint64_t> binder__load_base(pid_t pid, const std::string& path) {
                             path, pid),
                 "nothing was changed; retry the patch (every copy gets a fresh name), and see `hotfix-ctl list` for "
                 "copies left loaded");
-  // l_addr = where the first PT_LOAD (file offset 0) landed minus its page-aligned p_vaddr.
   auto elf = HOTFIX_TRY(ElfHandle::open(path));
-  size_t count = 0;
-  elf_getphdrnum(elf.get(), &count);
-  uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  for (size_t i = 0; i < count; ++i) {
-    GElf_Phdr ph;
-    if (gelf_getphdr(elf.get(), static_cast<int>(i), &ph) && ph.p_type == PT_LOAD)
-      return first->start - (ph.p_vaddr & ~(page - 1));
-  }
-  return fail(fmt::format("{} has no loadable segment", path));
+  return load_base_at(first->start, elf.get(), path);
 }
 
 }  // namespace hotfix

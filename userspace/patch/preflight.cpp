@@ -193,15 +193,12 @@ class Preflight {
   }
 
   Result<void> check_symbols() {
-    auto fix = HOTFIX_TRY(fixlib__read(in_.library));
+    auto fix = HOTFIX_TRY(fixlib__read(*in_.image));
     // The binder's own refusals (a symbol nothing defines, an ambiguous one) come first, and
-    // its bindings are symbols the loader need not find: write its copy to a scratch file.
-    std::string scratch = fmt::format("/tmp/hotfix-preflight-{}-{}.so", ::getpid(), in_.pid);
-    auto bound = binder__prepare(*in_.table, in_.executable, in_.library, scratch);
-    ::unlink(scratch.c_str());
-    if (!bound) return std::unexpected(bound.error());
+    // its bindings are symbols the loader need not find (bound in memory: no file is written).
+    auto bound = HOTFIX_TRY(binder__bind(*in_.table, in_.executable, *in_.image));
     std::unordered_set<std::string> by_binder;
-    for (auto& b : bound->bindings) by_binder.insert(b.symbol);
+    for (auto& b : bound.bindings) by_binder.insert(b.symbol);
     for (auto& s : fix.dynsyms) {
       if (s.defined || s.index == 0 || s.name.empty() || s.bind == STB_WEAK || by_binder.count(s.name)) continue;
       if (defined_.count(s.name.substr(0, s.name.find('@')))) continue;

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "common/error.hpp"
+#include "patch/fixlib.hpp"
 #include "symbols/symbols.hpp"
 
 namespace hotfix {
@@ -24,6 +25,7 @@ struct PreflightInput {
   std::string executable;              // the target's main executable
   std::string library;                 // fix.so as given (validated by fixlib__validate)
   std::string loaded_from_dir;         // where the bound copy is dlopen'ed from ($ORIGIN)
+  const FixImage* image = nullptr;     // fix.so's bytes as read once (fixlib__load): what is bound and loaded
 };
 
 // One error naming the first dependency or symbol the target's loader would not find.

@@ -339,24 +339,12 @@ Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const Progress
   return text;
 }
 
-// A newer active patch above `below` at `address`, whose saved bytes are `below`'s jump.
-FunctionRecord* record_above(Registry& r, uint32_t below, uint64_t address) {
-  FunctionRecord* best = nullptr;
-  uint32_t best_id = UINT32_MAX;
-  for (auto& p : r.patches) {
-    if (p.state != PatchState::active || p.id <= below || p.id >= best_id) continue;
-    for (auto& f : p.functions)
-      if (f.old_address == address) best = &f, best_id = p.id;
-  }
-  return best;
-}
-
 Result<std::string> finish_revert(Tracee& t, Journal& j, const Op& o, const ProgressFn& progress) {
   auto mark = [&](Registry& r) {
     PatchRecord* p = r.find(o.id);
     if (!p || p->state != PatchState::active) return false;
     for (auto& f : p->functions)
-      if (auto* above = record_above(r, o.id, f.old_address)) above->original = f.original;
+      if (auto* above = r.record_above(o.id, f.old_address)) above->original = f.original;
     p->state = PatchState::reverted;
     p->reverted_ns = realtime_ns();
     return true;
@@ -424,6 +412,19 @@ void recover__forget_if_clean(Journal& journal, const Registry& registry) {
   fs::remove(fmt::format("{}{}", kPatchDir, journal.pid()), ec);  // only if empty
 }
 
+namespace {
+
+// The registry already records patch `id` as released (or summarised it, which only happens
+// to released patches): an interrupted release of it has nothing left to do.
+bool released_in_registry(pid_t pid, uint32_t id) {
+  auto registry = registry__read(pid);
+  if (!registry) return false;
+  auto* p = registry->find(id);
+  return p ? p->released : id < registry->next_id;
+}
+
+}  // namespace
+
 Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progress, bool wait) {
   std::vector<std::string> lines;
   bool release = false;
@@ -435,7 +436,11 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
     std::optional<Tracee> tracee;
     for (auto& o : group(j.read())) {
       if (finished(o)) continue;
-      if (!tracee) tracee.emplace(HOTFIX_TRY(Tracee::seize(pid)));
+      if (!tracee) {
+        // Recovery rewrites the registry (and so signs it): never one someone else wrote.
+        if (auto registry = registry__read(pid)) HOTFIX_CHECK(registry__require_authentic(*registry, pid));
+        tracee.emplace(HOTFIX_TRY(Tracee::seize(pid)));
+      }
       auto say = [&](const std::string& what) {
         lines.push_back(fmt::format("recovered an interrupted {} {} of pid {}: {}", o.op, o.id, pid, what));
       };
@@ -453,6 +458,9 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
                                            what.error().what), "retry `hotfix-ctl recover --pid PID`");
         say(*what);
         release = true;
+      } else if (released_in_registry(pid, o.id)) {  // killed after the registry said so: only the record is missing
+        HOTFIX_CHECK(j.append(journal__record("release", o.id, "released")));
+        say("its release had finished");
       } else {
         say("its memory is released now where no thread can run it");
         release = true;
@@ -496,6 +504,10 @@ void gc_live_orphans(pid_t pid, bool dry_run, GcReport& report) {
   if (traced(pid)) return;
   auto registry = registry__read(pid);
   if (!registry) return;
+  if (auto ok = registry__require_authentic(*registry, pid); !ok) {
+    report.errors.push_back(ok.error().what);
+    return;
+  }
   for (auto id : patchcount__ids(pid)) {
     auto* p = registry->find(id);
     if (p && p->state == PatchState::active) continue;

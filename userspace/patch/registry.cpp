@@ -5,6 +5,13 @@
 #include <limits>
 #include <cstring>
 #include <sstream>
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/sha256.hpp"
+#include "common/unique_fd.hpp"
 
 #include "process/maps.hpp"
 #include "patch/trust.hpp"
@@ -21,6 +28,36 @@ uint32_t checksum(const uint8_t* p, size_t n) {  // FNV-1a: catches a torn or fo
   uint32_t h = 2166136261u;
   for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 16777619u;
   return h;
+}
+
+constexpr const char* kKeyPath = "/run/hotfix/key";
+
+// The root-only key that authenticates registries: 32 random bytes in /run/hotfix/key (0600,
+// in a 0700 directory), made on first use. /run is a tmpfs, so the key lasts as long as every
+// process whose registry it signed. nullopt if it cannot be read (not root) or is not root's.
+std::optional<std::vector<uint8_t>> registry_key() {
+  ::mkdir("/run/hotfix", 0700);
+  UniqueFd fd(::open(kKeyPath, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (fd) {
+    std::vector<uint8_t> key(32);
+    if (::getrandom(key.data(), key.size(), 0) != static_cast<ssize_t>(key.size()) ||
+        ::write(fd.get(), key.data(), key.size()) != static_cast<ssize_t>(key.size())) {
+      ::unlink(kKeyPath);
+      return std::nullopt;
+    }
+    return key;
+  }
+  fd.reset(::open(kKeyPath, O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  struct stat st {};
+  if (!fd || ::fstat(fd.get(), &st) != 0 || st.st_uid != 0 || (st.st_mode & 077) != 0 || st.st_size != 32)
+    return std::nullopt;
+  std::vector<uint8_t> key(32);
+  if (::read(fd.get(), key.data(), key.size()) != static_cast<ssize_t>(key.size())) return std::nullopt;
+  return key;
+}
+
+std::string mac_of(const std::vector<uint8_t>& key, const std::string& signed_text) {
+  return hmac_sha256__hex(key, std::span(reinterpret_cast<const uint8_t*>(signed_text.data()), signed_text.size()));
 }
 
 std::string hex(const std::vector<uint8_t>& bytes) {
@@ -101,6 +138,7 @@ std::string encode_text(const Registry& r) {
       t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}\n", f.old_address, f.new_address, f.island, hex(f.original),
                        hex(f.written), escape(f.mangled));
   }
+  if (auto key = registry_key()) t += fmt::format("mac {}\n", mac_of(*key, t));
   return t + "end\n";
 }
 
@@ -123,6 +161,24 @@ bool is_patch_copy(const std::string& path) {
 // Ids are small: a patch a minute for a century stays far below this.
 constexpr uint32_t kMaxId = 1u << 24;
 
+// Check the MAC (see Registry::authentic). The MAC line must be the last before "end".
+void authenticate(Registry& r, const std::string& text, const std::optional<std::string>& mac) {
+  auto at = text.rfind("\nmac ");
+  if (!mac || at == std::string::npos || text.compare(at + 1, text.size() - at - 1, "mac " + *mac + "\nend\n") != 0) {
+    r.authentic = false;
+    r.authenticity = "it carries no MAC of root's hotfix-ctl";
+    return;
+  }
+  auto key = registry_key();
+  if (!key) {
+    r.authentic = false;
+    r.authenticity = fmt::format("its MAC cannot be checked: {} is not readable (run as root)", kKeyPath);
+  } else if (mac_of(*key, text.substr(0, at + 1)) != *mac) {
+    r.authentic = false;
+    r.authenticity = "its MAC does not match what it says (it was rewritten after root's hotfix-ctl wrote it)";
+  }
+}
+
 Result<Registry> decode_text(const std::string& text) {
   Registry r;
   std::istringstream in(text);
@@ -135,12 +191,18 @@ Result<Registry> decode_text(const std::string& text) {
   };
   if (!std::getline(in, line) || line != "hotfix-registry 1") return bad(line, "header");
   bool seen_next_id = false;
+  std::optional<std::string> mac;  // the MAC line's value, over everything before it
   while (std::getline(in, line)) {
     std::istringstream f(line);
     std::vector<std::string> w;
     for (std::string word; f >> word;) w.push_back(word);
     const std::string kind = w.empty() ? "" : w[0];
+    if (kind == "mac" && w.size() == 2 && !mac) {
+      mac = w[1];
+      continue;
+    }
     if (kind == "end" && w.size() == 1) {
+      authenticate(r, text, mac);
       uint32_t highest = 0;
       for (auto& p : r.patches) highest = std::max(highest, p.id);
       highest = std::max(highest, r.pruned.last_id);
@@ -237,6 +299,17 @@ const PatchRecord* Registry::top_at(uint64_t old_address) const {
   return top;
 }
 
+FunctionRecord* Registry::record_above(uint32_t below, uint64_t old_address) {
+  FunctionRecord* best = nullptr;
+  uint32_t best_id = UINT32_MAX;
+  for (auto& p : patches) {
+    if (p.state != PatchState::active || p.id <= below || p.id >= best_id) continue;
+    for (auto& f : p.functions)
+      if (f.old_address == old_address) best = &f, best_id = p.id;
+  }
+  return best;
+}
+
 std::vector<uint8_t> registry__encode(const Registry& r) {
   std::string text = encode_text(r);
   std::vector<uint8_t> out(kHeaderSize + text.size());
@@ -263,6 +336,14 @@ Result<Registry> registry__decode(const std::vector<uint8_t>& bytes) {
     return fail("the target's hotfix registry fails its checksum (a write was torn or foreign)",
                 "inspect it with `cat` on its /proc/PID/map_files entry");
   return decode_text(std::string(bytes.begin() + kHeaderSize, bytes.begin() + kHeaderSize + len));
+}
+
+Result<void> registry__require_authentic(const Registry& r, pid_t pid) {
+  if (r.authentic) return {};
+  return fail(fmt::format("refusing to act on the hotfix registry of pid {}: {} -- tampering, or a registry not "
+                          "written by this host's hotfix-ctl; nothing was done", pid, r.authenticity),
+              "whoever runs as the target's user can rewrite it: restart the process to be rid of its patches, and "
+              "check what else ran as that user");
 }
 
 std::optional<uint64_t> registry__locate(pid_t pid) {

@@ -59,6 +59,12 @@ struct PrunedSummary {
 
 struct Registry {
   uint32_t next_id = 1;  // never decreases: ids are never reused, pruned or not
+  // The registry lives in the target, so its user can rewrite it. Every registry root's
+  // hotfix-ctl writes ends in an HMAC under a root-only key (/run/hotfix/key); decoding checks
+  // it. `authentic` is false when the MAC is missing or wrong (or the key cannot be read, which
+  // only root can), and `authenticity` then says why. Nothing may act on such a registry.
+  bool authentic = true;
+  std::string authenticity;
   std::vector<PatchRecord> patches;  // in id order
   PrunedSummary pruned;
 
@@ -68,6 +74,9 @@ struct Registry {
   bool was_pruned(uint32_t id) const;
   // The active patch whose jump currently sits at `old_address` (the top of the stack), if any.
   const PatchRecord* top_at(uint64_t old_address) const;
+  // The function record of the active patch right above patch `below` at `old_address` (whose
+  // saved bytes are `below`'s jump), if any: what a revert of `below` must rewire.
+  FunctionRecord* record_above(uint32_t below, uint64_t old_address);
 };
 
 constexpr const char* kRegistryName = "hotfix-registry";
@@ -84,6 +93,10 @@ void registry__compact(Registry& r, size_t keep = kKeptReleased);
 // length or field is an error naming it (the text is input from the target).
 std::vector<uint8_t> registry__encode(const Registry& r);
 Result<Registry> registry__decode(const std::vector<uint8_t>& bytes);
+
+// Refuse to act on a registry that root's hotfix-ctl did not write (see Registry::authentic):
+// "tampering" with what was found; nothing is done.
+Result<void> registry__require_authentic(const Registry& r, pid_t pid);
 
 // Where the registry is mapped in `pid`, if it has one.
 std::optional<uint64_t> registry__locate(pid_t pid);

@@ -23,19 +23,6 @@ using namespace std::chrono;
 
 namespace {
 
-// The record of the active patch right above `below` at `address` (whose saved bytes are
-// `below`'s jump), if any.
-FunctionRecord* record_above(Registry& r, uint32_t below, uint64_t address) {
-  FunctionRecord* best = nullptr;
-  uint32_t best_id = UINT32_MAX;
-  for (auto& p : r.patches) {
-    if (p.state != PatchState::active || p.id <= below || p.id >= best_id) continue;
-    for (auto& f : p.functions)
-      if (f.old_address == address) best = &f, best_id = p.id;
-  }
-  return best;
-}
-
 // Why `p`'s memory may not be given back now, or nullopt if it may: the first thread that
 // could still execute or return into any of `code` (its pc, a return address, or a pc saved in
 // a signal frame on its stacks; strict check, every thread stopped), or one stepping a probed
@@ -166,7 +153,7 @@ Result<RevertOutcome> revert_one(Tracee& t, Journal& journal, const SymbolTable&
   auto commit_record = [&]() -> Result<void> {
     PatchRecord* q = updated.find(id);
     for (auto& f : q->functions)  // a newer patch above now sits on what this one replaced
-      if (auto* above = record_above(updated, id, f.old_address)) above->original = f.original;
+      if (auto* above = updated.record_above(id, f.old_address)) above->original = f.original;
     q->state = PatchState::reverted;
     q->reverted_ns = realtime_ns();
     crashpoint("revert: in the stop, text restored");
@@ -239,6 +226,7 @@ Result<void> revert_held(Tracee& tracee, Journal& journal, const SymbolTable& ta
 Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress) {
   HOTFIX_CHECK(process__check_privileges(false, true));
   auto registry = HOTFIX_TRY(registry__read(opts.pid));
+  HOTFIX_CHECK(registry__require_authentic(registry, opts.pid));  // its bytes and addresses are what we write
   auto registry_at = registry__locate(opts.pid);
   auto ids = HOTFIX_TRY(revert_ids(registry, opts));
   if (!registry_at) return std::vector<RevertOutcome>{};

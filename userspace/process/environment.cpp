@@ -1,5 +1,7 @@
 #include "process/environment.hpp"
 
+#include <sys/stat.h>
+
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/bpf.h>
@@ -88,6 +90,16 @@ Result<void> check_no_stuck_thread(pid_t pid) {
 }
 
 }  // namespace
+
+Result<void> process__check_host_pid_namespace() {
+  constexpr uint64_t kInitialPidNamespace = 0xEFFFFFFCu;  // PROC_PID_INIT_INO: the same on every kernel
+  struct stat st {};
+  if (::stat("/proc/self/ns/pid", &st) != 0 || st.st_ino == kInitialPidNamespace) return {};
+  return fail("hotfix-ctl runs inside a pid namespace: hotfix's state is keyed by the host's pids, which it cannot see "
+              "from here, so it could act on another process's state",
+              "run hotfix-ctl on the host (e.g. `nsenter -t 1 -p -m hotfix-ctl ...` from a privileged container) and "
+              "give the target's host pid (NSpid in /proc/PID/status)");
+}
 
 Result<void> target__check_pid(pid_t pid) {
   if (pid <= 0) return usage_error(fmt::format("--pid must be a positive process id, not {}", pid));

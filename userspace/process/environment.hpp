@@ -22,6 +22,13 @@ class Tracee;
 // /proc only. Usage errors (pid <= 0, our own pid) have exit code 2.
 Result<void> target__check_pid(pid_t pid);
 
+// hotfix's state (journal, pins, the registry's owner pid) is keyed by the HOST's view of a
+// process: its pid and start time as the initial pid namespace sees them. Run inside another
+// pid namespace, hotfix-ctl would see other pids and could take a live host process's state
+// for a dead one's (gc) or write state under a namespaced pid (a container's pid 1). So the
+// verbs that read or change that state refuse there.
+Result<void> process__check_host_pid_namespace();
+
 // Before stopping it: refuses pid 1 (a crash would take its namespace down), a process
 // stopped by job control, one already traced by another tool, and one with a thread that
 // stays in uninterruptible sleep (state D: it could not be stopped). Reads /proc only.

@@ -409,8 +409,36 @@ std::string sig_name(int sig) {
 
 // A signal the thread sent itself during the call (raise, abort: si_pid is the target) that
 // would end the target: taken back from the thread's deferred signals, so it is never delivered.
+// Signals pending for thread `tid` alone (SigPnd of /proc/PID/task/TID/status).
+uint64_t thread_pending(pid_t pid, pid_t tid) {
+  std::ifstream in(fmt::format("/proc/{}/task/{}/status", pid, tid));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("SigPnd:", 0) == 0) return std::strtoull(line.c_str() + 7, nullptr, 16);
+  return 0;
+}
+
+// Remote calls run with every signal blocked (remote.cpp), so a signal the constructor raised
+// at its own thread is still pending when dlopen returns: dequeue it with rt_sigtimedwait
+// (zero timeout) before the thread's own mask is back and it would be delivered.
+int take_pending_fatal(Tracee& t, pid_t tid) {
+  uint64_t pending = thread_pending(t.pid(), tid);
+  for (int sig = 1; sig < 32; ++sig) {
+    if (!(pending & (1ull << (sig - 1))) || !kills_by_default(sig) || target_catches(t.pid(), sig)) continue;
+    std::string args(24, '\0');  // sigset (8 bytes), then a zero struct timespec
+    uint64_t set = 1ull << (sig - 1);
+    std::memcpy(args.data(), &set, sizeof set);
+    auto page = remote_string(t, tid, args);
+    if (!page) return 0;
+    auto got = remote__syscall(t, tid, SYS_rt_sigtimedwait, {*page, 0, *page + 8, 8});
+    (void)remote__munmap(t, tid, *page, page_up(args.size() + 1));
+    if (got && *got == sig) return sig;
+  }
+  return 0;
+}
+
 int take_self_raised_fatal(Tracee& t, pid_t tid, bool had_signal) {
   auto* th = t.find(tid);
+  if (th && !had_signal && !th->resume_signal) return take_pending_fatal(t, tid);
   if (!th || had_signal || !th->resume_signal || !th->resume_info) return 0;
   const siginfo_t& si = *th->resume_info;
   int sig = th->resume_signal;
