@@ -443,7 +443,9 @@ TEST_CASE("a target in another mount namespace (private /run and /tmp) is patche
   ScratchDir dir;  // in OUR /tmp: the target cannot see it
   build_fix(dir / "good.so", kGoodFix);
   Target t({"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-            "mount -t tmpfs none /run && mount -t tmpfs none /tmp && exec " + fixture("trust_target")});
+            // The fixture is opened first: the build tree itself may live under /tmp.
+            "exec 3< \"$0\" && mount -t tmpfs none /run && mount -t tmpfs none /tmp && exec /proc/self/fd/3",
+            fixture("trust_target")});
   const std::string pid = std::to_string(t.pid());
   REQUIRE(fs::read_symlink("/proc/" + pid + "/ns/mnt") != fs::read_symlink("/proc/self/ns/mnt"));
   REQUIRE_FALSE(fs::exists("/proc/" + pid + "/root" + (dir / "good.so")));
