@@ -33,6 +33,14 @@ void print_plan(const PreparedPatch& p) {
     fmt::print("      overwrites {} ({}){}; writes a {}-byte jmp\n", hex(s.current), s.check.disasm,
                s.stacked_on ? fmt::format(", the jump of patch {}", s.stacked_on->id) : "", arch::entry_jump_size());
   }
+  for (auto& n : p.notes) fmt::print("  {}: {}\n", n.check, n.text);
+}
+
+std::string notes_json(const std::vector<PlanNote>& notes) {
+  std::string out;
+  for (auto& n : notes)
+    out += fmt::format("{}{{\"check\":{},\"text\":{}}}", out.empty() ? "" : ",", json__quote(n.check), json__quote(n.text));
+  return "[" + out + "]";
 }
 
 void print_liveness(const std::vector<FunctionLiveness>& live, std::chrono::milliseconds window) {
@@ -129,7 +137,8 @@ int verb_patch(const Args& args) {
     if (!json) print_liveness(*liveness, opts.observe);
   }
   if (dry_run) {
-    if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{}}}\n", prepared->switches.size());
+    if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{},\"notes\":{}}}\n", prepared->switches.size(),
+                          notes_json(prepared->notes));
     else fmt::print("dry run: nothing was changed\n");
     return 0;
   }
@@ -142,9 +151,9 @@ int verb_patch(const Args& args) {
   audit.pause_us = outcome->pause.count() / 1000.0;
   auto notes = audit__record(audit);
   if (json) {
-    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{}{}}}\n", outcome->id,
-               outcome->pause.count() / 1000.0, outcome->attempts, outcome->sha256, functions_json(outcome->functions),
-               audit_notes_json(notes));
+    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{},\"notes\":{}{}}}\n",
+               outcome->id, outcome->pause.count() / 1000.0, outcome->attempts, outcome->sha256,
+               functions_json(outcome->functions), notes_json(prepared->notes), audit_notes_json(notes));
   } else {
     print_audit_notes(notes);
     fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,

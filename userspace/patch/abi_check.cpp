@@ -7,6 +7,7 @@
 
 #include "arch/arch.hpp"
 #include "common/unique_fd.hpp"
+#include "patch/engine.hpp"
 #include "process/memory.hpp"
 
 namespace hotfix {
@@ -73,6 +74,13 @@ Result<void> abi__check_replacement(const AbiCheckInput& in) {
               fmt::format("rebuild fix.so with `{}` so the replacement preserves them, or pass --no-abi-check if no "
                           "caller of it was compiled in the same file with optimisation",
                           arch::preserve_flags(excess)));
+}
+
+Result<void> abi__check_call_sites(PreparedPatch& p, const ProcessMemory& memory) {
+  auto fix_table = HOTFIX_TRY(SymbolTable::for_image(p.fix.bytes, p.options.library));
+  for (auto& s : p.switches)
+    HOTFIX_CHECK(abi__check_replacement({p.table, memory, s.entry.target, fix_table, s.entry.replacement, p.fix.bytes}));
+  return {};
 }
 
 }  // namespace hotfix

@@ -14,6 +14,7 @@
 namespace hotfix {
 
 class ProcessMemory;
+struct PreparedPatch;
 
 struct AbiCheckInput {
   const SymbolTable& target;      // the live process
@@ -25,5 +26,8 @@ struct AbiCheckInput {
 };
 
 Result<void> abi__check_replacement(const AbiCheckInput& in);
+
+// Every switch of `p`: refuse (or set PlannedSwitch::preserve), and add the plan's "abi" note.
+Result<void> abi__check_call_sites(PreparedPatch& p, const ProcessMemory& memory);
 
 }  // namespace hotfix

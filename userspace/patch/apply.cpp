@@ -14,6 +14,9 @@
 
 #include "common/sha256.hpp"
 #include "patch/abi_check.hpp"
+#include "patch/abi_types.hpp"
+#include "patch/coverage.hpp"
+#include "patch/provenance.hpp"
 #include "common/crashpoint.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
@@ -114,12 +117,15 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   std::vector<std::string> names;
   for (auto& s : p.switches) entries.push_back(s.entry.target.address), names.push_back(s.entry.target.name);
   HOTFIX_CHECK(target__check_unsealed(opts.pid, entries, names));
-  // The ABI check stays last: it is the most expensive and the least specific, and a fix.so
+  HOTFIX_CHECK(provenance__check(p));  // patch/provenance.hpp: built for this binary, same toolchain
+  HOTFIX_CHECK(coverage__check(p));    // patch/coverage.hpp: inlined copies, clones, aliases
+  // The ABI checks stay last: they are the most expensive and the least specific, and a fix.so
   // that cannot be loaded or bound at all must hear that first.
   if (opts.abi_check) {
-    auto fix_table = HOTFIX_TRY(SymbolTable::for_image(p.fix.bytes, opts.library));
-    for (auto& s : p.switches)
-      HOTFIX_CHECK(abi__check_replacement({p.table, mem, s.entry.target, fix_table, s.entry.replacement, p.fix.bytes}));
+    HOTFIX_CHECK(abi__check_types(p));            // patch/abi_types.hpp: DWARF signatures and layouts
+    HOTFIX_CHECK(abi__check_call_sites(p, mem));  // patch/abi_check.hpp: -fipa-ra at every call site
+  } else {
+    p.notes.push_back({"abi", "not checked: --no-abi-check was given"});
   }
   return p;
 }

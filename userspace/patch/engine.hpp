@@ -41,6 +41,14 @@ struct PatchOptions {
   std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
   bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
   bool allow_untrusted_lib = false;  // load a fix.so that fails the trust rule (patch/trust.hpp)
+  bool allow_uncovered = false;      // apply even where inlined copies, clones or aliases keep old code (patch/coverage.hpp)
+};
+
+// One line of the plan from a check that passed with something to say ("ABI: 3 call sites
+// checked, none keeps rcx live"; "types: not checked: the target has no DWARF ...").
+struct PlanNote {
+  std::string check;  // "abi", "types", "coverage", "provenance", ...
+  std::string text;
 };
 
 // One function of a prepared patch: what will change where.
@@ -52,6 +60,10 @@ struct PlannedSwitch {
   uint64_t new_address = 0;        // known once fix.so is loaded
   uint64_t island = 0;             // set when the replacement is out of a direct jump's reach
   std::vector<uint8_t> jump;       // the bytes to write, known once fix.so is loaded
+  // Call-clobbered registers (arch numbering, arch::ClobberSet bits) that some direct caller
+  // keeps live across its call and the replacement may change: the jump then goes through an
+  // island that saves them around the replacement (patch/preserve.hpp). 0 = a plain jump.
+  uint64_t preserve = 0;
 };
 
 struct PreparedPatch {
@@ -63,6 +75,7 @@ struct PreparedPatch {
   std::vector<PlannedSwitch> switches;
   FixImage fix;           // fix.so's bytes, read once: what is checked, bound and delivered
   std::string untrusted;  // why fix.so failed the trust rule, when allow_untrusted_lib let it in
+  std::vector<PlanNote> notes;  // what the checks proved or could not check, for the plan
 };
 
 // Resolve and plan without touching the target: every refusal that needs no ptrace happens
