@@ -143,29 +143,90 @@ struct EntryCheck {
 // branches (jump tables) and branches from outside `code` (e.g. a compiler's .cold part).
 EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address);
 
-// ---- calling-convention check (GCC's -fipa-ra) ----
+// ---- calling-convention check (GCC's -fipa-ra; arch/<arch>/clobbers.cpp, liveness.cpp) ----
 // At -O2 GCC lets a caller keep values in call-clobbered registers across a call when it can
-// see that the callee (same translation unit, binds locally) never writes them. A replacement
-// that writes more of them than the original did would corrupt such callers. These sets let
-// the engine compare: the call-clobbered registers a function may change, from its code and
-// (to `depth` levels) the code of the functions it calls directly.
+// see that the callee (same translation unit, binds locally) never writes them. Only direct
+// calls in the same object can rely on that; calls through the PLT/GOT or a pointer rely on
+// the ABI alone. A replacement that writes more of them than the original is checked at every
+// direct call site: is any of those registers live after the return? The engine finds the
+// code and follows calls (with caches); these primitives decode it.
+//
+// Register sets are bit masks in an arch-defined numbering of the call-clobbered registers.
 struct ClobberSet {
-  uint64_t bits = 0;  // arch-defined numbering of call-clobbered registers
-  bool all = false;   // calls code we cannot see: callers cannot assume anything
+  uint64_t bits = 0;
+  bool all = false;  // calls code nobody can see: may change every call-clobbered register
 };
-// The code of the function at `entry`, for following direct calls; nullopt when unknown.
+uint64_t call_clobbered_registers();  // every bit
+uint64_t argument_registers();        // where a call may pass arguments (x86_64: rdi..r9, xmm0..7)
+std::string register_names(uint64_t bits);  // "rcx, r8, xmm3"
+// The registers for which GCC's -fcall-saved-REG really makes a function save and restore
+// them (verified with GCC 12: not the return registers, not the vector registers), and the
+// flags. They work only for a function that calls nothing: GCC then also assumes every callee
+// preserves REG, which code built without the flag does not.
+uint64_t saved_by_gcc_flag();
+std::string register_flags(uint64_t bits);  // "-fcall-saved-rcx -fcall-saved-r8"
+
+// What one function's own code does to them (`code` is the whole function at `address`).
+struct ClobberScan {
+  uint64_t written = 0;          // registers its instructions write
+  uint64_t preserved = 0;        // pushed and popped back (-fcall-saved-REG): unchanged whatever it calls
+  std::vector<uint64_t> calls;   // targets of direct calls and of direct jumps out of `code`
+  bool indirect_calls = false;   // calls through a register or memory
+  bool indirect_jumps = false;   // jumps through a register or memory (a switch, or a tail call)
+  bool undecodable = false;      // bytes that do not decode: the rest is unseen
+};
+ClobberScan scan_clobbers(std::span<const uint8_t> code, uint64_t address);
+
+// The code of the function containing an address (its whole bytes at `address`).
 struct CodeAt {
   std::vector<uint8_t> bytes;
   uint64_t address = 0;
 };
-using CodeLookup = std::function<std::optional<CodeAt>(uint64_t entry)>;
-ClobberSet clobbered_registers(std::span<const uint8_t> code, uint64_t address, const CodeLookup& callee,
-                               int depth = 3);
-// Registers in `extra` that `replacement` may change and `original` never does (0 = safe).
-uint64_t clobber_excess(const ClobberSet& original, const ClobberSet& replacement);
-std::string register_names(uint64_t bits);  // "rcx, r8, xmm3"
-// Compiler flags that make a replacement preserve `bits` (GCC: -fcall-saved-REG).
-std::string preserve_flags(uint64_t bits);
+
+// Direct references by bytes alone (the fast pre-filter over a whole text segment): every place
+// where a direct call or jump encoding would transfer to an address `is_target` accepts.
+// Candidates only: confirm them with direct_branches from the containing function's start.
+struct BranchCandidate {
+  uint64_t site = 0, target = 0;
+};
+std::vector<BranchCandidate> branch_candidates(std::span<const uint8_t> code, uint64_t address,
+                                               const std::function<bool(uint64_t)>& is_target);
+// Every direct call, jump and conditional jump of a function, decoded from its start.
+struct DirectBranch {
+  uint64_t site = 0;    // the instruction
+  uint64_t next = 0;    // the one after it: where a call returns
+  uint64_t target = 0;
+  bool call = false;    // false: a (conditional) jump -- a tail call when it leaves the function
+};
+struct FunctionBranches {
+  std::vector<DirectBranch> branches;
+  uint64_t decoded_end = 0;  // where decoding stopped: the function's end unless bytes did not decode
+};
+FunctionBranches direct_branches(std::span<const uint8_t> code, uint64_t address);
+
+// Liveness after a call returns. A direct call the walk meets reads and kills what `call`
+// says; an unknown one (indirect, or `call` gives nullopt) reads the argument registers and
+// kills every call-clobbered one, as the ABI says. Jumps are followed into other functions
+// (tail calls, .cold parts) through `code_at`.
+struct CallEffect {
+  uint64_t reads = 0;  // of the registers asked about, those the callee may read before writing
+  uint64_t kills = 0;  // what the caller's compiler assumed the callee changes
+};
+struct LivenessEnv {
+  std::function<std::optional<CodeAt>(uint64_t address)> code_at;  // nullopt: no known code there
+  std::function<std::optional<CallEffect>(uint64_t entry, uint64_t regs)> call;
+  size_t max_instructions = 20000;
+};
+struct Liveness {
+  uint64_t live = 0;       // read before written on some path (all of `regs` when `unknown`)
+  uint64_t at_return = 0;  // reach a return unwritten: the answer is the callers' (to the engine)
+  uint64_t where = 0;      // the first instruction that reads one, or where the walk gave up
+  std::string unknown;     // non-empty: a path could not be followed (an indirect jump, data)
+};
+Liveness live_registers(uint64_t from, uint64_t regs, const LivenessEnv& env);
+
+// A PLT-style stub at `address` (`jmp [rip+x]`, after an endbr64): the slot it jumps through.
+std::optional<uint64_t> stub_slot(std::span<const uint8_t> code, uint64_t address);
 
 // Disassemble `code` at `address` into one line per instruction (for plans and diagnostics).
 std::string disassemble(std::span<const uint8_t> code, uint64_t address, size_t max_insns = 8);

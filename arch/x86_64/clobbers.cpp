@@ -1,91 +1,59 @@
-// Which call-clobbered registers a function may change (see arch.hpp: GCC's -fipa-ra).
+// Which call-clobbered registers a function's own code changes (see arch.hpp: GCC's -fipa-ra).
+// Following its calls is the engine's job (it knows where code lives and caches the answers).
 #include <array>
-#include <set>
 
 #include "arch/arch.hpp"
+#include "arch/x86_64/callregs.hpp"
 #include "arch/x86_64/decoder.hpp"
 
 namespace hotfix::arch {
 namespace {
 
-// Call-clobbered registers of the System V x86-64 ABI: bit 0..8 integer, 9..24 vector.
 constexpr std::array<const char*, 9> kIntNames = {"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"};
-constexpr int kVectorBase = 9;
-constexpr uint64_t kAllBits = (1ull << (kVectorBase + 16)) - 1;
 
-// The bit of a (sub)register, or -1 when it is not call-clobbered.
-int clobber_bit(x86_reg r) {
-  switch (r) {
-    case X86_REG_RAX: case X86_REG_EAX: case X86_REG_AX: case X86_REG_AL: case X86_REG_AH: return 0;
-    case X86_REG_RCX: case X86_REG_ECX: case X86_REG_CX: case X86_REG_CL: case X86_REG_CH: return 1;
-    case X86_REG_RDX: case X86_REG_EDX: case X86_REG_DX: case X86_REG_DL: case X86_REG_DH: return 2;
-    case X86_REG_RSI: case X86_REG_ESI: case X86_REG_SI: case X86_REG_SIL: return 3;
-    case X86_REG_RDI: case X86_REG_EDI: case X86_REG_DI: case X86_REG_DIL: return 4;
-    case X86_REG_R8: case X86_REG_R8D: case X86_REG_R8W: case X86_REG_R8B: return 5;
-    case X86_REG_R9: case X86_REG_R9D: case X86_REG_R9W: case X86_REG_R9B: return 6;
-    case X86_REG_R10: case X86_REG_R10D: case X86_REG_R10W: case X86_REG_R10B: return 7;
-    case X86_REG_R11: case X86_REG_R11D: case X86_REG_R11W: case X86_REG_R11B: return 8;
-    default: break;
-  }
-  if (r >= X86_REG_XMM0 && r <= X86_REG_XMM15) return kVectorBase + (r - X86_REG_XMM0);
-  if (r >= X86_REG_YMM0 && r <= X86_REG_YMM15) return kVectorBase + (r - X86_REG_YMM0);
-  if (r >= X86_REG_ZMM0 && r <= X86_REG_ZMM15) return kVectorBase + (r - X86_REG_ZMM0);
-  return -1;
-}
-
-bool leaves_function(const cs_insn& insn) {
-  return insn.id == X86_INS_CALL || insn.id == X86_INS_JMP;
+uint64_t single_reg_operand(const cs_insn& insn) {
+  const cs_x86& x = insn.detail->x86;
+  return x.op_count == 1 && x.operands[0].type == X86_OP_REG ? reg_bits(x.operands[0].reg) : 0;
 }
 
 }  // namespace
 
-ClobberSet clobbered_registers(std::span<const uint8_t> code, uint64_t address, const CodeLookup& callee, int depth) {
+uint64_t call_clobbered_registers() { return kAllBits; }
+uint64_t argument_registers() { return kArgs; }
+
+ClobberScan scan_clobbers(std::span<const uint8_t> code, uint64_t address) {
   Decoder d;
-  ClobberSet out;
-  uint64_t written = 0, pushed = 0, popped = 0;
+  ClobberScan out;
+  uint64_t pushed = 0, popped = 0;
+  const uint64_t end = address + code.size();
   for (size_t off = 0; off < code.size();) {
-    const cs_insn* insn = d.decode(code, address, off);
-    if (!insn) {  // data or padding: we cannot see past it, so assume the worst
-      out.all = true;
+    const cs_insn* insn = d.ok() ? d.decode(code, address, off) : nullptr;
+    if (!insn) {  // data or padding: we cannot see past it
+      out.undecodable = true;
       break;
     }
     cs_regs reads, writes;
     uint8_t nreads = 0, nwrites = 0;
     if (cs_regs_access(d.handle(), insn, reads, &nreads, writes, &nwrites) == CS_ERR_OK)
-      for (int i = 0; i < nwrites; ++i)
-        if (int bit = clobber_bit(static_cast<x86_reg>(writes[i])); bit >= 0) written |= 1ull << bit;
-    if (insn->id == X86_INS_PUSH && insn->detail->x86.op_count == 1 && insn->detail->x86.operands[0].type == X86_OP_REG)
-      if (int bit = clobber_bit(insn->detail->x86.operands[0].reg); bit >= 0) pushed |= 1ull << bit;
-    if (insn->id == X86_INS_POP && insn->detail->x86.op_count == 1 && insn->detail->x86.operands[0].type == X86_OP_REG)
-      if (int bit = clobber_bit(insn->detail->x86.operands[0].reg); bit >= 0) popped |= 1ull << bit;
-    if (leaves_function(*insn)) {
-      auto target = direct_target(*insn);
-      bool inside = target && *target >= address && *target < address + code.size();
-      if (!inside) {
-        std::optional<CodeAt> next = target && depth > 0 ? callee(*target) : std::nullopt;
-        ClobberSet sub = next ? clobbered_registers(next->bytes, next->address, callee, depth - 1) : ClobberSet{0, true};
-        out.all |= sub.all;
-        written |= sub.bits;
+      for (int i = 0; i < nwrites; ++i) out.written |= reg_bits(writes[i]);
+    if (insn->id == X86_INS_PUSH) pushed |= single_reg_operand(*insn);
+    if (insn->id == X86_INS_POP) popped |= single_reg_operand(*insn);
+    bool call = insn->id == X86_INS_CALL;
+    bool jump = cs_insn_group(d.handle(), insn, CS_GRP_JUMP);
+    if (call || jump) {
+      if (auto to = direct_target(*insn)) {
+        if (*to < address || *to >= end) out.calls.push_back(*to);  // a call, or a tail call out
+      } else {
+        (call ? out.indirect_calls : out.indirect_jumps) = true;
       }
     }
+    if (insn->id == X86_INS_SYSCALL) out.written |= kRax | kRcx | kR11;
     off += insn->size;
   }
   // Registers pushed and popped back (GCC's -fcall-saved-REG prologue and epilogue) are
   // preserved; a `push rax` ... `pop rdx` pair for stack alignment preserves neither.
-  pushed &= popped;
-  if (out.all) {
-    out.all = pushed == 0;
-    out.bits = kAllBits & ~pushed;
-  } else {
-    out.bits = written & ~pushed;
-  }
+  out.preserved = pushed & popped;
   return out;
-}
-
-uint64_t clobber_excess(const ClobberSet& original, const ClobberSet& replacement) {
-  if (original.all) return 0;  // callers could not assume anything was preserved
-  uint64_t changed = replacement.all ? kAllBits : replacement.bits;
-  return changed & ~original.bits;
 }
 
 std::string register_names(uint64_t bits) {
@@ -98,13 +66,12 @@ std::string register_names(uint64_t bits) {
   return s;
 }
 
-std::string preserve_flags(uint64_t bits) {
+uint64_t saved_by_gcc_flag() { return kRcx | kRsi | kRdi | kR8 | kR9 | kR10 | kR11; }
+
+std::string register_flags(uint64_t bits) {
   std::string s;
-  for (int b = 0; b < kVectorBase + 16; ++b) {
-    if (!(bits >> b & 1)) continue;
-    s += s.empty() ? "" : " ";
-    s += b < kVectorBase ? fmt::format("-fcall-saved-{}", kIntNames[b]) : fmt::format("-fcall-saved-xmm{}", b - kVectorBase);
-  }
+  for (int b = 0; b < kVectorBase; ++b)
+    if (bits >> b & 1) s += fmt::format("{}-fcall-saved-{}", s.empty() ? "" : " ", kIntNames[b]);
   return s;
 }
 
