@@ -247,10 +247,10 @@ uint64_t CallSiteCheck::clobbers(uint64_t entry, Side side, int depth) {
   if (in_progress_.count(key) || depth <= 0) return unseen;
   const Function* f = entry_at(entry);
   if (!f) {
-    if (side == Side::compiler) {
-      const Function* inside = function_at(entry);  // a jump into a function's body (a .cold part)
-      return inside ? clobbers(inside->address, side, depth) : all;  // a PLT: the ABI
-    }
+    // A jump into another function's body (a .cold part, whose own symbol a stripped object
+    // lacks): its compiler-side effect is not known, so it adds nothing (the conservative way);
+    // outside any function (a PLT) the compiler could not see the callee: the ABI.
+    if (side == Side::compiler) return function_at(entry) ? 0 : all;
     auto real = resolve_stub(entry);
     return real ? clobbers(*real, side, depth - 1) : all;
   }
