@@ -98,7 +98,7 @@ TEST_CASE("a caller that keeps rcx live across the call: refused, naming it; --n
   require_root();
   SECTION("refused") {
     expect_refused("t_live", {"t_live changes rcx, rdi", "keeps rcx", "c_live+0x3 (abics_asm.S:", "the call at 0x",
-                              "c_live reads rcx at c_live+0x8"});
+                              "c_live reads rcx at c_live+0x8", "replace c_live in fix.so as well"});
   }
   SECTION("with --no-abi-check the caller really computes wrong results") {
     Target t;
@@ -111,6 +111,40 @@ TEST_CASE("a caller that keeps rcx live across the call: refused, naming it; --n
     CHECK(n.bad_n > start.bad_n);  // rcx is audit()'s now, not 3x
     cleanup(t.pid());
   }
+  SECTION("the advice works: with the caller replaced too, the patch applies and every result is right") {
+    Target t;
+    auto r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fixture("abics_fix_caller.so")});
+    INFO(r.out << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.out.find("abi: c_live: ") != std::string::npos);
+    auto start = stats(t.child, "c_live");
+    auto n = after_more(t.child, "c_live", start);
+    CHECK(n.new_n > start.new_n);
+    CHECK(n.bad_n == 0);
+    REQUIRE(ctl_run({"revert", "--pid", std::to_string(t.pid()), "--all"}).exit_code == 0);
+    cleanup(t.pid());
+  }
+}
+
+TEST_CASE("a leaf replacement: the -fcall-saved advice is given only where it works, and it does") {
+  require_root();
+  Target t;
+  auto text = text_of(t.pid());
+  auto r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fixture("abics_fix_leaf.so")});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("keeps rcx") != std::string::npos);
+  CHECK(r.err.find("rebuild fix.so with `-fcall-saved-rcx`") != std::string::npos);
+  CHECK(text_of(t.pid()) == text);
+  r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fixture("abics_fix_leaf_saved.so")});
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("abi: t_live: 1 call site checked, none keeps rdx live") != std::string::npos);
+  auto start = stats(t.child, "c_live");
+  auto n = after_more(t.child, "c_live", start);
+  CHECK(n.new_n > start.new_n);
+  CHECK(n.bad_n == 0);
+  REQUIRE(ctl_run({"revert", "--pid", std::to_string(t.pid()), "--all"}).exit_code == 0);
+  cleanup(t.pid());
 }
 
 TEST_CASE("callers that keep nothing live: accepted (the fix calls the target through its PLT) and the new code runs") {
