@@ -418,6 +418,7 @@ Result<void> CallSiteCheck::check(PlannedSwitch& s) {
     return {};
   }
   transitive_ = 0;
+  sites_seen_ = 0;  // the budget is per patched function
   uint64_t live = 0;
   size_t keeping = 0;
   const Site* first = nullptr;
