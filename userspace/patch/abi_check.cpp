@@ -438,7 +438,7 @@ Result<void> CallSiteCheck::check(PlannedSwitch& s) {
   }
   size_t n = sites.confirmed.size() + sites.unsure.size();
   std::string counted = fmt::format("{} call site{} checked{}", n, n == 1 ? "" : "s",
-                                    transitive_ ? fmt::format(" (and {} of their callers')", transitive_) : "");
+                                    transitive_ ? fmt::format(", and {} of their callers'", transitive_) : "");
   if (!live) {
     p_.notes.push_back({"abi", fmt::format("{}: {}, none keeps {} live", target.name, counted, names)});
     return {};
