@@ -126,6 +126,28 @@ std::vector<uint8_t> encode_island_jump(uint64_t island, uint64_t to);
 std::vector<uint8_t> encode_counting_island(uint64_t island, uint64_t counter, uint64_t to);
 size_t counting_island_size();
 
+// A preserving island (arch/x86_64/preserve.cpp): saves the call-clobbered registers in
+// `preserve` (ClobberSet numbering), calls `to` (the replacement, or a counting island in front
+// of it) as a normal call -- every argument register, the stack arguments' absence checked by
+// the caller of this function, 16-byte alignment at the call -- restores them and returns to
+// the original caller. The return-value registers are restored only when in `preserve` (the
+// caller decides: a function returning a value there cannot have them in the set). Its unwind
+// information (a CIE and one FDE in .eh_frame format, zero-terminated, absolute addresses) sits
+// at `unwind_offset` in the same bytes, ready for the target's __register_frame, so that a C++
+// exception thrown in the replacement unwinds through the island into the original caller.
+struct PreservingIsland {
+  std::vector<uint8_t> bytes;
+  size_t unwind_offset = 0;  // where the .eh_frame bytes start
+  size_t code_size = 0;      // bytes of instructions (the FDE covers [0, code_size))
+};
+PreservingIsland encode_preserving_island(uint64_t island, uint64_t preserve, uint64_t to);
+size_t preserving_island_size(uint64_t preserve);
+// The registers a preserving island saves as their call-clobbered bits (every one of them:
+// integer and vector, xmm as 128 bits), and the return-value registers among them (rax, rdx,
+// xmm0, xmm1).
+uint64_t preservable_registers();
+uint64_t return_value_registers();
+
 // ---- prologue analysis (Capstone) ----
 struct EntryCheck {
   bool patchable = false;

@@ -29,6 +29,7 @@
 #include "patch/deliver.hpp"
 #include "patch/fixlib.hpp"
 #include "patch/preflight.hpp"
+#include "patch/preserve.hpp"
 #include "process/environment.hpp"
 #include "patch/trust.hpp"
 #include "process/maps.hpp"
@@ -156,12 +157,21 @@ class Undo {
   std::optional<uint32_t> counters;                      // pinned hit counters of this patch id
   std::vector<std::pair<uint64_t, uint64_t>> mappings;   // (address, length) to munmap
   std::optional<DeliveredFix> delivered;                 // its memfd fd in the target, until closed
+  std::vector<uint64_t> frames;                          // preserving islands' unwind info, registered
+  Unwinder unwinder;                                     // where `frames` were registered
 
  private:
   void rollback() {
     // Best effort, in reverse order; the target may already be gone -- or have exec'd: take
     // in its pending events first, so that nothing is undone into a new program's memory.
     bool same_image = t_.pump().has_value();
+    // Before the library goes (the unwinder may be one of its dependencies) and before the
+    // islands do: a frame that stays registered keeps its page mapped (patch/preserve.hpp).
+    std::set<uint64_t> keep;
+    for (uint64_t frame : frames)
+      if (!same_image || !preserve__deregister(t_, journal_, "patch", id_, unwinder, frame, timeout_))
+        keep.insert(frame & ~(static_cast<uint64_t>(::getpagesize()) - 1));
+    std::erase_if(mappings, [&](auto& m) { return keep.count(m.first) != 0; });
     if (handle && same_image) (void)remote__dlclose(t_, handle, InjectOptions::within(timeout_));
     if (!mappings.empty() && same_image && t_.check_alive()) {
       pid_t tid = t_.threads().front().tid;
@@ -216,8 +226,27 @@ Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, Journal& journal, 
   return addr;
 }
 
+// The jump of `s` goes to a preserving island (patch/preserve.hpp) that calls the replacement
+// -- through a counting island right after it when counting, so new-code hits still count.
+Result<void> write_preserving_island(Tracee& t, pid_t tid, Undo& undo, Journal& journal, uint32_t id,
+                                     IslandPages& islands, PlannedSwitch& s, uint64_t counter) {
+  uint64_t own = (arch::preserving_island_size(s.preserve) + 15) & ~15ull;
+  uint64_t size = own + (counter ? arch::counting_island_size() : 0);
+  s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, id, islands, s.entry.target.address, size));
+  uint64_t callee = s.new_address;
+  if (counter) {
+    callee = s.island + own;
+    HOTFIX_CHECK(t.memory().write(callee, arch::encode_counting_island(callee, counter, s.new_address)));
+  }
+  auto island = arch::encode_preserving_island(s.island, s.preserve, callee);
+  HOTFIX_CHECK(t.memory().write(s.island, island.bytes));
+  s.frame = s.island + island.unwind_offset;
+  return {};
+}
+
 // Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed: for
-// every function when counting (the island counts), else only beyond a direct jump's reach.
+// every function when counting (the island counts) or preserving registers, else only beyond
+// a direct jump's reach.
 Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, Journal& journal, PreparedPatch& p, uint64_t load_base,
                              const TargetCounters* counters) {
   IslandPages islands;
@@ -225,17 +254,43 @@ Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, Journal& journal,
     auto& s = p.switches[i];
     s.new_address = load_base + s.entry.replacement_value;
     auto direct = arch::encode_entry_jump(s.entry.target.address, s.new_address);
-    if (direct && !counters) {
+    if (s.preserve) {
+      HOTFIX_CHECK(write_preserving_island(t, tid, undo, journal, p.id, islands, s, counters ? counters->slot(i) : 0));
+    } else if (direct && !counters) {
       s.jump = *direct;
       continue;
+    } else {
+      uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
+      s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, p.id, islands, s.entry.target.address, size));
+      HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
+                                                       : arch::encode_island_jump(s.island, s.new_address)));
     }
-    uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
-    s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, p.id, islands, s.entry.target.address, size));
-    HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
-                                                     : arch::encode_island_jump(s.island, s.new_address)));
     auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
     if (!jump) return fail(fmt::format("the island for {} is out of reach", s.entry.target.name));
     s.jump = *jump;
+  }
+  return {};
+}
+
+// Register the preserving islands' unwind information with the target's unwinder before any
+// jump leads into them, so an exception thrown in a replacement unwinds through its island.
+// A process without an unwinder (no libgcc_s) has nothing that could unwind: nothing to do.
+Result<void> register_frames(Tracee& t, Undo& undo, Journal& journal, PreparedPatch& p, const ProgressFn& progress) {
+  std::vector<PlannedSwitch*> preserving;
+  for (auto& s : p.switches)
+    if (s.frame) preserving.push_back(&s);
+  if (preserving.empty()) return {};
+  undo.unwinder = HOTFIX_TRY(preserve__unwinder(t, undo.handle, p.options.timeout));
+  if (!undo.unwinder) {
+    for (auto* s : preserving) s->frame = 0;
+    progress(std::string("note: the target has no unwinder (libgcc_s is not loaded): the preserving islands' unwind information "
+             "is not registered (nothing in the process can throw through them)"));
+    return {};
+  }
+  for (auto* s : preserving) {
+    crashpoint("patch: before frame registration");
+    HOTFIX_CHECK(preserve__register(t, journal, "patch", p.id, undo.unwinder, s->frame, p.options.timeout));
+    undo.frames.push_back(s->frame);
   }
   return {};
 }
@@ -347,6 +402,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   }();
   HOTFIX_CHECK(tracee.resume_thread(tid));
   uint64_t registry_at = HOTFIX_TRY(prepared);
+  HOTFIX_CHECK(register_frames(tracee, undo, journal, p, progress));
 
   std::vector<TextWrite> writes;
   std::vector<AddressRange> overwritten, bodies;
@@ -362,7 +418,8 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
     const Function& fn = s.entry.target;
     progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),
                          s.island ? s.island : s.new_address,
-                         s.island ? fmt::format(" -> island -> {:#x}", s.new_address) : ""));
+                         s.island ? fmt::format(" -> {}island -> {:#x}", s.preserve ? "preserving " : "", s.new_address)
+                                  : ""));
     writes.push_back({fn.address, s.current, s.jump, fn.name});
     overwritten.push_back(overwritten_range(fn.address, s.check.covered, fn.name));
     bodies.push_back({fn.address, fn.address + std::max<uint64_t>(fn.size, 1), fn.name});
@@ -370,7 +427,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
       for (auto& f : s.stacked_on->functions)
         if (f.old_address == fn.address)
           for (auto& r : patch_code__function(p.table, *s.stacked_on, f)) bodies.push_back(r);
-    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump});
+    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump, s.preserve, s.frame});
   }
 
   std::vector<Function> targets;

@@ -57,6 +57,8 @@ std::vector<AddressRange> patch_code__function(const SymbolTable& table, const P
     out.push_back({f.new_address, f.new_address + 1, name});
   if (f.island) {
     uint64_t size = p.counters ? arch::counting_island_size() : arch::island_jump_size();
+    if (f.preserve)  // a preserving island, and the counting island it calls right after it
+      size = ((arch::preserving_island_size(f.preserve) + 15) & ~15ull) + (p.counters ? size : 0);
     out.push_back({f.island, f.island + size, name + " island"});
   }
   return out;

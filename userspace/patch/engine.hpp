@@ -64,6 +64,7 @@ struct PlannedSwitch {
   // keeps live across its call and the replacement may change: the jump then goes through an
   // island that saves them around the replacement (patch/preserve.hpp). 0 = a plain jump.
   uint64_t preserve = 0;
+  uint64_t frame = 0;  // the preserving island's unwind information, registered in the target (apply)
 };
 
 struct PreparedPatch {

@@ -1,5 +1,6 @@
 // Recovery of interrupted operations (see recover.hpp for the rule).
 #include "patch/recover.hpp"
+#include "patch/preserve.hpp"
 
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -315,6 +316,11 @@ Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const Progress
     HOTFIX_CHECK(j.append(jr("unmapping").set("mappings", pages)));
     pid_t tid = t.threads().front().tid;
     HOTFIX_CHECK(t.stop_thread(tid));
+    // A page holding unwind information this patch may have registered stays (patch/preserve.hpp).
+    std::set<uint64_t> keep;
+    for (uint64_t frame : preserve__journaled_frames(o.records, o.id)) keep.insert(frame & ~(kPage - 1));
+    std::erase_if(leftovers.islands, [&](auto& m) { return keep.count(m.first) != 0; });
+    if (!keep.empty()) did.push_back(fmt::format("{} island page(s) kept (their unwind information may be registered)", keep.size()));
     for (auto* list : {&leftovers.islands, &leftovers.counters, &leftovers.registry})
       for (auto& [a, len] : *list) (void)remote__munmap(t, tid, a, len);
     HOTFIX_CHECK(t.resume_thread(tid));

@@ -135,8 +135,9 @@ std::string encode_text(const Registry& r) {
                      p.applied_ns, p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
                      p.released ? 1 : 0, escape(p.consistency), p.counters, p.counters_len);
     for (auto& f : p.functions)
-      t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}\n", f.old_address, f.new_address, f.island, hex(f.original),
-                       hex(f.written), escape(f.mangled));
+      t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}{}\n", f.old_address, f.new_address, f.island, hex(f.original),
+                       hex(f.written), escape(f.mangled),
+                       f.preserve || f.frame ? fmt::format(" {:#x} {:#x}", f.preserve, f.frame) : "");
   }
   if (auto key = registry_key()) t += fmt::format("mac {}\n", mac_of(*key, t));
   return t + "end\n";
@@ -240,13 +241,15 @@ Result<Registry> decode_text(const std::string& text) {
       p.released = released != 0;
       r.patches.push_back(std::move(p));
     } else if (kind == "func" && !r.patches.empty()) {
-      if (w.size() != 7) return bad(line, "func record");
+      if (w.size() != 7 && w.size() != 9) return bad(line, "func record");
       FunctionRecord fr;
       if (!parse_number(w[1], fr.old_address, 16) || !parse_number(w[2], fr.new_address, 16)) return bad(line, "address");
       if (!parse_number(w[3], fr.island, 16)) return bad(line, "island");
       if (!parse_hex_bytes(w[4], fr.original)) return bad(line, "original bytes");
       if (!parse_hex_bytes(w[5], fr.written)) return bad(line, "written bytes");
       if (!parse_escaped(w[6], fr.mangled) || fr.mangled.empty()) return bad(line, "symbol");
+      if (w.size() == 9 && (!parse_number(w[7], fr.preserve, 16) || !parse_number(w[8], fr.frame, 16)))
+        return bad(line, "preserving island");
       r.patches.back().functions.push_back(std::move(fr));
     } else {
       return bad(line);

@@ -31,6 +31,11 @@ struct FunctionRecord {
   uint64_t island = 0;            // the island used for an out-of-reach jump, 0 if none
   std::vector<uint8_t> original;  // bytes at old_address before this patch (restored by revert)
   std::vector<uint8_t> written;   // bytes this patch wrote there
+  // A preserving island (patch/preserve.hpp) at `island`: the registers it saves (ClobberSet
+  // bits), and where its unwind information was registered with the target's __register_frame
+  // (0: not registered). Release deregisters it before the island page is unmapped.
+  uint64_t preserve = 0;
+  uint64_t frame = 0;
 };
 
 struct PatchRecord {

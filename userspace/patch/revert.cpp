@@ -9,6 +9,7 @@
 #include "common/crashpoint.hpp"
 #include "patch/engine.hpp"
 #include "patch/code.hpp"
+#include "patch/preserve.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "process/maps.hpp"
@@ -59,6 +60,10 @@ Result<std::string> release__now(Tracee& t, Journal& journal, PatchRecord& p, ui
                                  milliseconds timeout) {
   // Each step again from the start if killed: recovery unloads only what is still mapped.
   HOTFIX_CHECK(journal.append(journal__record("release", p.id, "releasing").set("copy", p.loaded_copy).set("handle", p.handle)));
+  // Unwind information of preserving islands first, while the unwinder (perhaps a dependency
+  // of the copy) is loaded; a page whose frame may still be registered stays mapped.
+  std::string frames_note;
+  auto keep = preserve__release_frames(t, journal, p, timeout, frames_note);
   crashpoint("release: before dlclose");
   if (recover__is_mapped(t.pid(), p.loaded_copy))  // not after a release killed past its dlclose
     HOTFIX_CHECK(remote__dlclose(t, p.handle, InjectOptions::within(timeout)));
@@ -69,7 +74,7 @@ Result<std::string> release__now(Tracee& t, Journal& journal, PatchRecord& p, ui
     // Only what is still the mapping we made: a release killed after its munmap may find
     // the target's own memory at that address since.
     for (auto page : pages)
-      if (recover__still_ours(t.pid(), page, static_cast<uint64_t>(::getpagesize()), false))
+      if (!keep.count(page) && recover__still_ours(t.pid(), page, static_cast<uint64_t>(::getpagesize()), false))
         (void)remote__munmap(t, tid, page, static_cast<uint64_t>(::getpagesize()));
     if (p.counters && recover__still_ours(t.pid(), p.counters, p.counters_len, true))
       (void)remote__munmap(t, tid, p.counters, p.counters_len);
@@ -81,6 +86,7 @@ Result<std::string> release__now(Tracee& t, Journal& journal, PatchRecord& p, ui
     note = fmt::format("its islands are unmapped, but the loader keeps {} mapped after dlclose (a library with "
                        "unique symbols or -z nodelete is never unloaded); no jump leads into it",
                        p.loaded_copy);
+  if (!frames_note.empty()) note += (note.empty() ? "" : "; ") + frames_note;
   if (p.loaded_copy.starts_with(kPatchDir)) ::unlink(p.loaded_copy.c_str());  // an older build's copy on disk
   p.released = true;
   HOTFIX_CHECK(t.stop_all());  // the registry is only written with every thread stopped

@@ -550,4 +550,10 @@ Result<uint64_t> remote__dlsym(Tracee& t, uint64_t handle, const std::string& sy
   });
 }
 
+Result<uint64_t> remote__call_safe(Tracee& t, uint64_t fn, std::span<const uint64_t> args, const InjectOptions& opts) {
+  return with_safe_thread<uint64_t>(t, opts, [&](pid_t tid, milliseconds budget) -> Result<uint64_t> {
+    return remote__call(t, tid, fn, args, budget);
+  });
+}
+
 }  // namespace hotfix

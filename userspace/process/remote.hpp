@@ -84,6 +84,10 @@ Result<void> remote__dlclose(Tracee& t, uint64_t handle, const InjectOptions& op
 // dlsym(handle, name) the same way; 0 if not found.
 Result<uint64_t> remote__dlsym(Tracee& t, uint64_t handle, const std::string& name, const InjectOptions& opts = {});
 
+// fn(args...) the same way: on a thread that holds no loader or malloc lock, the others running
+// (for library functions that take those locks, e.g. libgcc's __register_frame).
+Result<uint64_t> remote__call_safe(Tracee& t, uint64_t fn, std::span<const uint64_t> args, const InjectOptions& opts = {});
+
 // Stop one thread that is not inside the dynamic loader or the malloc/fork/dlopen family of
 // libc: not at its pc, and not as a live caller on its stack (a scan of its stack for words
 // pointing there, each hit confirmed by a libdw unwind; __libc_start_main below main never
