@@ -274,7 +274,8 @@ TEST_CASE("a thread returning through the island holds strict revert and release
   REQUIRE(registry);
   uint64_t island_page = registry->find(id)->functions[0].island & ~0xfffull;
   // The replacement tail-calls usleep: while it sleeps, its return address is in the island.
-  REQUIRE(t.child.request("wait 2500000 21") == "ok");
+  // Long enough that it is still asleep after both reverts below on a loaded machine.
+  REQUIRE(t.child.request("wait 12000000 21") == "ok");
   std::this_thread::sleep_for(300ms);
   REQUIRE(t.child.request("waited") == "ok waited=none");
 
@@ -292,12 +293,51 @@ TEST_CASE("a thread returning through the island holds strict revert and release
   INFO(entry[0].held_by);
   CHECK(entry[0].held_by.find("island") != std::string::npos);
   CHECK(mapped(t.pid(), island_page));
+  REQUIRE(t.child.request("waited") == "ok waited=none");  // it was inside all along
 
   std::string waited;
-  for (int i = 0; i < 100 && (waited = t.child.request("waited")) == "ok waited=none"; ++i)
+  for (int i = 0; i < 400 && (waited = t.child.request("waited")) == "ok waited=none"; ++i)
     std::this_thread::sleep_for(50ms);
   CHECK(waited == "ok waited=42 right=1");  // back through the island, rcx and xmm2 intact
   auto released = revert(t.pid(), std::nullopt);
   CHECK(!mapped(t.pid(), island_page));
   CHECK(t.child.running());
+}
+
+TEST_CASE("a refused patch deregisters the island's unwind information and unmaps it", "[preserve][process]") {
+  require_root();
+  Target t;
+  auto islands = [&] {  // anonymous executable mappings: where islands live
+    std::set<std::string> out;
+    for (auto& l : lines_of(read_file(fmt::format("/proc/{}/maps", t.pid()))))
+      if (l.find(" r-xp 00000000 00:00 0") != std::string::npos) out.insert(l);
+    return out;
+  };
+  uint64_t entry = entry_of(t.pid(), "pres_wait");
+  auto text = read_memory(t.pid(), entry, 16);
+  auto before = islands();
+  // A thread inside the old pres_wait for the whole strict timeout: the switch is refused
+  // after the island was written and its frame registered.
+  REQUIRE(t.child.request("wait 4000000 3") == "ok");
+  std::this_thread::sleep_for(200ms);
+  auto opts = options(t.pid(), "pres_fix_wait.so", "pres_wait", true);
+  opts.timeout = 500ms;
+  auto prepared = patch__prepare(opts);
+  REQUIRE(prepared);
+  prepared->switches[0].preserve = kRcx | kXmm2;
+  auto out = patch__apply(*prepared, [](const ProgressEvent&) {});
+  REQUIRE_FALSE(out);
+  INFO(out.error().line());
+  CHECK(out.error().line().find("nothing was changed") != std::string::npos);
+  CHECK(prepared->switches[0].frame != 0);  // it had been registered
+  CHECK(read_memory(t.pid(), entry, 16) == text);
+  CHECK(islands() == before);  // deregistered, then unmapped
+  CHECK(t.child.request("throw") == "ok caught");  // libgcc holds nothing stale
+  std::string waited;
+  for (int i = 0; i < 200 && (waited = t.child.request("waited")) == "ok waited=none"; ++i)
+    std::this_thread::sleep_for(50ms);
+  // It ran the old pres_wait, whose usleep changes rcx and xmm2 under this hand-written
+  // caller (only the island keeps them): that it came back is what counts here.
+  CHECK(waited.starts_with("ok waited="));
+  CHECK(waited != "ok waited=none");
 }
