@@ -341,3 +341,22 @@ TEST_CASE("a refused patch deregisters the island's unwind information and unmap
   CHECK(waited.starts_with("ok waited="));
   CHECK(waited != "ok waited=none");
 }
+
+TEST_CASE("patch__apply refuses a preserve set the island cannot keep, changing nothing", "[preserve][process]") {
+  require_root();
+  Target t;
+  uint64_t entry = entry_of(t.pid(), "pres_add");
+  auto text = read_memory(t.pid(), entry, 16);
+  auto maps = file_mappings(t.pid());
+  auto prepared = patch__prepare(options(t.pid(), "pres_fix.so", "pres_add", true));
+  REQUIRE(prepared);
+  prepared->switches[0].preserve = kRax | kRcx;  // rax holds pres_add's result
+  auto out = patch__apply(*prepared, [](const ProgressEvent&) {});
+  REQUIRE_FALSE(out);
+  INFO(out.error().line());
+  CHECK(out.error().line().find("returns a value") != std::string::npos);
+  CHECK(read_memory(t.pid(), entry, 16) == text);
+  CHECK(file_mappings(t.pid()) == maps);  // fix.so was never loaded
+  auto s = t.run_until([](const Stats& s) { return s.old_ok > 1000; });
+  CHECK(s.wrong == 0);
+}

@@ -336,7 +336,14 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
 // `explained`: the failure already says what state the target is in (an injection that ended it).
 Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const ProgressFn& progress, bool& explained) {
   const pid_t pid = p.options.pid;
-  // Before anything changes: a sandbox that would kill or half-fail the injection refuses.
+  // Before anything changes: a preserving island only where it is safe (patch/preserve.hpp;
+  // whoever set `preserve` should have asked already), and a sandbox that would kill or
+  // half-fail the injection refuses.
+  for (auto& s : p.switches)
+    if (std::string why; s.preserve && !preserve__supported(s, why))
+      return fail(fmt::format("cannot keep {} for the callers of {}: {}", arch::register_names(s.preserve),
+                              s.entry.target.name, why),
+                  "nothing was changed; patch its callers too (they are in the same object), or leave it out of the patch");
   HOTFIX_CHECK(target__check_sandbox(tracee, p.options.count));
   // Intent before every change, completion after (patch/journal.hpp); the lock keeps a
   // concurrent recovery from taking this live operation for an interrupted one.

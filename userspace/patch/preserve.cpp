@@ -240,10 +240,21 @@ bool preserve__supported(const PlannedSwitch& s, std::string& why) {
                       "(build it with -g or install its -dbgsym package)", fn.object, fn.name);
     return false;
   }
+  // An out-of-line copy of an inline function or a clone may list fewer parameters than its
+  // origin declares: judge the origin (or the declaration) too.
+  std::vector<Dwarf_Die> views{*die};
+  Dwarf_Attribute attr;
+  Dwarf_Die origin;
+  for (unsigned name : {DW_AT_abstract_origin, DW_AT_specification})
+    if (dwarf_attr(&*die, name, &attr) && dwarf_formref_die(&attr, &origin)) views.push_back(origin);
   bool returns_value = false;
-  if (auto stack = stack_arguments(&*die, returns_value); !stack.empty()) {
-    why = fmt::format("{} may take arguments on the stack ({}); a preserving island would move them", fn.name, stack);
-    return false;
+  for (auto& view : views) {
+    bool returns = false;
+    if (auto stack = stack_arguments(&view, returns); !stack.empty()) {
+      why = fmt::format("{} may take arguments on the stack ({}); a preserving island would move them", fn.name, stack);
+      return false;
+    }
+    returns_value |= returns;
   }
   if (returns_value && (s.preserve & arch::return_value_registers())) {
     why = fmt::format("{} returns a value, and restoring {} would overwrite it", fn.name,
