@@ -360,3 +360,63 @@ TEST_CASE("patch__apply refuses a preserve set the island cannot keep, changing 
   auto s = t.run_until([](const Stats& s) { return s.old_ok > 1000; });
   CHECK(s.wrong == 0);
 }
+
+// Run by the test below in a fresh process (crash points read their variables once): apply
+// pres_fix_throw.so with a preserving island to $PRES_PID.
+TEST_CASE("preserve crash child", "[.preserve-crash-child]") {
+  pid_t pid = static_cast<pid_t>(std::atol(std::getenv("PRES_PID")));
+  auto prepared = patch__prepare(options(pid, "pres_fix_throw.so", "pres_throwing", true));
+  REQUIRE(prepared);
+  prepared->switches[0].preserve = kRcx | kXmm2;
+  REQUIRE(patch__apply(*prepared, [](const ProgressEvent&) {}));
+}
+
+TEST_CASE("killed after registering the island's frame: recovery keeps its page", "[preserve][process][crash]") {
+  require_root();
+  Target t;
+  auto islands = [&] {
+    std::set<std::string> out;
+    for (auto& l : lines_of(read_file(fmt::format("/proc/{}/maps", t.pid()))))
+      if (l.find(" r-xp 00000000 00:00 0") != std::string::npos) out.insert(l);
+    return out;
+  };
+  uint64_t entry = entry_of(t.pid(), "pres_throwing");
+  auto text = read_memory(t.pid(), entry, 16);
+  auto child = [&](const std::string& var, const std::string& value) {
+    ::setenv("PRES_PID", std::to_string(t.pid()).c_str(), 1);
+    ::setenv(var.c_str(), value.c_str(), 1);
+    auto r = run({"/proc/self/exe", "[.preserve-crash-child]"}, 60s);
+    ::unsetenv(var.c_str());
+    return r;
+  };
+  // Where the kill lands: the first crash point after the registration, counted on a second
+  // run (the first one also creates the registry, which adds points).
+  int k = 0;
+  for (int run_no = 0; run_no < 2; ++run_no) {
+    auto listed = child("HOTFIX_CRASH_LIST", "1");
+    std::smatch m;
+    REQUIRE(std::regex_search(listed.err, m, std::regex("crashpoint ([0-9]+) patch: before frame registration")));
+    k = std::stoi(m[1]) + 1;
+    auto reverted = revert(t.pid(), std::nullopt, Consistency::entry);  // the workers are always throwing
+    for (int i = 0; i < 50 && !reverted.empty() && !reverted.back().released; ++i) {
+      std::this_thread::sleep_for(100ms);
+      reverted = revert(t.pid(), std::nullopt, Consistency::entry);  // gives back held memory
+    }
+  }
+  auto before = islands();
+  auto killed = child("HOTFIX_CRASH_AT", std::to_string(k));
+  CHECK(killed.exit_code == 128 + SIGKILL);
+  // The next hotfix-ctl recovers: the text is as it was, the page with the frame stays.
+  auto r = run({ctl(), "revert", "--pid", std::to_string(t.pid()), "--all", "--consistency", "entry"});
+  INFO(r.out << r.err);
+  CHECK(r.err.find("recovered an interrupted") != std::string::npos);
+  CHECK(r.err.find("kept") != std::string::npos);
+  CHECK(read_memory(t.pid(), entry, 16) == text);
+  auto after = islands();
+  CHECK(after.size() == before.size() + 1);
+  CHECK(t.child.request("throw") == "ok caught");  // libgcc reads only mapped memory
+  t.reset();
+  auto s = t.run_until([](const Stats& s) { return s.old_ok > 1000; });
+  CHECK(s.wrong == 0);
+  CHECK(s.caught == 0);
+}
