@@ -240,6 +240,13 @@ bool preserve__supported(const PlannedSwitch& s, std::string& why) {
                       "(build it with -g or install its -dbgsym package)", fn.object, fn.name);
     return false;
   }
+  // gas describes a hand-written function with a bare DIE: no type, no parameters. That says
+  // nothing about its arguments, so it must not read as `void f(void)`.
+  Dwarf_Die cu;
+  if (dwarf_diecu(&*die, &cu, nullptr, nullptr) && dwarf_srclang(&cu) == DW_LANG_Mips_Assembler) {
+    why = fmt::format("{} is hand-written assembly, whose DWARF does not describe its arguments", fn.name);
+    return false;
+  }
   // An out-of-line copy of an inline function or a clone may list fewer parameters than its
   // origin declares: judge the origin (or the declaration) too.
   std::vector<Dwarf_Die> views{*die};
