@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "patch/fixlib.hpp"
@@ -316,4 +317,32 @@ TEST_CASE("patch: a fix from another compiler family is refused") {
   CHECK(patched.err.find("fix.so was compiled by clang ") != std::string::npos);
   CHECK(patched.err.find("another compiler family") != std::string::npos);
   expect_untouched(t, maps, "ok 42");
+}
+
+TEST_CASE("hotfix_add_patch(FOR_BINARY) builds what hotfix-ctl build builds, and patch accepts it") {
+  require_root();
+  Scratch dir;
+  auto built = ctl_run({"build", "--binary", fixture("prov_target"), "-o", dir / "fix.so", dir.write("fix.c", kFix)});
+  REQUIRE(built.exit_code == 0);
+  auto cmake_fix = fixture("prov_fix_cmake.so");
+  auto by_ctl = producer_of(dir / "fix.so", "prov_answer", true);
+  auto by_cmake = producer_of(cmake_fix, "prov_answer", true);
+  INFO("hotfix-ctl build: " << by_ctl.text << "\nhotfix_add_patch: " << by_cmake.text);
+  std::set<std::string> a, b;
+  for (auto& s : o_and_f(by_ctl)) a.insert(s);
+  for (auto& s : o_and_f(by_cmake)) b.insert(s);
+  b.erase("-fvisibility=default");  // CMake's visibility preset: the default anyway
+  CHECK(a == b);
+  CHECK(last_O(by_ctl) == last_O(by_cmake));
+  auto stamps = hotfix::stamp__read(bytes_of(cmake_fix));
+  REQUIRE(stamps);
+  REQUIRE(stamps->size() == 1);
+  CHECK(stamps->front().build_id == build_id_of(fixture("prov_target")));
+
+  Target t;
+  auto patched = ctl_run({"patch", "--pid", t.p(), "--lib", cmake_fix, "--observe", "0"});
+  INFO(patched.out << patched.err);
+  REQUIRE(patched.exit_code == 0);
+  CHECK(patched.out.find("  provenance: built for this binary (build-id ") != std::string::npos);
+  CHECK(t.call() == "ok 1041");
 }

@@ -65,6 +65,7 @@ int verb_build(const Args& all_args) {
       "source", po::value<std::vector<std::string>>(&opts.sources), "the fix's sources (.c: C, .cpp/.cc/.cxx: C++)")(
       "compiler", po::value<std::string>(&opts.compiler), "compile with this instead of the compiler the producer names")(
       "stamp-source", po::value<std::string>(&opts.stamp_source), "write the generated stamp source here (default: a temporary directory)")(
+      "flags-file", po::value<std::string>(), "also write the chosen flags as a response file (cc @FILE), for build systems")(
       "dry-run", "print the command and stop")("json", "print the plan as JSON");
   po::variables_map vm;
   if (auto code = parse("build", args, desc, "source", vm, kSynopsis)) {
@@ -75,6 +76,9 @@ int verb_build(const Args& all_args) {
   if (!opts.object.empty() && opts.pid == 0) return report(Error{"--object needs --pid", "", 2});
   auto plan = build__plan(opts);
   if (!plan) return report(plan.error());
+  if (vm.count("flags-file"))
+    if (auto written = build__write_flags_file(*plan, vm["flags-file"].as<std::string>()); !written)
+      return report(written.error());
   if (json) print_json(*plan, dry_run);
   else print_text(*plan);
   if (dry_run) {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -306,6 +307,18 @@ std::string build__command_line(const BuildPlan& plan) {
   std::string out;
   for (auto& a : plan.command) out += (out.empty() ? "" : " ") + shell_quote(a);
   return out;
+}
+
+Result<void> build__write_flags_file(const BuildPlan& plan, const std::string& path) {
+  std::string text;
+  for (auto& f : plan.flags.kept) {
+    for (char c : f) {
+      if (std::isspace(static_cast<unsigned char>(c)) || c == '\\' || c == '\'' || c == '"') text += '\\';
+      text += c;
+    }
+    text += '\n';
+  }
+  return write_file(path, text);
 }
 
 void build__cleanup(const BuildPlan& plan) {

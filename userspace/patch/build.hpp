@@ -57,6 +57,9 @@ Result<void> build__run(const BuildPlan& plan);
 // Remove what build__plan wrote to a temporary directory (a dry run keeps it: the printed
 // command needs it).
 void build__cleanup(const BuildPlan& plan);
+// The chosen flags (without -shared -fPIC -g) as a compiler response file (`cc @FILE`): what
+// tools/HotfixPatch.cmake compiles with.
+Result<void> build__write_flags_file(const BuildPlan& plan, const std::string& path);
 // The command as one shell line (arguments quoted where needed).
 std::string build__command_line(const BuildPlan& plan);
 
