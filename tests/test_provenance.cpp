@@ -51,14 +51,15 @@ RunResult ctl_run(std::vector<std::string> args) {
 // The running fixture, with what a refusal must leave as it was.
 struct Target {
   Child child;
-  uint64_t answer = 0;  // prov_answer's address
-  explicit Target(const std::string& name = "prov_target") : child({fixture(name)}) {
+  uint64_t answer = 0;  // the patched function's address (prov_answer)
+  explicit Target(const std::string& name = "prov_target", const std::string& function = "prov_answer")
+      : child({fixture(name)}) {
     auto ready = child.wait_for("ready");
     REQUIRE(ready);
     auto table = hotfix::SymbolTable::for_pid(child.pid());
     REQUIRE(table);
     for (auto& f : table->functions())
-      if (f.name == "prov_answer") answer = f.address;
+      if (f.name == function) answer = f.address;
     REQUIRE(answer != 0);
   }
   ~Target() {
@@ -345,4 +346,31 @@ TEST_CASE("hotfix_add_patch(FOR_BINARY) builds what hotfix-ctl build builds, and
   REQUIRE(patched.exit_code == 0);
   CHECK(patched.out.find("  provenance: built for this binary (build-id ") != std::string::npos);
   CHECK(t.call() == "ok 1041");
+}
+
+TEST_CASE("patch: a C++ fix built with another _GLIBCXX_USE_CXX11_ABI is refused, the same ABI applied") {
+  require_root();
+  Scratch dir;
+  const char* fix_source =
+      "#include <string>\n"
+      "int prov_count(int) { std::string s(\"digits\"); return static_cast<int>(s.size()) - 1 + 1000; }\n";
+  auto src = dir.write("fix.cpp", fix_source);
+  auto old_abi = dir / "fix_old_abi.so", same_abi = dir / "fix.so";
+  REQUIRE(run({"/usr/bin/g++", "-O2", "-g", "-shared", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=0", src, "-o", old_abi})
+              .exit_code == 0);
+  REQUIRE(run({"/usr/bin/g++", "-O2", "-g", "-shared", "-fPIC", src, "-o", same_abi}).exit_code == 0);
+  Target t("prov_target_cxx", "prov_count(int)");
+  REQUIRE(t.call() == "ok 5");
+  auto maps = file_mappings(t.pid());
+  auto refused = ctl_run({"patch", "--pid", t.p(), "--lib", old_abi, "--observe", "0"});
+  INFO(refused.out << refused.err);
+  CHECK(refused.exit_code == 1);
+  CHECK(refused.err.find("fix.so was compiled with _GLIBCXX_USE_CXX11_ABI=0 and the target's prov_count(int)") !=
+        std::string::npos);
+  CHECK(refused.err.find("with _GLIBCXX_USE_CXX11_ABI=1") != std::string::npos);
+  expect_untouched(t, maps, "ok 5");
+  auto applied = ctl_run({"patch", "--pid", t.p(), "--lib", same_abi, "--observe", "0"});
+  INFO(applied.out << applied.err);
+  REQUIRE(applied.exit_code == 0);
+  CHECK(t.call() == "ok 1005");
 }
