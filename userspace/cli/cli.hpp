@@ -23,6 +23,7 @@ int verb_revert(const Args& args);
 int verb_stats(const Args& args);
 int verb_gc(const Args& args);
 int verb_recover(const Args& args);
+int verb_build(const Args& args);
 
 // Finish or undo an interrupted operation on `pid` first, saying so in one line on stderr
 // (cli/recover.cpp). False (the error reported) if that failed. `quiet_if_busy`: skip

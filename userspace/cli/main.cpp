@@ -19,6 +19,7 @@ struct Verb {
 const std::map<std::string, Verb>& verbs() {
   using namespace hotfix::cli;
   static const std::map<std::string, Verb> table = {
+      {"build", {verb_build, "compile fix.so with the target's compiler and flags, stamped with its build-id"}},
       {"symbols", {verb_symbols, "list the functions of a running process that match patterns"}},
       {"watch", {verb_watch, "count calls, in-flight threads and latency of functions, live (uprobes)"}},
       {"patch", {verb_patch, "inject fix.so into a running process and jump the old functions to the new ones"}},

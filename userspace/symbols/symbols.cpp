@@ -110,29 +110,35 @@ std::string directory_of(const std::string& path) {
   return slash == std::string::npos ? "." : path.substr(0, slash);
 }
 
+// An fd for the first debug file of the object (by build-id, then by debuglink); `found` names it.
+int debug_file__open(const DebugLookup& lookup, const char* debuglink, std::string& found) {
+  std::vector<std::string> candidates;
+  if (lookup.build_id.size() > 2)
+    candidates.push_back(fmt::format("{}/.build-id/{}/{}.debug", lookup.debug_root, lookup.build_id.substr(0, 2),
+                                     lookup.build_id.substr(2)));
+  if (debuglink && *debuglink) {
+    // The places gdb and elfutils look: next to the object, in .debug/, under the debug root.
+    std::string dir = directory_of(lookup.object_path);
+    candidates.push_back(dir + "/" + debuglink);
+    candidates.push_back(dir + "/.debug/" + debuglink);
+    candidates.push_back(lookup.debug_root + dir + "/" + debuglink);
+  }
+  for (auto& path : candidates) {
+    int fd = debug_candidate__open(path, lookup.object_path, lookup.build_id);
+    if (fd < 0) continue;
+    found = path;
+    return fd;
+  }
+  return -1;
+}
+
 int find_debuginfo(Dwfl_Module*, void** userdata, const char*, Dwarf_Addr, const char*, const char* debuglink,
                    GElf_Word, char** debuginfo_file_name) {
   auto* lookup = static_cast<DebugLookup*>(*userdata);
   if (!lookup) return -1;
-  std::vector<std::string> candidates;
-  if (lookup->build_id.size() > 2)
-    candidates.push_back(fmt::format("{}/.build-id/{}/{}.debug", lookup->debug_root, lookup->build_id.substr(0, 2),
-                                     lookup->build_id.substr(2)));
-  if (debuglink && *debuglink) {
-    // The places gdb and elfutils look: next to the object, in .debug/, under the debug root.
-    std::string dir = directory_of(lookup->object_path);
-    candidates.push_back(dir + "/" + debuglink);
-    candidates.push_back(dir + "/.debug/" + debuglink);
-    candidates.push_back(lookup->debug_root + dir + "/" + debuglink);
-  }
-  for (auto& path : candidates) {
-    int fd = debug_candidate__open(path, lookup->object_path, lookup->build_id);
-    if (fd < 0) continue;
-    lookup->found = path;
-    *debuginfo_file_name = ::strdup(path.c_str());
-    return fd;
-  }
-  return -1;
+  int fd = debug_file__open(*lookup, debuglink, lookup->found);
+  if (fd >= 0) *debuginfo_file_name = ::strdup(lookup->found.c_str());
+  return fd;
 }
 
 const Dwfl_Callbacks& dwfl_callbacks() {
@@ -357,6 +363,14 @@ std::optional<uint64_t> load_bias(const ElfSymbols& elf, const Load& load) {
 }
 
 }  // namespace
+
+std::string symbols__find_debug_file(const std::string& object_path, const std::string& build_id,
+                                     const std::string& debuglink, const SymbolOptions& opts) {
+  DebugLookup lookup{default_debug_root(opts), object_path, build_id, {}};
+  std::string found;
+  UniqueFd fd(debug_file__open(lookup, debuglink.c_str(), found));
+  return fd ? found : "";
+}
 
 // ---------------------------------------------------------------- the table
 

@@ -46,6 +46,12 @@ struct SymbolOptions {
   std::string debug_root;
 };
 
+// The separate debug file of an ELF object, found the way SymbolTable finds it
+// (DIR/.build-id/xx/yyyy.debug with the same build-id, then `debuglink` next to the object,
+// in its .debug/, under DIR), or "" when there is none.
+std::string symbols__find_debug_file(const std::string& object_path, const std::string& build_id,
+                                     const std::string& debuglink, const SymbolOptions& opts = {});
+
 class SymbolTable {
  public:
   // Every mapped ELF object of `pid`: the executable and its shared libraries ([vdso] and
