@@ -29,6 +29,9 @@ bool symbols__is_rust(const std::string& symbol);
 std::string symbols__rust_hashed(const std::string& symbol);
 // `name` cut to `width` columns for a table, ending in "…" when cut (width >= 2).
 std::string symbols__shorten(const std::string& name, size_t width);
+// Where tables (watch, stats, symbols) cut names: a C++ signature or a Rust generic path
+// can be hundreds of characters; JSON and `symbols --wide` keep them whole.
+inline constexpr size_t kTableNameWidth = 60;
 
 struct Function {
   std::string name;                  // demangled (C++), or the plain C name
