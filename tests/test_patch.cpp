@@ -674,12 +674,15 @@ TEST_CASE("a C fix replaces a Rust function by default, matched by path whatever
   }
   Child target({fixture("rs_pricing")});
   REQUIRE(target.request("ready").rfind("ok", 0) == 0);
-  auto r = ctl_run({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture("rs_fix.so"), "--observe", "0"});
-  INFO("patch: exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
-  REQUIRE(r.exit_code == 0);
-  CHECK(r.out.find("main::pricing::discount") != std::string::npos);
-  CHECK(r.out.find("::h") == std::string::npos);
-  REQUIRE(target.request("discount 1") == "ok 800");
-  REQUIRE(ctl_run({"revert", "--pid", std::to_string(target.pid()), "--all"}).exit_code == 0);
-  REQUIRE(target.request("discount 1") == "ok 900");
+  for (std::string fix : {"rs_fix.so", "rs_fix_v0.so"}) {  // legacy and v0 spellings of the path
+    INFO(fix);
+    auto r = ctl_run({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture(fix), "--observe", "0"});
+    INFO("patch: exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.out.find("main::pricing::discount") != std::string::npos);
+    CHECK(r.out.find("::h") == std::string::npos);
+    REQUIRE(target.request("discount 1") == "ok 800");
+    REQUIRE(ctl_run({"revert", "--pid", std::to_string(target.pid()), "--all"}).exit_code == 0);
+    REQUIRE(target.request("discount 1") == "ok 900");
+  }
 }
