@@ -282,6 +282,9 @@ size_t sigframe_sp_offset();
 enum class RelocKind { got, absolute64, unsupported };
 RelocKind reloc_kind(uint32_t type);
 std::string reloc_name(uint32_t type);  // "R_X86_64_GLOB_DAT", or "relocation type N"
+// An IRELATIVE relocation: the loader stores at r_offset what the resolver at r_addend
+// returns (the implementation of an IFUNC this process uses).
+bool reloc_is_irelative(uint32_t type);
 
 // ---- exits of a function (old-code hit counting; arch/<arch>/exits.cpp) ----
 // Where a call leaves the function: a probe on each exit counts the calls that ran this code.

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "support/harness.hpp"
+#include "symbols/pattern.hpp"
 
 using namespace hotfix::test;
 using namespace std::chrono;
@@ -613,4 +614,75 @@ TEST_CASE("a refused patch changes neither the other functions of the patch nor 
   require_results(p, {"pricing::fee", "Order::total", "Order::discount", "Order::weight"}, "new1");
   revert(p, {"--all"});
   require_results(p, {}, "old");
+}
+
+TEST_CASE("a Rust function is patched by its hash-less path (legacy and v0 mangling), and reverted", "[patch][rust]") {
+  require_root();
+  for (std::string variant : {"rs_pricing", "rs_pricing_v0"}) {
+    INFO(variant);
+    if (::access(fixture(variant).c_str(), X_OK) != 0) {
+      WARN("SKIP part: " << fixture(variant) << " was not built: Debian's rustc (/usr/bin/rustc) is not installed");
+      continue;
+    }
+    Child target({fixture(variant)});
+    REQUIRE(target.request("ready").rfind("ok", 0) == 0);
+    pid_t pid = target.pid();
+    auto table = hotfix::SymbolTable::for_pid(pid);
+    REQUIRE(table);
+    auto found = hotfix::symbols__select(*table, {"main::pricing::discount"});
+    REQUIRE(found);
+    REQUIRE(found->size() == 1);
+    uint64_t entry = found->front().address;
+    auto original = file_bytes(pid, entry, 16);
+    REQUIRE(original.size() == 16);
+    REQUIRE(target.request("discount 1") == "ok 900");  // the bug: 10% off
+
+    // The fix is plain C whose symbol is the legacy-mangled path with another hash.
+    auto r = ctl_run({"patch", "--pid", std::to_string(pid), "--lib", fixture("rs_fix.so"), "main::pricing::discount",
+                      "--observe", "0", "--json"});
+    INFO("patch: exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.out.find("main::pricing::discount") != std::string::npos);
+    CHECK(status_field(pid, "TracerPid") == 0);
+    REQUIRE(target.request("discount 1") == "ok 800");    // new calls run the fix: 20% off
+    REQUIRE(target.request("discount 5000").rfind("ok ", 0) == 0);
+    REQUIRE(target.request("total 1") == "ok 800");       // and so do calls from other functions
+
+    auto stats = ctl_run({"stats", "--pid", std::to_string(pid), "--json"});
+    INFO("stats: " << stats.out << stats.err);
+    CHECK(stats.exit_code == 0);
+    CHECK(stats.out.find("\"new_hits\":5002") != std::string::npos);
+
+    auto rv = ctl_run({"revert", "--pid", std::to_string(pid), "--all"});
+    INFO("revert: " << rv.out << rv.err);
+    REQUIRE(rv.exit_code == 0);
+    REQUIRE(target.request("discount 1") == "ok 900");
+    auto now = read_memory(pid, entry, 16);
+    for (int i = 0; i < 500 && now != original; ++i) {
+      std::this_thread::sleep_for(milliseconds(10));
+      now = read_memory(pid, entry, 16);
+    }
+    CHECK(now == original);
+  }
+}
+
+TEST_CASE("a C fix replaces a Rust function by default, matched by path whatever the hash", "[patch][rust]") {
+  require_root();
+  if (::access(fixture("rs_pricing").c_str(), X_OK) != 0) {
+    WARN("SKIP: " << fixture("rs_pricing") << " was not built: Debian's rustc (/usr/bin/rustc) is not installed");
+    return;
+  }
+  Child target({fixture("rs_pricing")});
+  REQUIRE(target.request("ready").rfind("ok", 0) == 0);
+  for (std::string fix : {"rs_fix.so", "rs_fix_v0.so"}) {  // legacy and v0 spellings of the path
+    INFO(fix);
+    auto r = ctl_run({"patch", "--pid", std::to_string(target.pid()), "--lib", fixture(fix), "--observe", "0"});
+    INFO("patch: exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.out.find("main::pricing::discount") != std::string::npos);
+    CHECK(r.out.find("::h") == std::string::npos);
+    REQUIRE(target.request("discount 1") == "ok 800");
+    REQUIRE(ctl_run({"revert", "--pid", std::to_string(target.pid()), "--all"}).exit_code == 0);
+    REQUIRE(target.request("discount 1") == "ok 900");
+  }
 }

@@ -195,3 +195,57 @@ TEST_CASE("JSON strings are escaped") {
   CHECK(json__quote(std::string("\x01", 1)) == "\"\\u0001\"");
   CHECK(json__quote("caf\xc3\xa9") == "\"caf\xc3\xa9\"");
 }
+
+TEST_CASE("Rust names demangle without the hash, like rustfilt (legacy and v0)") {
+  CHECK(symbols__demangle("_ZN4main7pricing8discount17h0ab45471d63b9820E") == "main::pricing::discount");
+  CHECK(symbols__demangle("_ZN4main7pricing8discount17h0ab45471d63b9820E.llvm.1234") == "main::pricing::discount");
+  CHECK(symbols__demangle("_RNvNtCsddXRGQ8mmyB_4main7pricing8discount") == "main::pricing::discount");
+  CHECK(symbols__demangle("_RNvMNtCsddXRGQ8mmyB_4main7pricingNtB2_5Order5total") == "<main::pricing::Order>::total");
+  CHECK(symbols__demangle("_ZN36_$LT$T$u20$as$u20$core..any..Any$GT$7type_id17h0976df0ec15ad1bfE") ==
+        "<T as core::any::Any>::type_id");
+  CHECK(symbols__rust_hashed("_ZN4main7pricing8discount17h0ab45471d63b9820E") ==
+        "main::pricing::discount::h0ab45471d63b9820");
+  // C++ names are not Rust: a C++ `pricing::discount` variable (no parameters) keeps its name.
+  CHECK_FALSE(symbols__is_rust("_ZN7pricing8discountE"));
+  CHECK(symbols__demangle("_ZN7pricing8discountEd") == "pricing::discount(double)");
+  CHECK(symbols__is_rust("_RNvNtCsddXRGQ8mmyB_4main7pricing8discount"));
+  CHECK_FALSE(symbols__is_rust("_Rfoo"));  // a C name that happens to start with _R
+}
+
+TEST_CASE("Rust paths: hash-less, crate-less globs, inherent methods, generic instances") {
+  auto rust = [](std::string mangled, uint64_t at) { return fn(symbols__demangle(mangled), mangled, at); };
+  auto table = SymbolTable::from_records({
+      rust("_ZN4main7pricing8discount17h0ab45471d63b9820E", 0x1000),
+      rust("_RNvNtCsddXRGQ8mmyB_5other7pricing8discount", 0x1010),  // v0, another crate
+      rust("_RNvMNtCsddXRGQ8mmyB_4main7pricingNtB2_5Order5total", 0x1020),
+      rust("_RINvNtCsddXRGQ8mmyB_4main7pricing7generichEB4_", 0x1030),
+      rust("_ZN4main7pricing12discount_vip17h1111111111111111E", 0x1040),
+      rust("_ZN4main4util5round17h2222222222222222E", 0x1050),
+      fn("c_add", "c_add", 0x1060),
+  });
+  auto pick = [&](std::vector<std::string> patterns) {
+    auto r = symbols__select(table, patterns);
+    if (!r) FAIL("select failed: " << r.error().line());
+    return names(*r);
+  };
+  CHECK(pick({"main::pricing::discount"}) == V{"main::pricing::discount"});
+  CHECK(pick({"main::pricing::discount::h0ab45471d63b9820"}) == V{"main::pricing::discount"});
+  CHECK(pick({"other::pricing::discount"}) == V{"other::pricing::discount"});
+  CHECK(pick({"pricing::discount"}) == V{"main::pricing::discount", "other::pricing::discount"});
+  CHECK(pick({"pricing::*"}) == V{"main::pricing::discount", "other::pricing::discount", "<main::pricing::Order>::total",
+                                  "main::pricing::generic::<u8>", "main::pricing::discount_vip"});
+  CHECK(pick({"main::pricing::Order::total"}) == V{"<main::pricing::Order>::total"});
+  CHECK(pick({"<main::pricing::Order>::total"}) == V{"<main::pricing::Order>::total"});
+  CHECK(pick({"main::pricing::generic"}) == V{"main::pricing::generic::<u8>"});
+  CHECK(pick({"main::util::*"}) == V{"main::util::round"});
+  CHECK(pick({"_ZN4main7pricing8discount17h0ab45471d63b9820E"}) == V{"main::pricing::discount"});
+  CHECK(pick({"_RNv*8discount"}) == V{"other::pricing::discount"});
+  CHECK_FALSE(symbols__select(table, {"main::pricing::discoun"}));
+}
+
+TEST_CASE("table names are cut with an ellipsis at the width") {
+  CHECK(symbols__shorten("short", 10) == "short");
+  CHECK(symbols__shorten("exactly10!", 10) == "exactly10!");
+  CHECK(symbols__shorten("eleven char", 10) == "eleven ch\u2026");
+  CHECK(symbols__shorten("caf\xc3\xa9s and more", 5) == "caf\xc3\xa9\u2026");  // columns, not bytes
+}

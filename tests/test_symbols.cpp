@@ -392,3 +392,54 @@ TEST_CASE("hotfix-ctl symbols honours HOTFIX_DEBUG_ROOT") {
   CHECK(found.out.find("secret_helper") != std::string::npos);
   CHECK(found.out.find("local") != std::string::npos);
 }
+
+TEST_CASE("libc names users expect: free (not cfree), memcpy at the implementation its IFUNC picked") {
+  require_root();
+  Child app({fixture("libc_names")});
+  REQUIRE(app.request("ready").rfind("ok", 0) == 0);
+  auto table = SymbolTable::for_pid(app.pid());
+  REQUIRE(table);
+  auto libc = [](const Function& f) { return f.object.find("/libc.so.6") != std::string::npos; };
+
+  // cfree (a compat version of free at its address) selects free, shown as free.
+  auto freed = symbols__select(*table, {"cfree"}, SelectOptions{"libc.so.6"});
+  REQUIRE(freed);
+  REQUIRE(freed->size() == 1);
+  CHECK(freed->front().name == "free");
+
+  // memcpy's IFUNC is at the implementation: inside libc's text, not the resolver, and the
+  // slot the loader filled for libc itself holds the same address.
+  auto memcpys = symbols__select(*table, {"memcpy"}, SelectOptions{"libc.so.6"});
+  REQUIRE(memcpys);
+  const Function* ifunc = nullptr;
+  for (auto& f : *memcpys)
+    if (f.ifunc) ifunc = &f;
+  REQUIRE(ifunc);
+  CHECK(libc(*ifunc));
+  CHECK(ifunc->resolver != 0);
+  CHECK(ifunc->address != ifunc->resolver);
+  CHECK(ifunc->size > 0);  // from the implementation's symbol or its .eh_frame FDE
+  // Its file offset is where the implementation's bytes are.
+  CHECK(read_memory(app.pid(), ifunc->address, 16) == file_bytes(app.pid(), ifunc->address, 16));
+
+  // The table says what it is; --json carries both addresses.
+  auto out = run({ctl(), "symbols", "--pid", std::to_string(app.pid()), "--object", "libc.so.6", "memcpy", "--json"});
+  CHECK(out.exit_code == 0);
+  CHECK(out.out.find(fmt::format("\"resolver\":{}", ifunc->resolver)) != std::string::npos);
+}
+
+TEST_CASE("hotfix-ctl symbols cuts long names in the table, --wide and --json keep them") {
+  require_root();
+  Child app({fixture("libc_names")});
+  REQUIRE(app.request("ready").rfind("ok", 0) == 0);
+  const std::string name = "a_function_with_a_name_so_long_that_no_table_column_should_ever_have_to_show_it_whole_one";
+  std::string pid = std::to_string(app.pid());
+  auto table = run({ctl(), "symbols", "--pid", pid, name});
+  CHECK(table.exit_code == 0);
+  CHECK(table.out.find(name) == std::string::npos);
+  CHECK(table.out.find(name.substr(0, 59) + "\u2026") != std::string::npos);
+  auto wide = run({ctl(), "symbols", "--pid", pid, name, "--wide"});
+  CHECK(wide.out.find(name) != std::string::npos);
+  auto json = run({ctl(), "symbols", "--pid", pid, name, "--json"});
+  CHECK(json.out.find(name) != std::string::npos);
+}

@@ -2,8 +2,11 @@
 #include <bpf/bpf.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <functional>
 #include <map>
 #include <set>
 
@@ -328,4 +331,133 @@ TEST_CASE("entry probes (--no-inflight) are safe for code that throws through th
   auto rows = watch.stop();
   CHECK(rows["_Z7throweri"].total == 5);
   CHECK(rows["_Z7catcheri"].total == 5);
+}
+
+namespace {
+
+// A fixture that answers "ready"; nullptr (and a WARN saying why) when it was not built.
+std::unique_ptr<Child> start_optional(const std::string& name, const std::string& why_missing) {
+  if (::access(fixture(name).c_str(), X_OK) != 0) {
+    WARN("SKIP part: " << fixture(name) << " was not built: " << why_missing);
+    return nullptr;
+  }
+  auto c = std::make_unique<Child>(std::vector<std::string>{fixture(name)});
+  REQUIRE(c->request("ready").rfind("ok", 0) == 0);
+  return c;
+}
+
+// Every row of one JSON report line whose mangled name is `mangled` (a name may be in
+// several objects, or twice in one: memcpy's IFUNC and its compat version).
+std::vector<Row> rows_named(const std::string& line, const std::string& mangled) {
+  std::vector<Row> out;
+  for (size_t at = line.find("{\"name\""); at != std::string::npos; at = line.find("{\"name\"", at + 1)) {
+    std::string obj = line.substr(at, line.find('}', at) - at + 1);
+    if (field(obj, "mangled") == mangled)
+      out.push_back(Row{std::stol(field(obj, "calls")), std::stol(field(obj, "total")), field(obj, "inflight")});
+  }
+  return out;
+}
+
+long sum_calls(const std::vector<Row>& rows) {
+  long n = 0;
+  for (auto& r : rows) n += r.total;
+  return n;
+}
+
+// The final JSON line of a watch that ran while `drive` talked to the target.
+std::string final_json(pid_t pid, std::vector<std::string> args, const std::function<void()>& drive) {
+  WatchCtl watch(pid, std::move(args));
+  drive();
+  watch.child.signal(SIGINT);
+  std::string out;
+  for (int i = 0; i < 200 && watch.child.running(); ++i) out += watch.child.drain_stdout();
+  REQUIRE(watch.child.wait(20s) == 0);
+  out += watch.child.drain_stdout();
+  return final_line(out);
+}
+
+}  // namespace
+
+TEST_CASE("watch memcpy counts the calls of the IFUNC's implementation, not its resolver") {
+  require_root();
+  auto target = start_optional("libc_names", "see tests/fixtures/calls.cmake");
+  REQUIRE(target);
+  constexpr long N = 5000;
+  std::string last;
+  std::string line = final_json(target->pid(), {"memcpy", "free", "--object", "libc.so.6"}, [&] {
+    REQUIRE(target->request(fmt::format("memcpy {}", N)).rfind("ok", 0) == 0);
+    REQUIRE(target->request(fmt::format("free {}", N)).rfind("ok", 0) == 0);
+  });
+  INFO(line);
+  // libc's own copies (stdio's) run the same implementation: at least N, and not many more.
+  long memcpy_calls = sum_calls(rows_named(line, "memcpy"));
+  CHECK(memcpy_calls >= N);
+  CHECK(memcpy_calls <= N + 100);
+  // free is shown as free (not cfree, its compat alias) and counted.
+  CHECK(line.find("\"name\":\"free\"") != std::string::npos);
+  CHECK(line.find("cfree") == std::string::npos);
+  long free_calls = sum_calls(rows_named(line, "free"));
+  CHECK(free_calls >= N);
+  CHECK(free_calls <= N + 100);
+}
+
+TEST_CASE("watch tables cut long names with an ellipsis and hide never-called rows beyond --top") {
+  require_root();
+  auto target = start_optional("libc_names", "see tests/fixtures/calls.cmake");
+  REQUIRE(target);
+  const std::string long_one = "a_function_with_a_name_so_long_that_no_table_column_should_ever_have_to_show_it_whole_one";
+  Child watch({ctl(), "watch", "--pid", std::to_string(target->pid()), "a_function_*", "--top", "1",
+               "--interval", "60"});
+  auto banner = watch.read_stderr_line(30s);
+  while (banner && banner->rfind("note: ", 0) == 0) banner = watch.read_stderr_line(30s);
+  REQUIRE(banner);
+  REQUIRE(banner->find("watching") != std::string::npos);
+  REQUIRE(target->request("long 7").rfind("ok", 0) == 0);
+  watch.signal(SIGINT);
+  REQUIRE(watch.wait(20s) == 0);
+  std::string out = watch.drain_stdout();
+  INFO(out);
+  // 2 functions, --top 1: the called one shows, the other is counted as hidden.
+  CHECK(out.find(long_one) == std::string::npos);
+  CHECK(out.find(long_one.substr(0, 59) + "\u2026") != std::string::npos);
+  CHECK(out.find("(1 more function not shown: 1 never called") != std::string::npos);
+  // With --top 0 every row shows, the never-called one too.
+  Child all({ctl(), "watch", "--pid", std::to_string(target->pid()), "a_function_*", "--top", "0", "--duration", "0.5"});
+  REQUIRE(all.wait(30s) == 0);
+  std::string table = all.drain_stdout();
+  INFO(table);
+  const std::string cut = long_one.substr(0, 59) + "\u2026";  // both names cut at the same column
+  size_t rows = 0;
+  for (size_t at = table.find(cut); at != std::string::npos; at = table.find(cut, at + 1)) rows++;
+  CHECK(rows == 2);
+  CHECK(table.find("not shown") == std::string::npos);
+  // --json keeps the names whole.
+  Child json({ctl(), "watch", "--pid", std::to_string(target->pid()), "a_function_*", "--json", "--duration", "0.5"});
+  REQUIRE(json.wait(30s) == 0);
+  CHECK(json.drain_stdout().find(long_one) != std::string::npos);
+}
+
+TEST_CASE("a Rust program is watched by hash-less path, legacy and v0 mangling, counts exact") {
+  require_root();
+  for (std::string variant : {"rs_pricing", "rs_pricing_v0"}) {
+    INFO(variant);
+    auto target = start_optional(variant, "Debian's rustc (/usr/bin/rustc) is not installed");
+    if (!target) continue;
+    std::string line = final_json(target->pid(), {"main::pricing::discount", "pricing::Order::total"}, [&] {
+      REQUIRE(target->request("discount 1234").rfind("ok ", 0) == 0);
+      REQUIRE(target->request("total 56").rfind("ok ", 0) == 0);
+    });
+    INFO(line);
+    long discount = -1, total = -1;
+    for (size_t at = line.find("{\"name\""); at != std::string::npos; at = line.find("{\"name\"", at + 1)) {
+      std::string obj = line.substr(at, line.find('}', at) - at + 1);
+      std::string name = field(obj, "name");
+      if (name == "main::pricing::discount") discount = std::stol(field(obj, "total"));
+      if (name == "<main::pricing::Order>::total" || name == "main::pricing::Order::total")
+        total = std::stol(field(obj, "total"));
+    }
+    CHECK(discount == 1234 + 56);  // Order::total calls discount once per call
+    CHECK(total == 56);
+    CHECK(line.find("::h") == std::string::npos);  // shown without the hash, like rustfilt
+  }
 }

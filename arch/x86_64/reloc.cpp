@@ -17,6 +17,8 @@ RelocKind reloc_kind(uint32_t type) {
   }
 }
 
+bool reloc_is_irelative(uint32_t type) { return type == R_X86_64_IRELATIVE; }
+
 std::string reloc_name(uint32_t type) {
   switch (type) {
     case R_X86_64_GLOB_DAT: return "R_X86_64_GLOB_DAT";

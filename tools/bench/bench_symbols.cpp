@@ -1,7 +1,9 @@
 // How long symbol resolution takes: SymbolTable::for_pid on a C++ process (libc +
 // libstdc++), then a glob and a failing pattern (the "did you mean" search).
-//   bench_symbols [PID]     (default: start the sym_app fixture)
+//   bench_symbols [--quick] [PID]     (default: start the sym_app fixture; --quick: fewer runs)
+#include <fcntl.h>
 #include <fmt/core.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -43,10 +45,13 @@ void measure(const char* what, int runs, const std::function<void()>& fn) {
              wall[runs / 2], wall.front(), cpu[runs / 2], runs);
 }
 
-// The sym_app fixture, stopped when we exit. Its stdin is a pipe we keep open.
+// The sym_app fixture, stopped when we exit. Its stdin is a pipe we keep open (it runs until
+// stdin closes). The pipes are close-on-exec, so the fixture holds only its own ends: it
+// must not keep our end of its stdout open, and a dead fixture must read as EOF here rather
+// than as a wait forever. "ready" comes within 10 s or the start failed.
 pid_t start_fixture() {
   int in[2], out[2];
-  if (::pipe(in) || ::pipe(out)) return -1;
+  if (::pipe2(in, O_CLOEXEC) || ::pipe2(out, O_CLOEXEC)) return -1;
   pid_t pid = ::fork();
   if (pid == 0) {
     ::dup2(in[0], 0);
@@ -57,15 +62,38 @@ pid_t start_fixture() {
   }
   ::close(in[0]);
   ::close(out[1]);
-  char buf[256];
-  if (::read(out[0], buf, sizeof buf) <= 0) return -1;  // "ready ..."
+  std::string got;
+  pollfd p{out[0], POLLIN, 0};
+  while (got.find('\n') == std::string::npos && ::poll(&p, 1, 10000) == 1) {
+    char buf[256];
+    ssize_t n = ::read(out[0], buf, sizeof buf);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  if (got.rfind("ready", 0) != 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    return -1;
+  }
   return pid;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  pid_t pid = argc > 1 ? std::stoi(argv[1]) : start_fixture();
+  bool quick = false;
+  pid_t given = 0;
+  for (int i = 1; i < argc; i++) {
+    std::string arg = argv[i];
+    if (arg == "--quick") quick = true;
+    else if (!arg.empty() && std::all_of(arg.begin(), arg.end(), ::isdigit)) given = std::stoi(arg);
+    else {
+      fmt::print(stderr, "usage: bench_symbols [--quick] [PID]\n");
+      return 2;
+    }
+  }
+  const int runs = quick ? 5 : 20;
+  pid_t pid = given ? given : start_fixture();
   if (pid <= 0) {
     fmt::print(stderr, "bench_symbols: cannot start the sym_app fixture (build the hotfix_fixtures target)\n");
     return 1;
@@ -73,16 +101,17 @@ int main(int argc, char** argv) {
   auto table = SymbolTable::for_pid(pid);
   if (!table) {
     fmt::print(stderr, "bench_symbols: {}\n", table.error().line());
+    if (!given) ::kill(pid, SIGKILL), ::waitpid(pid, nullptr, 0);
     return 1;
   }
   fmt::print("pid {}: {} objects, {} functions, {} variables\n", pid, table->objects().size(),
              table->functions().size(), table->variables().size());
   for (auto& o : table->objects()) fmt::print("  {:6} functions  {}\n", o.function_count, o.path);
 
-  measure("SymbolTable::for_pid", 20, [&] { (void)SymbolTable::for_pid(pid); });
-  measure("symbols__select 'std::*'", 20, [&] { (void)symbols__select(*table, {"std::*"}); });
-  measure("symbols__select 'pricing::discont' (miss)", 20, [&] { (void)symbols__select(*table, {"pricing::discont"}); });
-  measure("function_at x 100000", 5, [&] {
+  measure("SymbolTable::for_pid", runs, [&] { (void)SymbolTable::for_pid(pid); });
+  measure("symbols__select 'std::*'", runs, [&] { (void)symbols__select(*table, {"std::*"}); });
+  measure("symbols__select 'pricing::discont' (miss)", runs, [&] { (void)symbols__select(*table, {"pricing::discont"}); });
+  measure("function_at x 100000", quick ? 1 : 5, [&] {
     uint64_t sum = 0;
     const auto& fns = table->functions();
     for (size_t i = 0; i < 100000; i++) {
@@ -91,7 +120,7 @@ int main(int argc, char** argv) {
     }
     if (sum == 1) fmt::print("");
   });
-  if (argc <= 1) {
+  if (!given) {
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
   }

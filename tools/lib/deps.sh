@@ -1,7 +1,9 @@
 # Shared by tools/check, tools/demo and tools/bench: install the Debian packages hotfix needs.
 HOTFIX_DEPS=(cmake g++ clang llvm pkg-config make libbpf-dev bpftool libelf-dev libdw-dev
              libcapstone-dev libfmt-dev libboost-program-options-dev catch2 linux-libc-dev
-             binutils xz-utils
+             binutils xz-utils libiberty-dev
+             # Rust fixtures (tests skip without it)
+             rustc
              # tests/realworld: Debian's own programs, driven by their own clients on loopback
              redis-server redis-tools nginx-light curl python3 libsqlite3-0 zlib1g golang-go procps util-linux)
 

@@ -146,7 +146,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
                                 p.library, p.consistency);
   if (!v.hits) return out + "  no hit counters for this patch (applied without counting, or removed)\n";
   size_t width = 8;
-  for (auto& f : p.functions) width = std::max(width, std::min<size_t>(symbols__demangle(f.mangled).size(), 50));
+  for (auto& f : p.functions) width = std::max(width, std::min<size_t>(symbols__demangle(f.mangled).size(), kTableNameWidth));
   double secs = interval > 0 ? interval : since;
   out += fmt::format("  {:<{}}  {:>14}  {:>14}  {:>10}  {:>10}  {:>9}  {:>8}\n", "function", width, "new-code hits",
                      "old-code hits", "new/s", "old/s", "new share", "of patch");
@@ -154,8 +154,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
   for (size_t i = 0; i < p.functions.size(); ++i) {
     auto all = v.at(i);
     auto d = Rates{secs}.delta(v, before, i);
-    std::string name = symbols__demangle(p.functions[i].mangled);
-    if (name.size() > width) name = name.substr(0, width - 3) + "...";
+    std::string name = symbols__shorten(symbols__demangle(p.functions[i].mangled), width);
     out += fmt::format("  {:<{}}  {:>14}  {:>14}  {:>10.1f}  {:>10.1f}  {:>9}  {:>8}\n", name, width, all.new_hits,
                        all.old_hits, secs > 0 ? double(d.new_hits) / secs : 0.0, secs > 0 ? double(d.old_hits) / secs : 0.0,
                        percent(all.new_hits, all.new_hits + all.old_hits), percent(all.new_hits + all.old_hits, total));

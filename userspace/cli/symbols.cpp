@@ -14,14 +14,17 @@ namespace hotfix::cli {
 
 namespace {
 
-constexpr const char* kSynopsis = "--pid PID [PATTERN...] [--object NAME] [--json]";
+constexpr const char* kSynopsis = "--pid PID [PATTERN...] [--object NAME] [--json | --wide]";
 
 constexpr const char* kOutput =
     "\noutput: a table (ADDRESS OFFSET SIZE BIND OBJECT NAME MANGLED), one function per line in\n"
     "address order; OFFSET is the file offset uprobes attach to. With --json, one JSON array of\n"
     "objects {\"name\",\"mangled\",\"aliases\",\"object\",\"address\",\"offset\",\"size\",\"binding\",\n"
-    "\"exported\"} (numbers are decimal). Patterns: exact names (`Order::total`, a mangled name, or\n"
-    "`Order::add(int)` for one overload) and globs (`pricing::*`, `*parse*`). Separate debug\n"
+    "\"exported\",\"ifunc\",\"resolver\"} (numbers are decimal; an IFUNC's address is the implementation\n"
+    "this process uses, resolver the IFUNC symbol's own). Names are demangled (C++, Rust without its\n"
+    "hash); the table cuts them at 60 columns, --wide and --json do not. Patterns: exact names\n"
+    "(`Order::total`, a mangled name, `Order::add(int)` for one overload, a Rust path\n"
+    "`main::pricing::discount`) and globs (`pricing::*`, `*parse*`). Separate debug\n"
     "files are found by build-id and .gnu_debuglink under $HOTFIX_DEBUG_ROOT (default /usr/lib/debug).\n";
 
 std::string basename_of(const std::string& path) {
@@ -29,17 +32,19 @@ std::string basename_of(const std::string& path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
-void print_table(const std::vector<Function>& functions) {
+void print_table(const std::vector<Function>& functions, bool wide) {
+  auto fit = [&](const std::string& s) { return wide ? s : symbols__shorten(s, kTableNameWidth); };
   size_t object_w = 6, name_w = 4;
   for (auto& f : functions) {
     object_w = std::max(object_w, basename_of(f.object).size());
-    name_w = std::max(name_w, f.name.size());
+    name_w = std::max(name_w, wide ? f.name.size() : std::min(f.name.size(), kTableNameWidth));
   }
   fmt::print("{:<18}  {:>10}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}\n", "ADDRESS", "OFFSET", "SIZE", "BIND", "OBJECT",
              object_w, "NAME", name_w, "MANGLED");
   for (auto& f : functions)
-    fmt::print("{:#018x}  {:#10x}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}\n", f.address, f.offset, f.size,
-               binding__name(f.binding), basename_of(f.object), object_w, f.name, name_w, f.mangled);
+    fmt::print("{:#018x}  {:#10x}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}{}\n", f.address, f.offset, f.size,
+               binding__name(f.binding), basename_of(f.object), object_w, fit(f.name), name_w, fit(f.mangled),
+               f.resolver ? fmt::format("  (IFUNC, resolver {:#x})", f.resolver) : "");
 }
 
 void print_json(const std::vector<Function>& functions) {
@@ -49,9 +54,10 @@ void print_json(const std::vector<Function>& functions) {
     std::string aliases;
     for (auto& a : f.aliases) aliases += (aliases.empty() ? "" : ",") + json__quote(a);
     fmt::print("{}\n{{\"name\":{},\"mangled\":{},\"aliases\":[{}],\"object\":{},\"address\":{},\"offset\":{},"
-               "\"size\":{},\"binding\":\"{}\",\"exported\":{}}}",
+               "\"size\":{},\"binding\":\"{}\",\"exported\":{},\"ifunc\":{},\"resolver\":{}}}",
                i ? "," : "", json__quote(f.name), json__quote(f.mangled), aliases, json__quote(f.object), f.address,
-               f.offset, f.size, binding__name(f.binding), f.exported);
+               f.offset, f.size, binding__name(f.binding), f.exported, f.ifunc,
+               f.resolver ? std::to_string(f.resolver) : "null");
   }
   fmt::print("\n]\n");
 }
@@ -72,7 +78,8 @@ int verb_symbols(const Args& args) {
       ("pid,p", po::value<int>()->required(), "process whose functions to list")
       ("pattern", po::value<std::vector<std::string>>(), "names or globs (default: every function)")
       ("object", po::value<std::string>(), "only functions of this object: basename (libfoo.so, libfoo.so.1) or path")
-      ("json", "one JSON array instead of a table");
+      ("json", "one JSON array instead of a table")
+      ("wide", "names in full (the table cuts names longer than 60 columns with \u2026)");
   po::variables_map vm;
   if (auto code = parse("symbols", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kOutput);
@@ -90,7 +97,7 @@ int verb_symbols(const Args& args) {
   if (!selected) return report(selected.error());
 
   if (vm.count("json")) print_json(*selected);
-  else print_table(*selected);
+  else print_table(*selected, vm.count("wide") > 0);
   return 0;
 }
 

@@ -23,7 +23,7 @@ namespace hotfix::cli {
 
 namespace {
 
-constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--interval SEC] [--duration SEC] [--json] [--no-inflight]";
+constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--interval SEC] [--duration SEC] [--json] [--top N] [--no-inflight]";
 
 // Shown under --help: what a probe costs the target, measured (docs/performance.md).
 constexpr const char* kCost =
@@ -44,6 +44,7 @@ struct WatchArgs {
   double interval = 1.0;
   double duration = 0;  // 0 = until Ctrl-C or the target exits
   bool json = false;
+  size_t top = 20;
   std::optional<bool> inflight;  // unset: on unless an object has C++ exception tables
 };
 
@@ -56,6 +57,7 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("interval,i", po::value<double>()->default_value(1.0), "seconds between reports")
       ("duration,d", po::value<double>()->default_value(0), "stop after this many seconds (default: until Ctrl-C or the target exits)")
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
+      ("top", po::value<long>()->default_value(20), "table rows: with more functions than this, the busiest N (never-called ones hidden, and counted); 0 = all")
       ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
       ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
   po::variables_map vm;
@@ -75,6 +77,8 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   if (!(out.interval > 0) || !std::isfinite(out.interval)) return usage(fmt::format("bad --interval {}: give a positive number of seconds", out.interval));
   if (!(out.duration >= 0) || !std::isfinite(out.duration)) return usage(fmt::format("bad --duration {}: give a number of seconds >= 0", out.duration));
   out.json = vm.count("json") > 0;
+  if (long top = vm["top"].as<long>(); top < 0) return usage(fmt::format("bad --top {}: give a number of rows >= 0", top));
+  else out.top = static_cast<size_t>(top);
   if (vm.count("inflight") && vm.count("no-inflight")) return usage("--inflight and --no-inflight exclude each other");
   if (vm.count("inflight")) out.inflight = true;
   if (vm.count("no-inflight")) out.inflight = false;
@@ -133,6 +137,7 @@ int run_watch(const WatchArgs& a) {
   auto last_tick = start;
   WatchSample sample;
   sample.inflight_known = inflight;
+  sample.top = a.top;
   sample.functions = &watch->functions();
   int exit_code = 0;
   for (auto next = start + interval;; next += interval) {

@@ -1,6 +1,7 @@
 #include "observe/report.hpp"
 
 #include <algorithm>
+#include <map>
 #include <numeric>
 
 #include "common/json.hpp"
@@ -17,6 +18,19 @@ std::string human_ns(double ns) {
   return fmt::format("{:.2f} s", ns / 1e9);
 }
 
+std::string basename_of(const std::string& path) { return path.substr(path.rfind('/') + 1); }
+
+// Row labels: the name, and where a name appears more than once (memcpy in libc and in
+// ld.so, a static helper in two files) the object and file offset that tell them apart.
+std::vector<std::string> row_labels(const std::vector<Function>& fs) {
+  std::map<std::string, int> seen;
+  for (auto& f : fs) seen[f.name]++;
+  std::vector<std::string> out;
+  for (auto& f : fs)
+    out.push_back(seen[f.name] > 1 ? fmt::format("{} ({}+{:#x})", f.name, basename_of(f.object), f.offset) : f.name);
+  return out;
+}
+
 std::vector<size_t> rows_by_calls(const WatchSample& s) {
   std::vector<size_t> rows(s.functions->size());
   std::iota(rows.begin(), rows.end(), 0);
@@ -31,22 +45,30 @@ std::vector<size_t> rows_by_calls(const WatchSample& s) {
 
 std::string watch__format_table(const WatchSample& s) {
   auto rows = rows_by_calls(s);
+  size_t n = rows.size();
+  bool crowded = s.top && n > s.top;
+  if (crowded) {
+    std::erase_if(rows, [&](size_t i) { return s.total[i].calls == 0; });
+    if (rows.size() > s.top) rows.resize(s.top);
+  }
+  auto labels = row_labels(*s.functions);
   size_t width = 8;
-  for (auto& f : *s.functions) width = std::max(width, std::min<size_t>(f.name.size(), 60));
+  for (size_t i : rows) width = std::max(width, std::min(labels[i].size(), kTableNameWidth));
   std::string out = s.final ? fmt::format("final, over {:.1f} s:\n", s.interval_s) : std::string();
-  out += fmt::format("{:<{}}  {:>10}  {:>10}  {:>12}  {:>9}  {:>12}\n", "function", width, s.final ? "calls" : "calls",
-                     "calls/s", "total", "in-flight", "mean latency");
-  bool any = std::any_of(s.total.begin(), s.total.end(), [](auto& c) { return c.calls > 0; });
+  out += fmt::format("{:<{}}  {:>10}  {:>10}  {:>12}  {:>9}  {:>12}\n", "function", width, "calls", "calls/s", "total",
+                     "in-flight", "mean latency");
   for (size_t i : rows) {
-    const auto& f = (*s.functions)[i];
     const auto& now = s.interval[i];
     const auto& all = s.total[i];
-    if (any && all.calls == 0) continue;
-    std::string name = f.name.size() > width ? f.name.substr(0, width - 3) + "..." : f.name;
     double rate = s.interval_s > 0 ? double(now.calls) / s.interval_s : 0;
     std::string inflight = s.inflight_known ? fmt::format("{}", all.inflight()) : "-";
-    out += fmt::format("{:<{}}  {:>10}  {:>10.1f}  {:>12}  {:>9}  {:>12}\n", name, width, now.calls, rate, all.calls,
-                       inflight, human_ns(now.mean_latency_ns()));
+    out += fmt::format("{:<{}}  {:>10}  {:>10.1f}  {:>12}  {:>9}  {:>12}\n", symbols__shorten(labels[i], width), width,
+                       now.calls, rate, all.calls, inflight, human_ns(now.mean_latency_ns()));
+  }
+  if (size_t hidden = n - rows.size()) {
+    size_t never = static_cast<size_t>(std::count_if(s.total.begin(), s.total.end(), [](auto& c) { return c.calls == 0; }));
+    out += fmt::format("({} more function{} not shown: {} never called; --top N shows more, --json all)\n", hidden,
+                       hidden == 1 ? "" : "s", never);
   }
   return out;
 }

@@ -15,11 +15,16 @@ struct WatchSample {
   const std::vector<Function>* functions = nullptr;
   std::vector<CallCounts> interval;  // counts during the interval (the whole run when final)
   std::vector<CallCounts> total;     // counts since attach
+  // The table shows at most `top` rows (0: all). When there are more functions than that,
+  // functions never called are hidden first and a last line counts what is not shown.
+  size_t top = 20;
 };
 
 // Mean latency is over the calls that returned in the interval (the whole run when final).
-// Rows sorted by calls in the interval, then by total; functions never called are left out
-// unless nothing was called at all (then every function shows, with zeros).
+// Rows sorted by calls in the interval, then by total. Up to `top` functions, every one
+// shows (a 0 is an answer); beyond that, the busiest `top` that were called show, and one
+// line says how many more there are and how many of them were never called. Names are cut
+// at kTableNameWidth with "…" (JSON keeps them whole and lists every function).
 std::string watch__format_table(const WatchSample& s);
 // One JSON object on one line (no trailing newline).
 std::string watch__format_json(const WatchSample& s);

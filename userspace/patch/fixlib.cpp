@@ -274,13 +274,9 @@ Result<FixLibrary> fixlib__read(const FixImage& image) {
   return lib;
 }
 
-std::string symbol__demangle(const std::string& mangled) {
-  if (mangled.rfind("_Z", 0) != 0) return mangled;
-  int status = 0;
-  std::unique_ptr<char, decltype(&std::free)> out(abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status),
-                                                  &std::free);
-  return status == 0 && out ? std::string(out.get()) : mangled;
-}
+// One demangler for every verb: Rust paths without their hash, so that a fix's
+// `main::pricing::discount` (any hash) is the target's local `main::pricing::discount`.
+std::string symbol__demangle(const std::string& mangled) { return symbols__demangle(mangled); }
 
 namespace {
 // "helper" for "helper(int)", "x" for "ns::x", "max_of" for "int max_of<int>(int, int)";

@@ -24,8 +24,8 @@ bool is_toolchain_function(const std::string& name) {
   static const std::set<std::string> crt = {"frame_dummy", "register_tm_clones", "deregister_tm_clones"};
   if (crt.count(name)) return true;
   // Names starting with '_' are reserved for the implementation (`_init`, `__do_global_dtors_aux`,
-  // `_GLOBAL__sub_I_*`); `_Z` starts every mangled C++ name.
-  return name.size() > 1 && name[0] == '_' && name.rfind("_Z", 0) != 0;
+  // `_GLOBAL__sub_I_*`); `_Z` starts every mangled C++ (and legacy Rust) name, `_R` a v0 Rust one.
+  return name.size() > 1 && name[0] == '_' && name.rfind("_Z", 0) != 0 && !symbols__is_rust(name);
 }
 
 // A weak definition in fix.so is an inline function or a template instance the compiler

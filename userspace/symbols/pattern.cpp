@@ -120,9 +120,56 @@ NameKeys keys_of(const std::string& mangled, const std::string& demangled) {
   return k;
 }
 
+// Index just past the '>' closing the '<' at `open`, or npos.
+size_t closing_angle(std::string_view s, size_t open) {
+  int depth = 0;
+  for (size_t i = open; i < s.size(); i++) {
+    if (s[i] == '<') depth++;
+    if (s[i] == '>' && --depth == 0) return i + 1;
+  }
+  return std::string_view::npos;
+}
+
+// The other spellings a Rust path answers to, besides rustfilt's ("main::pricing::discount"):
+//  - without the crate ("pricing::discount"): a Rust user thinks in module paths, so that
+//    `pricing::*` selects the module in whichever crate it lives;
+//  - an inherent method as a path ("<main::pricing::Order>::total" -> "main::pricing::Order::total");
+//  - a generic instance without its arguments ("main::max::<u8>" -> "main::max"), so one
+//    name selects every instance, as a C++ name selects every overload.
+std::vector<std::string> rust_spellings(const std::string& path) {
+  std::vector<std::string> forms{path};
+  if (path.starts_with('<')) {
+    size_t close = closing_angle(path, 0);
+    std::string_view inner = std::string_view(path).substr(1, close == std::string::npos ? 0 : close - 2);
+    if (close != std::string::npos && path.compare(close, 2, "::") == 0 && inner.find(" as ") == std::string_view::npos &&
+        inner.find('<') == std::string_view::npos)
+      forms.push_back(std::string(inner) + path.substr(close));
+  }
+  for (size_t i = 0, n = forms.size(); i < n; i++)
+    if (forms[i].ends_with('>'))
+      if (auto at = forms[i].rfind("::<"); at != std::string::npos && closing_angle(forms[i], at + 2) == forms[i].size())
+        forms.push_back(forms[i].substr(0, at));
+  for (size_t i = 0, n = forms.size(); i < n; i++) {
+    auto sep = forms[i].find("::");
+    if (forms[i].starts_with('<') || sep == std::string::npos || sep == 0) continue;
+    if (std::all_of(forms[i].begin(), forms[i].begin() + static_cast<long>(sep), is_ident))
+      forms.push_back(forms[i].substr(sep + 2));
+  }
+  return forms;
+}
+
+void add_keys(std::vector<NameKeys>& keys, const std::string& mangled, const std::string& demangled) {
+  keys.push_back(keys_of(mangled, demangled));
+  if (!symbols__is_rust(mangled)) return;
+  auto forms = rust_spellings(demangled);
+  for (size_t i = 1; i < forms.size(); i++) keys.push_back(keys_of(mangled, forms[i]));
+  if (auto hashed = symbols__rust_hashed(mangled); !hashed.empty()) keys.push_back(keys_of(mangled, hashed));
+}
+
 std::vector<NameKeys> keys_of(const Function& f) {
-  std::vector<NameKeys> keys{keys_of(f.mangled, f.name)};
-  for (auto& alias : f.aliases) keys.push_back(keys_of(alias, symbols__demangle(alias)));
+  std::vector<NameKeys> keys;
+  add_keys(keys, f.mangled, f.name);
+  for (auto& alias : f.aliases) add_keys(keys, alias, symbols__demangle(alias));
   return keys;
 }
 
@@ -149,7 +196,7 @@ struct Compiled {
   bool matches(const NameKeys& k) const {
     if (glob)
       return glob_match(text, k.parts.base) || (has_params && glob_match(signature_norm, k.signature_norm)) ||
-             (text.starts_with("_Z") && glob_match(text, k.mangled));
+             ((text.starts_with("_Z") || text.starts_with("_R")) && glob_match(text, k.mangled));
     if (text == k.mangled || text == k.parts.base || text == k.demangled) return true;
     return has_params && same_signature(k.signature_norm);
   }

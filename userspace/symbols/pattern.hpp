@@ -17,8 +17,13 @@ namespace hotfix {
 //    every overload; with a parameter list ("Order::add(int)") only that signature
 //    (spaces are not significant; trailing qualifiers may be left out).
 //  - glob (`*`, `?`): against the base name; also against the signature when the glob has a
-//    '(' and against the mangled name when it starts with "_Z" (parameter types inside
+//    '(' and against the mangled name when it starts with "_Z" or "_R" (parameter types inside
 //    those would otherwise make `*parse*` select every function taking a Parser).
+//  - Rust (legacy and v0): the path without its hash, as rustfilt shows it
+//    ("main::pricing::discount"), also without the crate ("pricing::discount", so
+//    `pricing::*` works), an inherent method as a path ("main::pricing::Order::total" for
+//    "<main::pricing::Order>::total"), a generic instance without its arguments; and the
+//    legacy path with its hash ("...::h5702c7547b8d1236").
 //  Aliases (other names at the function's address) count too.
 //  Clones keep their suffix in the base name ("f [clone .cold]"): `f` never selects them.
 struct Pattern {

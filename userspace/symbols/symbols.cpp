@@ -7,11 +7,13 @@
 
 #include <cxxabi.h>
 #include <elfutils/libdwelf.h>
+#include <elfutils/libdw.h>
 #include <elfutils/libdwfl.h>
 #include <fcntl.h>
 #include <gelf.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,10 +22,18 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <unordered_map>
 #include <unordered_set>
 
+#include "arch/arch.hpp"
 #include "common/unique_fd.hpp"
 #include "process/maps.hpp"
+
+// libiberty's demangler knows both Rust manglings (legacy and v0); __cxa_demangle knows
+// neither (it shows a legacy Rust path with its hash, and no v0 name at all).
+// (libiberty.h would declare basename() again, clashing with glibc's C++ overloads.)
+#define HAVE_DECL_BASENAME 1
+#include <libiberty/demangle.h>
 
 namespace hotfix {
 
@@ -36,14 +46,71 @@ const char* binding__name(Binding b) {
   return "?";
 }
 
-std::string symbols__demangle(const std::string& symbol) {
-  if (!symbol.starts_with("_Z")) return symbol;
-  int status = 0;
-  char* text = abi::__cxa_demangle(symbol.c_str(), nullptr, nullptr, &status);
-  if (!text) return symbol;
+namespace {
+
+std::string take(char* text, const std::string& otherwise) {
+  if (!text) return otherwise;
   std::string out(text);
   std::free(text);
   return out;
+}
+
+std::string cxa_demangle(const std::string& symbol) {
+  int status = 0;
+  return take(abi::__cxa_demangle(symbol.c_str(), nullptr, nullptr, &status), symbol);
+}
+
+// "...17h" + 16 lowercase hex digits + "E": the hash rustc appends to a legacy path as its
+// last component, then perhaps a compiler suffix (".llvm.1234"). Paths themselves may hold
+// dots ("core..any..Any" spells `core::any::Any`).
+bool legacy_rust_hash_at_end(std::string_view s) {
+  for (size_t at = s.rfind("17h"); at != std::string_view::npos && at > 0; at = s.rfind("17h", at - 1)) {
+    if (at + 20 > s.size() || s[at + 19] != 'E') continue;
+    if (at + 20 != s.size() && s[at + 20] != '.') continue;
+    auto hash = s.substr(at + 3, 16);
+    if (std::all_of(hash.begin(), hash.end(), [](char c) { return std::isdigit((unsigned char)c) || (c >= 'a' && c <= 'f'); }))
+      return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool symbols__is_rust(const std::string& symbol) {
+  std::string_view s = symbol;
+  if (s.starts_with("_R") && s.size() > 2 && std::isupper(static_cast<unsigned char>(s[2]))) return true;
+  return s.starts_with("_ZN") && legacy_rust_hash_at_end(s);
+}
+
+std::string symbols__rust_hashed(const std::string& symbol) {
+  if (!symbol.starts_with("_ZN") || !symbols__is_rust(symbol)) return {};
+  std::string verbose = take(rust_demangle(symbol.c_str(), DMGL_VERBOSE), {});
+  if (verbose.empty()) verbose = cxa_demangle(symbol);
+  if (auto dot = verbose.find('.'); dot != std::string::npos && verbose.find("::h") < dot) verbose.resize(dot);
+  return verbose;
+}
+
+std::string symbols__demangle(const std::string& symbol) {
+  bool rust = symbols__is_rust(symbol);
+  if (rust)
+    if (char* text = rust_demangle(symbol.c_str(), 0)) return take(text, symbol);
+  if (!symbol.starts_with("_Z")) return symbol;
+  std::string out = cxa_demangle(symbol);
+  // libiberty refuses a legacy hash that does not look random ("h1111111111111111"); the
+  // path is still Rust's, so drop the hash as it would have.
+  if (rust && out.size() > 19 && out.compare(out.size() - 19, 3, "::h") == 0) out.resize(out.size() - 19);
+  return out;
+}
+
+std::string symbols__shorten(const std::string& name, size_t width) {
+  // Columns, not bytes: a UTF-8 continuation byte starts no column.
+  size_t columns = 0, cut = std::string::npos;
+  for (size_t i = 0; i < name.size(); i++) {
+    if ((static_cast<unsigned char>(name[i]) & 0xc0) == 0x80) continue;
+    if (columns == width - 1) cut = i;
+    if (++columns > width) return name.substr(0, cut) + "\u2026";
+  }
+  return name;
 }
 
 namespace {
@@ -58,6 +125,17 @@ struct RawSymbol {
   Binding binding = Binding::global;
   bool exported = false;
   bool function = false;
+  // A non-default version ("cfree@GLIBC_2.2.5", .gnu.version's hidden bit): kept for old
+  // binaries, never what a user should be shown when a default name is at the same address.
+  bool old_version = false;
+  bool ifunc = false;
+};
+
+// A slot the dynamic loader fills with an IFUNC's implementation: IRELATIVE (r_addend is
+// the resolver), file-relative.
+struct IrelativeSlot {
+  uint64_t slot = 0;
+  uint64_t resolver = 0;
 };
 
 // The symbols of one ELF file with file-relative addresses (st_value) and file offsets.
@@ -68,6 +146,7 @@ struct ElfSymbols {
   std::string debug_file;
   std::vector<Function> functions;  // address = st_value, object empty
   std::vector<Function> variables;
+  std::vector<IrelativeSlot> irelative;  // only when `functions` has an IFUNC
 };
 
 // What our debug-file lookup needs to know about the module it is called for.
@@ -157,10 +236,16 @@ Binding binding_of(unsigned char st_bind) {
   return Binding::global;  // STB_GLOBAL, STB_GNU_UNIQUE
 }
 
-// Names of symbols the object defines in .dynsym with global or weak binding, by address.
-std::unordered_set<std::string> elf__exported(Elf* elf) {
-  std::unordered_set<std::string> out;
+// Symbols the object defines in .dynsym with global or weak binding, as "name@value", and
+// whether that definition has a non-default (hidden) version.
+std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
+  std::unordered_map<std::string, bool> out;
   Elf_Scn* scn = nullptr;
+  Elf_Data* versym = nullptr;
+  while ((scn = elf_nextscn(elf, scn))) {
+    GElf_Shdr shdr;
+    if (gelf_getshdr(scn, &shdr) && shdr.sh_type == SHT_GNU_versym) versym = elf_getdata(scn, nullptr);
+  }
   while ((scn = elf_nextscn(elf, scn))) {
     GElf_Shdr shdr;
     if (!gelf_getshdr(scn, &shdr) || shdr.sh_type != SHT_DYNSYM || shdr.sh_entsize == 0) continue;
@@ -172,7 +257,31 @@ std::unordered_set<std::string> elf__exported(Elf* elf) {
       if (!gelf_getsym(data, static_cast<int>(i), &sym) || sym.st_shndx == SHN_UNDEF) continue;
       if (GELF_ST_BIND(sym.st_info) == STB_LOCAL) continue;
       const char* name = elf_strptr(elf, shdr.sh_link, sym.st_name);
-      if (name && *name) out.insert(fmt::format("{}@{:x}", name, sym.st_value));
+      GElf_Versym version = 0;
+      bool hidden = versym && gelf_getversym(versym, static_cast<int>(i), &version) && (version & 0x8000);
+      if (name && *name) {
+        auto [it, added] = out.emplace(fmt::format("{}@{:x}", name, sym.st_value), hidden);
+        if (!added) it->second = it->second && hidden;  // default and old version at one address
+      }
+    }
+  }
+  return out;
+}
+
+// The IRELATIVE slots of the object's dynamic relocations.
+std::vector<IrelativeSlot> elf__irelative(Elf* elf) {
+  std::vector<IrelativeSlot> out;
+  Elf_Scn* scn = nullptr;
+  while ((scn = elf_nextscn(elf, scn))) {
+    GElf_Shdr shdr;
+    if (!gelf_getshdr(scn, &shdr) || shdr.sh_type != SHT_RELA || !(shdr.sh_flags & SHF_ALLOC) || !shdr.sh_entsize)
+      continue;
+    Elf_Data* data = elf_getdata(scn, nullptr);
+    if (!data) continue;
+    for (size_t i = 0; i < shdr.sh_size / shdr.sh_entsize; i++) {
+      GElf_Rela rela;
+      if (gelf_getrela(data, static_cast<int>(i), &rela) && arch::reloc_is_irelative(GELF_R_TYPE(rela.r_info)))
+        out.push_back({rela.r_offset, static_cast<uint64_t>(rela.r_addend)});
     }
   }
   return out;
@@ -189,17 +298,22 @@ int binding_rank(Binding b) { return b == Binding::global ? 0 : b == Binding::we
 size_t underscores(const std::string& name) { return name.find_first_not_of('_'); }
 
 // One Function per address: several names there are aliases of one function. The primary
-// name is the global one, then the sized one, then the one with the fewest leading
-// underscores (`malloc`, not `__libc_malloc`: reserved names are internal), then the
-// longest (the most specific).
+// name is the one a user calls: global, then a default version (`free`, not the compat
+// `cfree@GLIBC_2.2.5`), then sized, then the fewest leading underscores (`malloc`, not
+// `__libc_malloc`: reserved names are internal), then the shortest (`free`, not `cfree`).
+bool primary_first(const RawSymbol& a, const RawSymbol& b) {
+  if (binding_rank(a.binding) != binding_rank(b.binding)) return binding_rank(a.binding) < binding_rank(b.binding);
+  if (a.old_version != b.old_version) return !a.old_version;
+  if ((a.size != 0) != (b.size != 0)) return a.size != 0;
+  if (underscores(a.name) != underscores(b.name)) return underscores(a.name) < underscores(b.name);
+  if (a.name.size() != b.name.size()) return a.name.size() < b.name.size();
+  return a.name < b.name;
+}
+
 std::vector<Function> group_by_address(std::vector<RawSymbol> raw, const std::vector<GElf_Phdr>& loads) {
   std::sort(raw.begin(), raw.end(), [](const RawSymbol& a, const RawSymbol& b) {
     if (a.value != b.value) return a.value < b.value;
-    if (binding_rank(a.binding) != binding_rank(b.binding)) return binding_rank(a.binding) < binding_rank(b.binding);
-    if ((a.size != 0) != (b.size != 0)) return a.size != 0;
-    if (underscores(a.name) != underscores(b.name)) return underscores(a.name) < underscores(b.name);
-    if (a.name.size() != b.name.size()) return a.name.size() > b.name.size();
-    return a.name < b.name;
+    return primary_first(a, b);
   });
   std::vector<Function> out;
   uint64_t sized_end = 0;  // end of the last sized symbol: zero-size ones inside it are labels
@@ -211,6 +325,7 @@ std::vector<Function> group_by_address(std::vector<RawSymbol> raw, const std::ve
     f.address = raw[i].value;
     f.offset = file_offset_of(loads, raw[i].value);
     f.binding = raw[i].binding;
+    f.ifunc = raw[i].ifunc;
     for (; j < raw.size() && raw[j].value == raw[i].value; j++) {
       f.size = std::max(f.size, raw[j].size);
       f.exported = f.exported || raw[j].exported;
@@ -263,6 +378,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
 
   auto exported = elf__exported(elf);
   std::vector<RawSymbol> functions, variables;
+  bool any_ifunc = false;
   int count = dwfl_module_getsymtab(mod);  // -1: no symbols at all; an empty table is fine
   for (int i = 1; i < count; i++) {
     GElf_Sym sym;
@@ -272,16 +388,29 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
     if (!name || !*name) continue;
     int type = GELF_ST_TYPE(sym.st_info);
     bool function = type == STT_FUNC || type == STT_GNU_IFUNC;
+    bool ifunc = type == STT_GNU_IFUNC;
     if (!function && type != STT_OBJECT) continue;
     // Undefined, absolute and non-allocated symbols have no address in the loaded object.
     if (shndx == SHN_UNDEF || shndx == SHN_ABS || shndx == static_cast<GElf_Word>(-1)) continue;
     std::string plain = name;
     if (plain.ends_with("@plt")) continue;
-    if (auto at = plain.find('@'); at != std::string::npos) plain.resize(at);
+    bool old_version = false;  // "name@VERSION" in .symtab; "name@@VERSION" is the default
+    if (auto at = plain.find('@'); at != std::string::npos) {
+      old_version = plain.compare(at, 2, "@@") != 0;
+      plain.resize(at);
+    }
     RawSymbol r{plain, addr - bias, sym.st_size, binding_of(GELF_ST_BIND(sym.st_info)), false, function};
-    r.exported = r.binding != Binding::local && exported.count(fmt::format("{}@{:x}", plain, r.value));
+    if (r.binding != Binding::local)
+      if (auto it = exported.find(fmt::format("{}@{:x}", plain, r.value)); it != exported.end()) {
+        r.exported = true;
+        old_version = old_version || it->second;
+      }
+    r.old_version = old_version;
+    r.ifunc = ifunc;
+    any_ifunc = any_ifunc || ifunc;
     (function ? functions : variables).push_back(std::move(r));
   }
+  if (any_ifunc) out.irelative = elf__irelative(elf);
   *userdata = nullptr;
   out.debug_file = lookup.found;
   out.functions = group_by_address(std::move(functions), out.loads);
@@ -360,6 +489,63 @@ std::optional<uint64_t> load_bias(const ElfSymbols& elf, const Load& load) {
         return (m.start - m.offset) - (p.p_vaddr - p.p_offset);
     }
   return std::nullopt;
+}
+
+// ---------------------------------------------------------------- IFUNCs in a process
+
+// The extent of the function containing file address `addr` per its .eh_frame FDE (a
+// stripped libc has no symbol for `__memmove_avx_unaligned_erms`, but its FDE says where it
+// ends), or 0.
+uint64_t fde_size(Elf* elf, uint64_t addr) {
+  Dwarf_CFI* cfi = elf ? dwarf_getcfi_elf(elf) : nullptr;
+  Dwarf_Frame* frame = nullptr;
+  if (!cfi || dwarf_cfi_addrframe(cfi, addr, &frame) != 0) return 0;
+  Dwarf_Addr start = 0, end = 0;
+  dwarf_frame_info(frame, &start, &end, nullptr);
+  std::free(frame);
+  return start == addr && end > start ? end - start : 0;
+}
+
+bool in_executable_mapping(const Load& load, uint64_t addr) {
+  return std::any_of(load.mappings.begin(), load.mappings.end(),
+                     [&](const Mapping& m) { return m.executable() && addr >= m.start && addr < m.end; });
+}
+
+// Point each IFUNC of one load (functions[first, last)) at the implementation the process
+// uses: the value the loader stored in its IRELATIVE slot (IRELATIVE relocations are applied
+// at load time, lazy binding or not). One that has none keeps the resolver's address.
+void resolve_ifuncs(pid_t pid, const ElfSymbols& elf, const Load& load, uint64_t bias, std::vector<Function>& functions,
+                    size_t first, size_t last) {
+  std::map<uint64_t, uint64_t> slot_of;  // resolver -> slot, file-relative
+  for (auto& r : elf.irelative) slot_of.emplace(r.resolver, r.slot);
+  Elf* file_elf = nullptr;
+  UniqueFd fd;
+  for (size_t i = first; i < last; i++) {
+    Function& f = functions[i];
+    if (!f.ifunc) continue;
+    auto slot = slot_of.find(f.address - bias);
+    if (slot == slot_of.end()) continue;
+    uint64_t target = 0;
+    iovec local{&target, sizeof target}, remote{reinterpret_cast<void*>(slot->second + bias), sizeof target};
+    if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(sizeof target)) continue;
+    if (target == f.address || !in_executable_mapping(load, target)) continue;
+    uint64_t file_addr = target - bias;
+    auto known = std::find_if(elf.functions.begin(), elf.functions.end(),
+                              [&](const Function& g) { return g.address == file_addr && !g.ifunc; });
+    uint64_t size = known != elf.functions.end() ? known->size : 0;
+    if (!size) {
+      if (!fd) {
+        fd = open_mapped(pid, load.mappings.front());
+        if (fd) file_elf = elf_begin(fd.get(), ELF_C_READ_MMAP, nullptr);
+      }
+      size = fde_size(file_elf, file_addr);
+    }
+    f.resolver = f.address;
+    f.address = target;
+    f.offset = file_offset_of(elf.loads, file_addr);
+    f.size = size;
+  }
+  if (file_elf) elf_end(file_elf);
 }
 
 }  // namespace
@@ -463,7 +649,10 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
     }
     auto bias = load_bias(it->second, load);
     if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
+    size_t first = builder.table.functions_.size();
     builder.add(it->second, load.path, *bias);
+    if (!it->second.irelative.empty())
+      resolve_ifuncs(pid, it->second, load, *bias, builder.table.functions_, first, builder.table.functions_.size());
   }
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");

@@ -16,9 +16,22 @@ namespace hotfix {
 
 enum class Binding { global, weak, local };
 const char* binding__name(Binding b);
-// The demangled form of a C++ symbol ("_ZN7pricing8discountEd" -> "pricing::discount(double)");
+// The demangled form of a C++ or Rust symbol, the way c++filt and rustfilt show it:
+//   "_ZN7pricing8discountEd"                        -> "pricing::discount(double)"
+//   "_ZN4main7pricing8discount17h5702c7547b8d1236E" -> "main::pricing::discount" (legacy Rust: no hash)
+//   "_RNvNtCs1234_4main7pricing8discount"            -> "main::pricing::discount" (Rust v0)
 // other names unchanged.
 std::string symbols__demangle(const std::string& symbol);
+// Is `symbol` a Rust symbol (legacy `_ZN...17h<16 hex>E` or v0 `_R...`)?
+bool symbols__is_rust(const std::string& symbol);
+// A legacy Rust symbol's path with its hash ("main::pricing::discount::h5702c7547b8d1236"),
+// empty for anything else: a name users may have copied from older tools.
+std::string symbols__rust_hashed(const std::string& symbol);
+// `name` cut to `width` columns for a table, ending in "…" when cut (width >= 2).
+std::string symbols__shorten(const std::string& name, size_t width);
+// Where tables (watch, stats, symbols) cut names: a C++ signature or a Rust generic path
+// can be hundreds of characters; JSON and `symbols --wide` keep them whole.
+inline constexpr size_t kTableNameWidth = 60;
 
 struct Function {
   std::string name;                  // demangled (C++), or the plain C name
@@ -30,6 +43,12 @@ struct Function {
   uint64_t size = 0;                 // 0 only for asm symbols without .size (kept when nothing else is there)
   Binding binding = Binding::global;
   bool exported = false;             // defined in .dynsym: the dynamic linker can bind to it
+  // STT_GNU_IFUNC (memcpy): in a process, address, offset and size are those of the
+  // implementation the process uses (read from the resolved IRELATIVE/GOT slot), and
+  // `resolver` is the symbol's own address. resolver == 0 with ifunc: not resolved (a file,
+  // or no resolved slot found): address is then the resolver's.
+  bool ifunc = false;
+  uint64_t resolver = 0;
 };
 
 struct ObjectInfo {
