@@ -295,3 +295,24 @@ TEST_CASE("--no-abi-check skips the comparison and the plan says so", "[abi-type
   CHECK(t.snapshot() == before);
   CHECK(t.ask("scale") == "ok 42");
 }
+
+TEST_CASE("the target's DWARF is found where `symbols` finds it: a separate debug file by build-id under "
+          "HOTFIX_DEBUG_ROOT", "[abi-types]") {
+  require_root();
+  ScratchDir dir;
+  auto notes = run({"/usr/bin/readelf", "-n", fixture("abi_ctarget_nodwarf")});
+  auto at = notes.out.find("Build ID: ");
+  REQUIRE(at != std::string::npos);
+  std::string id = notes.out.substr(at + 10, notes.out.find('\n', at) - at - 10);
+  fs::create_directories(dir.path / ".build-id" / id.substr(0, 2));
+  std::string debug = dir / (".build-id/" + id.substr(0, 2) + "/" + id.substr(2) + ".debug");
+  REQUIRE(run({"/usr/bin/objcopy", "--only-keep-debug", fixture("abi_ctarget"), debug}).exit_code == 0);
+  struct DebugRoot {  // set for the hotfix-ctl runs below, unset however the test ends
+    explicit DebugRoot(const std::string& root) { ::setenv("HOTFIX_DEBUG_ROOT", root.c_str(), 1); }
+    ~DebugRoot() { ::unsetenv("HOTFIX_DEBUG_ROOT"); }
+  } root(dir.path.string());
+  Target t("abi_ctarget_nodwarf");
+  expect_refused(t, build_fix(dir, "lost", "struct order { int id; int unit; };\n"
+                                           "long order_total(const struct order* o) { return o->id + o->unit; }\n"),
+                 {"struct order: member 'unit' is at offset 8 in the target but at offset 4 in fix.so"}, {{"total", "ok 6"}});
+}

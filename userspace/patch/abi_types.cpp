@@ -44,6 +44,7 @@ struct TargetDwarf {
   std::optional<ObjectDwarf> object;
   std::unique_ptr<DwarfIndex> index;         // null: no DWARF
   std::unique_ptr<TypeComparer> comparer;
+  std::string missing;  // why there is no index
 };
 
 const ObjectInfo* object_of(const SymbolTable& table, const Function& f) {
@@ -103,9 +104,11 @@ class TypeCheck {
   TargetDwarf& target_for(const Function& f) {
     auto [it, fresh] = targets_.try_emplace(f.object);
     if (!fresh) return it->second;
+    it->second.missing = kNoTargetDwarf;
     const ObjectInfo* info = object_of(p_.table, f);
     if (!info) return it->second;
     auto object = ObjectDwarf::open(p_.options.pid, *info);
+    if (!object) it->second.missing = fmt::format("the target's DWARF cannot be read: {}", object.error().what);
     if (!object || !object->dwarf()) return it->second;
     it->second.object.emplace(std::move(*object));
     it->second.index = std::make_unique<DwarfIndex>(it->second.object->dwarf());
@@ -116,12 +119,15 @@ class TypeCheck {
   Result<void> function(const PlanEntry& e) {
     const Function& fn = e.target;
     TargetDwarf& t = target_for(fn);
-    if (!t.index) return tally_.unchecked[kNoTargetDwarf].push_back(fn.name), Result<void>{};
+    if (!t.index) return tally_.unchecked[t.missing].push_back(fn.name), Result<void>{};
     if (!fix_.dwarf) return tally_.unchecked[kNoFixDwarf].push_back(fn.name), Result<void>{};
     auto tdie = t.index->subprogram_at(t.object->dwarf_address(fn.address));
     if (!tdie) return tally_.unchecked["the target's DWARF does not describe it"].push_back(fn.name), Result<void>{};
     auto fdie = fix_index_.subprogram_at(e.replacement_value);
     if (!fdie) return tally_.unchecked["fix.so's DWARF does not describe it"].push_back(fn.name), Result<void>{};
+    if (auto lang = dwarf__foreign_language(*tdie); !lang.empty())
+      return tally_.unchecked[fmt::format("the target's code is {}, whose types are not compared", lang)].push_back(fn.name),
+             Result<void>{};
     if (auto d = t.comparer->signatures(*tdie, *fdie, fn.name))
       return fail(fmt::format("the replacement of {} does not match the target: {}", fn.name, d->text), kHint);
     tally_.functions++;

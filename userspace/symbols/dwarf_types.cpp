@@ -268,6 +268,28 @@ bool starts_at(Dwarf_Die die, uint64_t address) {
 
 }  // namespace
 
+std::string dwarf__foreign_language(Dwarf_Die die) {
+  Dwarf_Die cu;
+  if (!dwarf_diecu(&die, &cu, nullptr, nullptr)) return "";
+  switch (dwarf_srclang(&cu)) {
+    case DW_LANG_C89:
+    case DW_LANG_C:
+    case DW_LANG_C99:
+    case DW_LANG_C11:
+    case DW_LANG_C_plus_plus:
+    case DW_LANG_C_plus_plus_03:
+    case DW_LANG_C_plus_plus_11:
+    case DW_LANG_C_plus_plus_14:
+    case -1: return "";  // no DW_AT_language: assume C
+    case DW_LANG_Go: return "Go";
+    case DW_LANG_Rust: return "Rust";
+    case DW_LANG_Fortran77:
+    case DW_LANG_Fortran90:
+    case DW_LANG_Fortran95: return "Fortran";
+    default: return fmt::format("DWARF language {:#x}", dwarf_srclang(&cu));
+  }
+}
+
 // ---------------------------------------------------------------- the index
 
 void DwarfIndex::read_cu(Dwarf_Die cu) {

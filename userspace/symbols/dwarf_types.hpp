@@ -48,6 +48,10 @@ class DwarfIndex {
   std::vector<Dwarf_Die> subprograms_;           // definitions with code, of the CUs read
 };
 
+// The source language of the CU holding `die`, when it is not C or C++ ("Go", "Rust", ...);
+// empty for C and C++. Types of other languages are not compared with a C or C++ fix.
+std::string dwarf__foreign_language(Dwarf_Die die);
+
 // The first difference between two DIEs, as a sentence for an error.
 struct TypeDifference {
   std::string text;
