@@ -177,6 +177,14 @@ TEST_CASE("signatures: an identical signature is accepted and applied; so are th
                              "amount_t order_total(corder* o) { return o->id + o->qty + o->unit + 100; }\n"),
                    "types: signatures and 1 type of 1 function match", {{"total", "ok 106"}, {"scale", "ok 42"}});
   }
+  SECTION("a recursive type (a list node pointing to its own kind) is compared once") {
+    expect_applied(t,
+                   build_fix(dir, "recursive",
+                             "struct node { int value; struct node* next; };\n"
+                             "long list_sum(const struct node* n) { long s = 100; for (; n; n = n->next) s += n->value; "
+                             "return s; }\n"),
+                   "types: signatures and 1 type of 1 function match", {{"list", "ok 106"}, {"total", "ok 6"}});
+  }
 }
 
 TEST_CASE("layouts: a struct, a bitfield or an enum that differs from the target's is refused, naming the type, the "
@@ -235,11 +243,17 @@ TEST_CASE("layouts: a struct, a bitfield or an enum that differs from the target
 
 namespace {
 
-std::string shape_fix(const std::string& extra_virtual, const std::string& body) {
+// The target's class Shape (with `extra_virtual` added, `scaled` as scaled_area's declaration)
+// and a replacement `function` after it.
+std::string shape_fix(const std::string& extra_virtual, const std::string& function,
+                      const std::string& scaled = "long scaled_area(int k) const;") {
   return "namespace shop {\nstruct Shape {\n  Shape(int w, int h) : w(w), h(h) {}\n  virtual ~Shape() {}\n"
          "  virtual int area() const { return w * h; }\n" + extra_virtual +
-         "  virtual int perimeter() const { return 2 * (w + h); }\n  int w, h;\n};\n"
-         "int measure(const Shape& s) { " + body + " }\n}\n";
+         "  virtual int perimeter() const { return 2 * (w + h); }\n  " + scaled + "\n  int w, h;\n};\n" + function +
+         "\n}\n";
+}
+std::string measure_fix(const std::string& extra_virtual, const std::string& body) {
+  return shape_fix(extra_virtual, "int measure(const Shape& s) { " + body + " }");
 }
 
 }  // namespace
@@ -251,15 +265,29 @@ TEST_CASE("layouts: a C++ class with a virtual method added is refused; the same
   Target t("abi_cxxtarget");
   SECTION("a virtual method added") {
     expect_refused(t,
-                   build_fix(dir, "virtual", shape_fix("  virtual int scaled(int k) const { return k * w * h; }\n",
-                                                       "return s.scaled(1) + 1000;"), true),
+                   build_fix(dir, "virtual", measure_fix("  virtual int scaled(int k) const { return k * w * h; }\n",
+                                                         "return s.scaled(1) + 1000;"), true),
                    {"struct shop::Shape: virtual method 'perimeter' is in vtable slot 3 in the target but slot 4 in "
                     "fix.so"},
                    {{"measure", "ok 12"}});
   }
   SECTION("the same class") {
-    expect_applied(t, build_fix(dir, "same", shape_fix("", "return s.area() + 1000;"), true),
+    expect_applied(t, build_fix(dir, "same", measure_fix("", "return s.area() + 1000;"), true),
                    "types: signatures and 1 type of 1 function match", {{"measure", "ok 1012"}, {"price", "ok 50"}});
+  }
+  SECTION("a member function whose return type changed") {
+    expect_refused(t,
+                   build_fix(dir, "method", shape_fix("", "int Shape::scaled_area(int k) const { return k * w * h + 1000; }",
+                                                      "int scaled_area(int k) const;"), true),
+                   {"shop::Shape::scaled_area(int) const returns 'long int' (8 bytes, integer) in the target but 'int' "
+                    "(4 bytes, integer) in fix.so"},
+                   {{"scaled", "ok 24"}});
+  }
+  SECTION("the same member function") {
+    expect_applied(t,
+                   build_fix(dir, "method", shape_fix("", "long Shape::scaled_area(int k) const { return 1000L + k * w * h; }"),
+                             true),
+                   "types: signatures and 1 type of 1 function match", {{"scaled", "ok 1024"}, {"measure", "ok 12"}});
   }
 }
 
