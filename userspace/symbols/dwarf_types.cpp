@@ -335,10 +335,23 @@ void DwarfIndex::index_die(Dwarf_Die& die, const std::string& scope) {
   }
 }
 
-std::optional<Dwarf_Die> DwarfIndex::subprogram_at(uint64_t address) {
+// The CU whose ranges hold `address`: by .debug_aranges, else (clang emits none by default)
+// by the CUs' own DW_AT_ranges / low_pc, reading only their top DIEs.
+std::optional<Dwarf_Die> DwarfIndex::cu_at(uint64_t address) const {
   Dwarf_Die cu;
-  if (!dwarf_ || !dwarf_addrdie(dwarf_, address, &cu)) return std::nullopt;
-  read_cu(cu);
+  if (dwarf_addrdie(dwarf_, address, &cu)) return cu;
+  Dwarf_Off off = 0, next = 0;
+  size_t header = 0;
+  for (; dwarf_nextcu(dwarf_, off, &next, &header, nullptr, nullptr, nullptr) == 0; off = next)
+    if (dwarf_offdie(dwarf_, off + header, &cu) && dwarf_haspc(&cu, address) == 1) return cu;
+  return std::nullopt;
+}
+
+std::optional<Dwarf_Die> DwarfIndex::subprogram_at(uint64_t address) {
+  if (!dwarf_) return std::nullopt;
+  auto cu = cu_at(address);
+  if (!cu) return std::nullopt;
+  read_cu(*cu);
   for (auto& s : subprograms_)
     if (starts_at(s, address)) return s;
   return std::nullopt;

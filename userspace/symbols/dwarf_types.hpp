@@ -35,6 +35,7 @@ class DwarfIndex {
   std::string qualified_name(Dwarf_Die die) const;
 
  private:
+  std::optional<Dwarf_Die> cu_at(uint64_t address) const;
   void read_cu(Dwarf_Die cu);
   void index_children(Dwarf_Die parent, const std::string& scope);
   void index_die(Dwarf_Die& die, const std::string& scope);
