@@ -116,18 +116,22 @@ class TypeCheck {
     return it->second;
   }
 
+  Result<void> unchecked(const std::string& reason, const Function& fn) {
+    tally_.unchecked[reason].push_back(fn.name);
+    return {};
+  }
+
   Result<void> function(const PlanEntry& e) {
     const Function& fn = e.target;
     TargetDwarf& t = target_for(fn);
-    if (!t.index) return tally_.unchecked[t.missing].push_back(fn.name), Result<void>{};
-    if (!fix_.dwarf) return tally_.unchecked[kNoFixDwarf].push_back(fn.name), Result<void>{};
+    if (!t.index) return unchecked(t.missing, fn);
+    if (!fix_.dwarf) return unchecked(kNoFixDwarf, fn);
     auto tdie = t.index->subprogram_at(t.object->dwarf_address(fn.address));
-    if (!tdie) return tally_.unchecked["the target's DWARF does not describe it"].push_back(fn.name), Result<void>{};
+    if (!tdie) return unchecked("the target's DWARF does not describe it", fn);
     auto fdie = fix_index_.subprogram_at(e.replacement_value);
-    if (!fdie) return tally_.unchecked["fix.so's DWARF does not describe it"].push_back(fn.name), Result<void>{};
+    if (!fdie) return unchecked("fix.so's DWARF does not describe it", fn);
     if (auto lang = dwarf__foreign_language(*tdie); !lang.empty())
-      return tally_.unchecked[fmt::format("the target's code is {}, whose types are not compared", lang)].push_back(fn.name),
-             Result<void>{};
+      return unchecked(fmt::format("the target's code is {}, whose types are not compared", lang), fn);
     if (auto d = t.comparer->signatures(*tdie, *fdie, fn.name))
       return fail(fmt::format("the replacement of {} does not match the target: {}", fn.name, d->text), kHint);
     tally_.functions++;
