@@ -240,21 +240,23 @@ struct Parameters {
   bool variadic = false;
 };
 
-// The parameters of a subprogram or subroutine type: from the first DIE of its chain
-// (concrete copy -> abstract origin -> declaration) that lists any.
+// The parameters of a subprogram or subroutine type, as declared: from the last DIE of its
+// chain (concrete copy -> abstract origin -> declaration) that lists any. The declaration is
+// what callers were compiled against; an optimised copy may list fewer.
 Parameters parameters_of(Dwarf_Die die) {
   std::optional<Dwarf_Die> at = die;
+  Parameters found;
   for (int i = 0; at && i < 4; i++) {
     Parameters p;
     for_children(*at, [&](Dwarf_Die c) {
       if (dwarf_tag(&c) == DW_TAG_formal_parameter) p.list.push_back(c);
       if (dwarf_tag(&c) == DW_TAG_unspecified_parameters) p.variadic = true;
     });
-    if (!p.list.empty() || p.variadic) return p;
+    if (!p.list.empty() || p.variadic) found = std::move(p);
     auto origin = ref_of(*at, DW_AT_abstract_origin);
     at = origin ? origin : ref_of(*at, DW_AT_specification);
   }
-  return {};
+  return found;
 }
 
 bool starts_at(Dwarf_Die die, uint64_t address) {
