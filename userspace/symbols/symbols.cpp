@@ -345,16 +345,37 @@ struct DwflDeleter {
   void operator()(Dwfl* d) const { dwfl_end(d); }
 };
 
+// One ELF file in a dwfl session of its own, reported at 0: module addresses are st_value.
+struct DwflFile {
+  std::unique_ptr<Dwfl, DwflDeleter> dwfl;
+  Dwfl_Module* mod = nullptr;
+};
+
+// `fd` is consumed; `path` is the file's real path (for debuglinks and messages).
+Result<DwflFile> dwfl_file__open(UniqueFd fd, const std::string& path) {
+  DwflFile out;
+  out.dwfl.reset(dwfl_begin(&dwfl_callbacks()));
+  if (!out.dwfl) return fail(fmt::format("cannot start elfutils for {}: {}", path, dwfl_errmsg(-1)));
+  dwfl_report_begin(out.dwfl.get());
+  out.mod = dwfl_report_elf(out.dwfl.get(), path.c_str(), path.c_str(), fd.get(), 0, true);
+  if (!out.mod) return fail(fmt::format("cannot read {} as ELF: {}", path, dwfl_errmsg(-1)));
+  fd.release();  // dwfl owns it now
+  dwfl_report_end(out.dwfl.get(), nullptr, nullptr);
+  return out;
+}
+
+// Our debug-file lookup (find_debuginfo) for `file`, until it is called with nullptr.
+void dwfl_file__set_lookup(const DwflFile& file, DebugLookup* lookup) {
+  void** userdata = nullptr;
+  dwfl_module_info(file.mod, &userdata, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+  *userdata = lookup;
+}
+
 // The symbols of the ELF file open on `fd` (consumed); `path` is its real path (for
 // debuglinks and messages).
 Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const std::string& debug_root) {
-  std::unique_ptr<Dwfl, DwflDeleter> dwfl(dwfl_begin(&dwfl_callbacks()));
-  if (!dwfl) return fail(fmt::format("cannot start elfutils for {}: {}", path, dwfl_errmsg(-1)));
-  dwfl_report_begin(dwfl.get());
-  Dwfl_Module* mod = dwfl_report_elf(dwfl.get(), path.c_str(), path.c_str(), fd.get(), 0, true);
-  if (!mod) return fail(fmt::format("cannot read {} as ELF: {}", path, dwfl_errmsg(-1)));
-  fd.release();  // dwfl owns it now
-  dwfl_report_end(dwfl.get(), nullptr, nullptr);
+  auto file = HOTFIX_TRY(dwfl_file__open(std::move(fd), path));
+  Dwfl_Module* mod = file.mod;
 
   GElf_Addr bias = 0;
   Elf* elf = dwfl_module_getelf(mod, &bias);
@@ -372,9 +393,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
   out.build_id = elf__build_id(elf);
 
   DebugLookup lookup{debug_root, path, out.build_id, {}};
-  void** userdata = nullptr;
-  dwfl_module_info(mod, &userdata, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-  *userdata = &lookup;
+  dwfl_file__set_lookup(file, &lookup);
 
   auto exported = elf__exported(elf);
   std::vector<RawSymbol> functions, variables;
@@ -411,7 +430,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
     (function ? functions : variables).push_back(std::move(r));
   }
   if (any_ifunc) out.irelative = elf__irelative(elf);
-  *userdata = nullptr;
+  dwfl_file__set_lookup(file, nullptr);
   out.debug_file = lookup.found;
   out.functions = group_by_address(std::move(functions), out.loads);
   out.variables = group_by_address(std::move(variables), out.loads);
@@ -657,6 +676,40 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");
   return builder.finish();
+}
+
+// ---------------------------------------------------------------- DWARF of one object
+
+struct ObjectDwarf::State {
+  DwflFile file;
+  DebugLookup lookup;
+};
+
+ObjectDwarf::ObjectDwarf(ObjectDwarf&&) noexcept = default;
+ObjectDwarf& ObjectDwarf::operator=(ObjectDwarf&&) noexcept = default;
+ObjectDwarf::~ObjectDwarf() = default;
+
+const std::string& ObjectDwarf::debug_file() const {
+  static const std::string none;
+  return state_ ? state_->lookup.found : none;
+}
+
+Result<ObjectDwarf> ObjectDwarf::open(pid_t pid, const ObjectInfo& object, const SymbolOptions& opts) {
+  auto maps = HOTFIX_TRY(process__read_maps(pid));
+  auto it = std::find_if(maps.begin(), maps.end(), [&](const Mapping& m) { return m.path == object.path; });
+  if (it == maps.end()) return fail(fmt::format("{} is no longer mapped in pid {}", object.path, pid));
+  UniqueFd fd = open_mapped(pid, *it);
+  if (!fd) return fail(fmt::format("cannot open {} of pid {}: {}", object.path, pid, errno_text(errno)));
+  std::string path = without_deleted(object.path);
+  ObjectDwarf out;
+  out.state_ = std::make_unique<State>(State{HOTFIX_TRY(dwfl_file__open(std::move(fd), path)), {}});
+  out.state_->lookup = DebugLookup{default_debug_root(opts), path, object.build_id, {}};
+  dwfl_file__set_lookup(out.state_->file, &out.state_->lookup);  // stays valid: the state owns both
+  Dwarf_Addr bias = 0;
+  out.dwarf_ = dwfl_module_getdwarf(out.state_->file.mod, &bias);
+  out.load_bias_ = object.load_bias;
+  out.dwarf_bias_ = bias;
+  return out;
 }
 
 const Function* SymbolTable::function_at(uint64_t addr) const {

@@ -12,6 +12,8 @@
 
 #include "common/error.hpp"
 
+struct Dwarf;  // libdw's
+
 namespace hotfix {
 
 enum class Binding { global, weak, local };
@@ -105,6 +107,31 @@ class SymbolTable {
   pid_t pid_ = 0;
   std::string file_;
   friend struct SymbolTableBuilder;
+};
+
+// The DWARF of one mapped object of a process, found where the symbol tables find debug
+// files: the object itself, else a separate debug file by build-id or .gnu_debuglink under
+// the debug root (never debuginfod). Only headers are read on open; libdw reads a CU when it
+// is asked for one, so the cost grows with what is looked at, not with the object's size.
+class ObjectDwarf {
+ public:
+  // `object` as SymbolTable::objects() names it.
+  static Result<ObjectDwarf> open(pid_t pid, const ObjectInfo& object, const SymbolOptions& opts = {});
+  ObjectDwarf(ObjectDwarf&&) noexcept;
+  ObjectDwarf& operator=(ObjectDwarf&&) noexcept;
+  ~ObjectDwarf();
+
+  Dwarf* dwarf() const { return dwarf_; }  // nullptr: the object has no DWARF (only .gnu_debugdata, or stripped)
+  // The DWARF address of a runtime address of this load.
+  uint64_t dwarf_address(uint64_t runtime) const { return runtime - load_bias_ - dwarf_bias_; }
+  const std::string& debug_file() const;  // the separate debug file used, or empty
+
+ private:
+  struct State;
+  ObjectDwarf() = default;
+  std::unique_ptr<State> state_;
+  Dwarf* dwarf_ = nullptr;
+  uint64_t load_bias_ = 0, dwarf_bias_ = 0;
 };
 
 }  // namespace hotfix
