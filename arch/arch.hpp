@@ -148,6 +148,8 @@ EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address);
 // bytes after `entry` (the entry itself is fine), else why not, one line.
 std::string check_branches_into_entry(std::span<const uint8_t> code, uint64_t address, uint64_t entry,
                                       size_t covered);
+// Does `code` (at `address`) hold a direct call or jump to `target`? (Who calls a clone.)
+bool branches_to(std::span<const uint8_t> code, uint64_t address, uint64_t target);
 
 // ---- calling-convention check (GCC's -fipa-ra) ----
 // At -O2 GCC lets a caller keep values in call-clobbered registers across a call when it can

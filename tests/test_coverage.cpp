@@ -184,7 +184,8 @@ TEST_CASE("a .constprop clone is reported", "[coverage][clone]") {
   Target t;
   auto before = snapshot(t);
   long old_scale = t.answer("scale 5");
-  expect_refused(patch(t, "cov_fix_scale.so"), {"scale has a clone scale.constprop.0", "nothing was changed"});
+  expect_refused(patch(t, "cov_fix_scale.so"),
+                 {"scale has a clone scale.constprop.0 (cov_clone.c:", "called from use_scale", "nothing was changed"});
   expect_untouched(t, before);
   auto r = patch(t, "cov_fix_scale.so", {"--allow-uncovered", "--dry-run", "--json"});
   INFO(r.out << r.err);
@@ -192,6 +193,17 @@ TEST_CASE("a .constprop clone is reported", "[coverage][clone]") {
   CHECK(has_place(r.out, "scale", "clone", "scale.constprop.0"));
   expect_untouched(t, before);
   CHECK(t.answer("scale 5") == old_scale);
+}
+
+TEST_CASE("a clone is covered when the fix replaces every caller of it", "[coverage][clone]") {
+  require_root();
+  Target t;
+  long old_scale = t.answer("scale 5");
+  auto r = patch(t, "cov_fix_scale_callers.so");
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("coverage: covered: scale has a clone scale.constprop.0") != std::string::npos);
+  CHECK(t.answer("scale 5") == old_scale + 2);  // both calls run the new scale (+1 each)
 }
 
 TEST_CASE("a branch from the .cold part into the entry bytes is refused", "[coverage][cold]") {

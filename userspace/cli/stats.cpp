@@ -134,6 +134,11 @@ size_t unreached_places(const PatchRecord& p, const std::string& mangled) {
   return n;
 }
 
+// Aliases are redirected (and counted) with the function; inlined copies and clones are not.
+bool any_unreached(const PatchRecord& p) {
+  return p.uncovered_more || std::any_of(p.uncovered.begin(), p.uncovered.end(), [](auto& u) { return u.kind != "alias"; });
+}
+
 // The new share, never "100%" while uncounted old code runs elsewhere (marked with '*').
 std::string new_share(uint64_t new_hits, uint64_t all, bool unreached) {
   std::string s = percent(new_hits, all);
@@ -189,8 +194,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
   out += fmt::format("  new hits: {}\n  old hits: {}", kNewSource, kOldSource);
   out += v.hits->exit_probes ? fmt::format(", {} probe(s)\n", v.hits->exit_probes) : "; no probes: no exit of the old code lies past the entry jump\n";
   if (!p.uncovered.empty()) {
-    bool unreached = std::any_of(p.uncovered.begin(), p.uncovered.end(), [](auto& u) { return u.kind != "alias"; });
-    if (unreached) out += fmt::format("  * {}\n", kUncoveredNote);
+    if (any_unreached(p)) out += fmt::format("  * {}\n", kUncoveredNote);
     out += uncovered_lines(p.uncovered, p.uncovered_more, "  ");
   }
   return out;
@@ -224,7 +228,7 @@ std::string json_patch(const PatchView& v, const PatchView* before, double now, 
       R"({{"id":{},"state":"{}","library":{},"applied_ns":{},"counted":{},"exit_probes":{},"new_hits_source":{},"old_hits_source":{},"functions":[{}],"uncovered":{},"uncovered_more":{},"uncovered_note":{}{}}})",
       p.id, patch_state__name(p.state), json__quote(p.library), p.applied_ns, v.hits.has_value(),
       v.hits ? v.hits->exit_probes : 0, json__quote(kNewSource), json__quote(kOldSource), fns,
-      uncovered_json(p.uncovered), p.uncovered_more, p.uncovered.empty() ? "null" : json__quote(kUncoveredNote),
+      uncovered_json(p.uncovered), p.uncovered_more, any_unreached(p) ? json__quote(kUncoveredNote) : "null",
       callers_json);
 }
 

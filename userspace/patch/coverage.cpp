@@ -185,6 +185,8 @@ struct Identity {
   std::set<Dwarf_Off> offsets;
   std::string linkage, name, decl_file;
   int decl_line = 0;
+  Dwarf_Off unit = 0;         // the unit that holds its concrete DIE
+  bool main_file = false;     // declared in that unit's own source file, not in a header
 };
 
 std::optional<Dwarf_Die> concrete_die(Dwarf* dw, uint64_t addr) {
@@ -221,7 +223,39 @@ std::optional<Identity> identity_of(Dwarf* dw, uint64_t file_addr, size_t index)
   id.name = string_attr(&abstract, DW_AT_name);
   id.decl_file = base_name(dwarf_decl_file(&abstract));
   dwarf_decl_line(&abstract, &id.decl_line);
+  Dwarf_Die cudie;
+  if (dwarf_diecu(&*die, &cudie, nullptr, nullptr)) {
+    id.unit = dwarf_dieoffset(&cudie);
+    id.main_file = !id.decl_file.empty() && id.decl_file == base_name(dwarf_diename(&cudie));
+  }
   return id;
+}
+
+// Was any unit of this object compiled by link-time optimisation (GCC names such units
+// "<artificial>" and its producer "GNU GIMPLE")? Then inlining crosses units.
+bool has_lto_units(Dwarf* dw) {
+  Dwarf_CU* cu = nullptr;
+  uint8_t type = 0;
+  Dwarf_Die cudie;
+  while (dwarf_get_units(dw, cu, &cu, nullptr, &type, &cudie, nullptr) == 0) {
+    const char* name = dwarf_diename(&cudie);
+    if (name && std::string_view(name) == "<artificial>") return true;
+    if (string_attr(&cudie, DW_AT_producer).starts_with("GNU GIMPLE")) return true;
+  }
+  return false;
+}
+
+// The units an inlined copy of `ids` can be in: without LTO, a function defined in a unit's
+// own source file can only be inlined in that unit; one from a header (an inline function, a
+// template) can be inlined in any unit that includes it. Empty: every unit.
+std::set<Dwarf_Off> units_to_walk(Dwarf* dw, const std::vector<Identity>& ids) {
+  std::set<Dwarf_Off> out;
+  for (auto& id : ids) {
+    if (!id.main_file || !id.unit) return {};
+    out.insert(id.unit);
+  }
+  if (!out.empty() && has_lto_units(dw)) return {};
+  return out;
 }
 
 // One walk over every unit of one object, looking for the planned functions' other places.
@@ -241,12 +275,15 @@ class Walk {
     int line;
   };
 
-  void run(Dwarf* dw) {
+  // Every unit, or only `units` when not empty.
+  void run(Dwarf* dw, const std::set<Dwarf_Off>& units) {
     Dwarf_CU* cu = nullptr;
     uint8_t type = 0;
     Dwarf_Die cudie;
     while (dwarf_get_units(dw, cu, &cu, nullptr, &type, &cudie, nullptr) == 0) {
       if (type != DW_UT_compile && type != DW_UT_partial && type != DW_UT_skeleton) continue;  // type units hold no code
+      if (!units.empty() && !units.count(dwarf_dieoffset(&cudie))) continue;
+      ++units_walked;
       files_ = nullptr;
       nfiles_ = 0;
       if (dwarf_getsrcfiles(&cudie, &files_, &nfiles_) != 0) files_ = nullptr;
@@ -255,7 +292,7 @@ class Walk {
   }
 
   std::vector<Found> found;
-  size_t dies = 0;
+  size_t dies = 0, units_walked = 0;
 
  private:
   void children(Dwarf_Die* parent) {
@@ -364,6 +401,65 @@ std::pair<std::string, int> source_at(Dwarf* dw, uint64_t file_addr) {
   return {base_name(dwarf_linesrc(line, nullptr, nullptr)), n};
 }
 
+// ---------------------------------------------------------------- who calls a clone
+
+// The code of an object's functions, read from its file (what the process mapped).
+class ObjectCode {
+ public:
+  ObjectCode(const SymbolTable& table, const std::string& object) {
+    fd_.reset(::open(object.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd_ && table.pid()) fd_.reset(::open(fmt::format("/proc/{}/root{}", table.pid(), object).c_str(), O_RDONLY | O_CLOEXEC));
+  }
+  std::optional<std::vector<uint8_t>> of(const Function& f) {
+    if (!fd_ || f.size == 0 || f.offset == 0) return std::nullopt;
+    std::vector<uint8_t> bytes(std::min<uint64_t>(f.size, 1 << 20));
+    if (::pread(fd_.get(), bytes.data(), bytes.size(), static_cast<off_t>(f.offset)) != static_cast<ssize_t>(bytes.size()))
+      return std::nullopt;
+    return bytes;
+  }
+
+ private:
+  UniqueFd fd_;
+};
+
+constexpr uint64_t kMaxCallerScan = 64 << 20;  // bytes of code searched for a clone's callers at most
+
+// The address ranges of the unit holding `file_addr` (file addresses), empty if unknown.
+std::vector<std::pair<uint64_t, uint64_t>> unit_ranges(Dwarf* dw, uint64_t file_addr) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  Dwarf_Die cu;
+  if (!dw || !dwarf_addrdie(dw, file_addr, &cu)) return out;
+  Dwarf_Addr base = 0, start = 0, end = 0;
+  for (ptrdiff_t off = 0; (off = dwarf_ranges(&cu, off, &base, &start, &end)) > 0;) out.push_back({start, end});
+  return out;
+}
+
+// The functions with a direct call or jump to `clone`: those of its unit when DWARF says
+// which they are (a clone is local to its unit), else every function of its object.
+// nullopt when the code could not be read or is too large to search.
+std::optional<std::vector<const Function*>> callers_of(const SymbolTable& table, const ByName& by_name, Dwarf* dw,
+                                                       uint64_t bias, ObjectCode& code, const Function& clone) {
+  auto ranges = unit_ranges(dw, clone.address - bias);
+  auto in_unit = [&](const Function& f) {
+    if (ranges.empty()) return true;
+    uint64_t a = f.address - bias;
+    return std::any_of(ranges.begin(), ranges.end(), [&](auto& r) { return a >= r.first && a < r.second; });
+  };
+  std::set<const Function*> callers;
+  uint64_t scanned = 0;
+  for (auto& f : table.functions()) {
+    if (f.object != clone.object || f.address == clone.address || !in_unit(f)) continue;
+    if ((scanned += f.size) > kMaxCallerScan) return std::nullopt;
+    auto bytes = code.of(f);
+    if (!bytes) {
+      if (f.size) return std::nullopt;
+      continue;
+    }
+    if (arch::branches_to(*bytes, f.address, clone.address)) callers.insert(whole_function(by_name, &f));
+  }
+  return std::vector<const Function*>(callers.begin(), callers.end());
+}
+
 // ---------------------------------------------------------------- putting it together
 
 struct Collector {
@@ -390,18 +486,30 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
   auto dwarf = DwarfFile::open(table, object);
   Dwarf* dw = dwarf ? dwarf->get() : nullptr;
   std::set<uint64_t> clones_seen;
+  struct Clone {
+    size_t index;
+    const Function* fn;
+    std::string file;
+    int line;
+  };
+  std::vector<Clone> clones;
   if (dw) {
     std::vector<Identity> ids;
     for (size_t i : indexes)
       if (auto id = identity_of(dw, c.planned[i].address - bias, i)) ids.push_back(std::move(*id));
     auto start = std::chrono::steady_clock::now();
+    auto units = units_to_walk(dw, ids);
     Walk walk(table, by_name, bias, std::move(ids));
-    walk.run(dw);
+    walk.run(dw, units);
+    c.out.units += walk.units_walked;
     c.out.walk_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     c.out.dies += walk.dies;
     c.out.searched.push_back(object);
     for (auto& f : walk.found) {
-      if (f.kind == "clone") clones_seen.insert(f.in->address);
+      if (f.kind == "clone") {
+        if (clones_seen.insert(f.in->address).second) clones.push_back({f.index, f.in, f.file, f.line});
+        continue;
+      }
       c.add(f.index, f.kind, f.in->name, f.file, f.line, c.planned_at.count(f.in->address) > 0);
     }
   } else {
@@ -409,10 +517,29 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
   }
   for (size_t i : indexes)  // clones the symbol table names (all of them when there is no DWARF)
     for (auto& [part, words] : parts_of(by_name, c.planned[i]))
-      if (is_clone(words) && !clones_seen.count(part->address)) {
+      if (is_clone(words) && clones_seen.insert(part->address).second) {
         auto [file, line] = source_at(dw, part->address - bias);
-        c.add(i, "clone", part->name, file, line, c.planned_at.count(part->address) > 0);
+        clones.push_back({i, part, file, line});
       }
+  ObjectCode code(table, object);
+  for (auto& k : clones) {
+    if (c.planned_at.count(k.fn->address)) {
+      c.add(k.index, "clone", k.fn->name, k.file, k.line, true);
+      continue;
+    }
+    // A clone is reached only through direct calls in its own unit (its signature changed, so
+    // nothing else can call it): covered when the patch replaces every one of its callers.
+    auto callers = callers_of(table, by_name, dw, bias, code, *k.fn);
+    bool all_replaced = callers && !callers->empty() &&
+                        std::all_of(callers->begin(), callers->end(), [&](auto* f) { return c.planned_at.count(f->address) > 0; });
+    std::string names;
+    for (auto* f : callers ? *callers : std::vector<const Function*>{}) names += (names.empty() ? "" : ", ") + f->name;
+    std::string detail = !callers ? "its callers could not be read"
+                         : names.empty() ? "no direct caller found (its address may be taken)"
+                                         : "called from " + names;
+    c.add(k.index, "clone", k.fn->name, k.file, k.line, all_replaced);
+    c.out.places.back().detail = detail;
+  }
 }
 
 // Every other name at a planned function's address: the name it is patched as is the one
@@ -509,12 +636,16 @@ std::string no_dwarf_note(const PreparedPatch& p, const std::vector<std::string>
                      names, list, objects.size() > 1 ? "have" : "has");
 }
 
-std::string kinds_hint(const std::vector<UncoveredPlace>& places) {
+std::string described(const CoveragePlace& c) {
+  return coverage__describe(c.place) + (c.detail.empty() ? "" : ", " + c.detail);
+}
+
+std::string kinds_hint(const std::vector<CoveragePlace>& places) {
   std::set<std::string> kinds;
-  for (auto& u : places) kinds.insert(u.kind);
+  for (auto& c : places) kinds.insert(c.place.kind);
   std::vector<std::string> ways;
   if (kinds.count("inlined")) ways.push_back("copy the functions that inlined it into fix.so too (they are replaced then)");
-  if (kinds.count("clone")) ways.push_back("replace the callers of each clone too");
+  if (kinds.count("clone")) ways.push_back("copy every caller of each clone into fix.so too");
   if (kinds.count("alias")) ways.push_back("name every alias in the patterns (or define it in fix.so)");
   std::string out;
   for (auto& w : ways) out += (out.empty() ? "" : "; ") + w;
@@ -538,39 +669,40 @@ Result<void> coverage__check(PreparedPatch& p) {
   HOTFIX_CHECK(check_cold_parts(p, by_name, mem));
 
   auto found = coverage__find(p.table, planned, alias_rule(p), patched_as);
-  std::vector<UncoveredPlace> uncovered;
+  std::vector<CoveragePlace> uncovered;
   size_t covered = 0;
   for (auto& c : found.places) {
     if (c.covered) {
       ++covered;
-      p.notes.push_back({"coverage", fmt::format("covered: {}, which the patch replaces too", coverage__describe(c.place))});
+      p.notes.push_back({"coverage", fmt::format("covered: {}, which the patch replaces too", described(c))});
     } else {
-      uncovered.push_back(c.place);
+      uncovered.push_back(c);
     }
   }
   if (!found.without_dwarf.empty()) p.notes.push_back({"coverage", no_dwarf_note(p, found.without_dwarf)});
   if (!found.searched.empty())
-    p.notes.push_back({"coverage", fmt::format("searched the DWARF of {} object(s) ({} entries, {:.1f} ms): {} "
-                                               "place(s) elsewhere run the patched code, {} covered",
-                                               found.searched.size(), found.dies, found.walk_ms, found.places.size(),
-                                               covered)});
+    p.notes.push_back({"coverage", fmt::format("searched the DWARF of {} object(s) ({} unit(s), {} entries, {:.1f} ms): "
+                                               "{} place(s) elsewhere run the patched code, {} covered",
+                                               found.searched.size(), found.units, found.dies, found.walk_ms,
+                                               found.places.size(), covered)});
   if (uncovered.empty()) return {};
   if (!p.options.allow_uncovered) {
     constexpr size_t kShown = 8;
     std::string list;
     for (size_t i = 0; i < std::min(kShown, uncovered.size()); ++i)
-      list += (list.empty() ? "" : "; ") + coverage__describe(uncovered[i]);
+      list += (list.empty() ? "" : "; ") + described(uncovered[i]);
     if (uncovered.size() > kShown) list += fmt::format("; and {} more", uncovered.size() - kShown);
     return fail(fmt::format("{} place(s) run the patched code where the entry jump does not reach or changes more "
                             "than asked: {}; nothing was changed",
                             uncovered.size(), list),
                 kinds_hint(uncovered));
   }
-  for (auto& u : uncovered)
-    p.notes.push_back({"coverage", fmt::format("NOT covered (--allow-uncovered): {}: {}", coverage__describe(u),
-                                               u.kind == "alias" ? "its callers get the new code too"
-                                                                 : "those calls keep the old code and are not counted")});
-  p.uncovered = std::move(uncovered);
+  for (auto& c : uncovered) {
+    p.notes.push_back({"coverage", fmt::format("NOT covered (--allow-uncovered): {}: {}", described(c),
+                                               c.place.kind == "alias" ? "its callers get the new code too"
+                                                                       : "those calls keep the old code and are not counted")});
+    p.uncovered.push_back(c.place);
+  }
   return {};
 }
 

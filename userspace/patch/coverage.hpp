@@ -5,9 +5,11 @@
 //    is the function): separate entry points with changed signatures, never jumped over;
 //  - aliases (other names at the same address, identical-code-folded bodies): the jump
 //    changes every caller of those names too.
-// A place is covered when the fix also replaces the function that holds it (for an inlined
-// copy or a clone: that function, or the clone itself), or, for an alias, when the alias is
-// in the patch (named by a pattern, or defined by fix.so when no pattern is given).
+// A place is covered when the fix also replaces the function that holds it: for an inlined
+// copy, the function it was inlined into; for a clone, every function that calls it (a clone
+// is local to its unit and has its own signature: only direct calls there reach it); for an
+// alias, when the alias is in the patch (named by a pattern, or defined by fix.so when no
+// pattern is given).
 // Uncovered places are refused unless --allow-uncovered; then they are recorded with the
 // patch (PatchRecord::uncovered) for list and stats.
 // The `.cold` part of a planned function is part of its body: a direct branch from it into
@@ -29,6 +31,7 @@ struct PreparedPatch;
 struct CoveragePlace {
   UncoveredPlace place;
   bool covered = false;
+  std::string detail;  // for a clone: who calls it ("called from use_scale")
 };
 
 struct CoverageFindings {
@@ -37,6 +40,8 @@ struct CoverageFindings {
   // clones known only to DWARF) were not looked for there.
   std::vector<std::string> without_dwarf;
   std::vector<std::string> searched;  // objects whose DWARF was walked
+  size_t units = 0;                   // compilation units walked: only the functions' own without LTO,
+                                      // unless one comes from a header (then every unit)
   size_t dies = 0;                    // DWARF entries visited (the cost of the walk)
   double walk_ms = 0;
 };
