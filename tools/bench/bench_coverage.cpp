@@ -1,7 +1,7 @@
 // What the coverage check costs (patch/coverage.hpp): one DWARF walk over the object that
 // holds the planned functions, looking for their inlined copies and clones. Measured on
 // hotfix-ctl itself (C++, RelWithDebInfo: a large .debug_info) and on the cov_target fixture.
-//   bench_coverage [--quick] [FILE FUNCTION...]
+//   bench_coverage [--quick] [FILE FUNCTION...]   (with FILE: also lists the places found)
 #include <fmt/core.h>
 #include <sys/stat.h>
 
@@ -28,7 +28,7 @@ std::vector<Function> functions_named(const SymbolTable& t, const std::vector<st
   return out;
 }
 
-void bench(const std::string& file, const std::vector<std::string>& names, int runs) {
+void bench(const std::string& file, const std::vector<std::string>& names, int runs, bool list = false) {
   auto table = SymbolTable::for_file(file);
   if (!table) {
     fmt::print("{}: {}\n", file, table.error().line());
@@ -49,6 +49,10 @@ void bench(const std::string& file, const std::vector<std::string>& names, int r
   fmt::print("| {} ({:.1f} MB) | {} | {} | {} | {} | {} | {:.1f} | {:.1f} |\n", file.substr(file.rfind('/') + 1),
              st.st_size / 1e6, planned.size(), found.units, found.dies, inlined, found.places.size() - inlined, ms[runs / 2],
              found.walk_ms);
+  if (list)
+    for (auto& p : found.places)
+      fmt::print("    {}{}{}\n", coverage__describe(p.place), p.detail.empty() ? "" : ", " + p.detail,
+                 p.covered ? " (covered)" : "");
 }
 
 }  // namespace
@@ -62,7 +66,7 @@ int main(int argc, char** argv) {
   fmt::print("| object | functions | units walked | DWARF entries visited | inlined copies | clones+aliases | total ms | walk ms |\n");
   fmt::print("|---|---|---|---|---|---|---|---|\n");
   if (!args.empty()) {
-    bench(args[0], {args.begin() + 1, args.end()}, runs);
+    bench(args[0], {args.begin() + 1, args.end()}, runs, true);
     return 0;
   }
   bench(std::string(HOTFIX_FIXTURES) + "/cov_target", {"tax", "scale", "price"}, runs);

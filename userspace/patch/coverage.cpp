@@ -480,11 +480,9 @@ struct Collector {
   }
 };
 
-void find_in_object(const SymbolTable& table, const ByName& by_name, const std::string& object,
+void find_in_object(const SymbolTable& table, const ByName& by_name, const std::string& object, Dwarf* dw,
                     const std::vector<size_t>& indexes, Collector& c) {
   uint64_t bias = load_bias_of(table, object);
-  auto dwarf = DwarfFile::open(table, object);
-  Dwarf* dw = dwarf ? dwarf->get() : nullptr;
   std::set<uint64_t> clones_seen;
   struct Clone {
     size_t index;
@@ -544,7 +542,8 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
 
 // Every other name at a planned function's address: the name it is patched as is the one
 // the user knows, the others are its aliases.
-void find_aliases(const SymbolTable& table, const std::vector<std::string>& patched_as,
+void find_aliases(const SymbolTable& table, const std::map<std::string, std::optional<DwarfFile>>& dwarf,
+                  const std::vector<std::string>& patched_as,
                   const std::function<bool(const std::string&)>& alias_in_patch, Collector& c) {
   for (size_t i = 0; i < c.planned.size(); ++i) {
     const Function& f = c.planned[i];
@@ -553,8 +552,8 @@ void find_aliases(const SymbolTable& table, const std::vector<std::string>& patc
     names.push_back(f.mangled);
     std::string me = i < patched_as.size() && std::count(names.begin(), names.end(), patched_as[i]) ? patched_as[i]
                                                                                                     : f.mangled;
-    auto dwarf = DwarfFile::open(table, f.object);
-    auto [file, line] = source_at(dwarf ? dwarf->get() : nullptr, f.address - load_bias_of(table, f.object));
+    auto& dw = dwarf.at(f.object);
+    auto [file, line] = source_at(dw ? dw->get() : nullptr, f.address - load_bias_of(table, f.object));
     for (auto& alias : names)
       if (alias != me) c.add(i, "alias", symbols__demangle(alias), file, line, alias_in_patch(alias), symbols__demangle(me));
   }
@@ -578,8 +577,14 @@ CoverageFindings coverage__find(const SymbolTable& table, const std::vector<Func
   std::set<std::string> objects;
   for (auto& [o, _] : by_object) objects.insert(o);
   ByName by_name = index_by_name(table, objects);
-  for (auto& [object, indexes] : by_object) find_in_object(table, by_name, object, indexes, c);
-  find_aliases(table, patched_as, alias_in_patch, c);
+  // Each object's DWARF is opened once: a debug file's sections may be compressed, and
+  // elfutils inflates them on every open (most of the cost for libc's debug file).
+  std::map<std::string, std::optional<DwarfFile>> dwarf;
+  for (auto& [object, indexes] : by_object) {
+    auto& dw = dwarf.emplace(object, DwarfFile::open(table, object)).first->second;
+    find_in_object(table, by_name, object, dw ? dw->get() : nullptr, indexes, c);
+  }
+  find_aliases(table, dwarf, patched_as, alias_in_patch, c);
   return std::move(c.out);
 }
 
