@@ -156,6 +156,10 @@ TEST_CASE("--allow-uncovered applies anyway; patch, list and stats report the pl
   REQUIRE(r.exit_code == 0);
   CHECK(has_place(r.out, "tax", "inlined", "checkout_a"));
   CHECK(std::regex_search(r.out, std::regex("\"file\":\"cov_target\\.c\",\"line\":[1-9][0-9]*")));
+  // The override is audited like --allow-untrusted-lib.
+  auto audit = read_file("/var/log/hotfix/audit.log");
+  CHECK(std::regex_search(audit, std::regex("\"verb\":\"patch\"[^\n]*\"pid\":" + std::to_string(t.pid()) +
+                                            ",[^\n]*\"result\":\"ok\"[^\n]*\"uncovered\":1,")));
   CHECK(t.answer("tax 1000") == 80);
   // What the report says: the inlined copy still computes the old result.
   CHECK(t.answer("checkout 10") == checkout(10, 7));

@@ -129,6 +129,7 @@ int verb_patch(const Args& args) {
   audit.sha256 = sha256__hex(prepared->fix.bytes);
   audit.ids = {prepared->id};
   audit.untrusted = prepared->untrusted;
+  audit.uncovered = prepared->uncovered.size();
   for (auto& s : prepared->switches) audit.functions.push_back(s.entry.target.name);
   if (!prepared->untrusted.empty() && !json)
     fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);

@@ -365,7 +365,9 @@ class Walk {
     Dwarf_Attribute at;
     Dwarf_Word line = 0;
     if (dwarf_attr(d, DW_AT_call_line, &at)) dwarf_formudata(&at, &line);
-    found.push_back({ids_[m].index, "inlined", whole_function(by_name_, in), file_of(d), static_cast<int>(line)});
+    const Function* whole = whole_function(by_name_, in);
+    if (whole->address == ids_[m].file_addr + bias_) return;  // inlined into itself (recursion): its own body
+    found.push_back({ids_[m].index, "inlined", whole, file_of(d), static_cast<int>(line)});
   }
 
   // An out-of-line instance of a planned function elsewhere than its entry: a clone.
