@@ -147,6 +147,18 @@ TEST_CASE("an inlined copy is covered when the fix replaces its container too", 
   CHECK(list.out.find("\"uncovered\":[]") != std::string::npos);
 }
 
+TEST_CASE("a container an earlier patch replaced is still named, with what was not searched", "[coverage][inlined]") {
+  require_root();
+  Target t;
+  auto first = patch(t, "cov_fix_tax_checkout.so", {"checkout_a"});
+  INFO(first.out << first.err);
+  REQUIRE(first.exit_code == 0);
+  CHECK(t.answer("checkout 10") == checkout(10, 8));
+  expect_refused(patch(t, "cov_fix_tax.so"),
+                 {"tax is inlined into checkout_a (cov_target.c:", "checkout_a is replaced by patch 1, whose own code was not searched"});
+  CHECK(t.answer("tax 1000") == 70);
+}
+
 TEST_CASE("--allow-uncovered applies anyway; patch, list and stats report the place, the share is never 100%",
           "[coverage][inlined][stats]") {
   require_root();

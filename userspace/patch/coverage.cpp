@@ -473,12 +473,12 @@ struct Collector {
   explicit Collector(const std::vector<Function>& p) : planned(p) {
     for (auto& f : p) planned_at.insert(f.address);
   }
-  void add(size_t index, const std::string& kind, const std::string& in_name, const std::string& file, int line,
-           bool covered, const std::string& function = {}) {
+  void add(size_t index, const std::string& kind, const Function& in, const std::string& in_name,
+           const std::string& file, int line, bool covered, const std::string& function = {}) {
     uint32_t l = line > 0 ? static_cast<uint32_t>(line) : 0;
     if (!seen.insert({index, kind, in_name, file, l}).second) return;  // unrolled loops repeat a copy
-    out.places.push_back(
-        {UncoveredPlace{function.empty() ? planned[index].name : function, kind, in_name, file, l}, covered});
+    out.places.push_back({UncoveredPlace{function.empty() ? planned[index].name : function, kind, in_name, file, l},
+                          covered, "", in.address});
   }
 };
 
@@ -510,7 +510,7 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
         if (clones_seen.insert(f.in->address).second) clones.push_back({f.index, f.in, f.file, f.line});
         continue;
       }
-      c.add(f.index, f.kind, f.in->name, f.file, f.line, c.planned_at.count(f.in->address) > 0);
+      c.add(f.index, f.kind, *f.in, f.in->name, f.file, f.line, c.planned_at.count(f.in->address) > 0);
     }
   } else {
     c.out.without_dwarf.push_back(object);
@@ -524,7 +524,7 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
   ObjectCode code(table, object);
   for (auto& k : clones) {
     if (c.planned_at.count(k.fn->address)) {
-      c.add(k.index, "clone", k.fn->name, k.file, k.line, true);
+      c.add(k.index, "clone", *k.fn, k.fn->name, k.file, k.line, true);
       continue;
     }
     // A clone is reached only through direct calls in its own unit (its signature changed, so
@@ -537,7 +537,7 @@ void find_in_object(const SymbolTable& table, const ByName& by_name, const std::
     std::string detail = !callers ? "its callers could not be read"
                          : names.empty() ? "no direct caller found (its address may be taken)"
                                          : "called from " + names;
-    c.add(k.index, "clone", k.fn->name, k.file, k.line, all_replaced);
+    c.add(k.index, "clone", *k.fn, k.fn->name, k.file, k.line, all_replaced);
     c.out.places.back().detail = detail;
   }
 }
@@ -557,7 +557,7 @@ void find_aliases(const SymbolTable& table, const std::map<std::string, std::opt
     auto& dw = dwarf.at(f.object);
     auto [file, line] = source_at(dw ? dw->get() : nullptr, f.address - load_bias_of(table, f.object));
     for (auto& alias : names)
-      if (alias != me) c.add(i, "alias", symbols__demangle(alias), file, line, alias_in_patch(alias), symbols__demangle(me));
+      if (alias != me) c.add(i, "alias", f, symbols__demangle(alias), file, line, alias_in_patch(alias), symbols__demangle(me));
   }
 }
 
@@ -693,6 +693,10 @@ Result<void> coverage__check(PreparedPatch& p) {
                                                found.searched.size(), found.units, found.dies, found.walk_ms,
                                                found.places.size(), covered)});
   if (uncovered.empty()) return {};
+  for (auto& c : uncovered)  // its old body no longer runs, but what replaced it was not searched
+    if (const PatchRecord* top = c.place.kind == "alias" ? nullptr : p.registry.top_at(c.in_address))
+      c.detail += fmt::format("{}{} is replaced by patch {}, whose own code was not searched", c.detail.empty() ? "" : "; ",
+                              c.place.in, top->id);
   if (!p.options.allow_uncovered) {
     constexpr size_t kShown = 8;
     std::string list;

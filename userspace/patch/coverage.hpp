@@ -32,6 +32,7 @@ struct CoveragePlace {
   UncoveredPlace place;
   bool covered = false;
   std::string detail;  // for a clone: who calls it ("called from use_scale")
+  uint64_t in_address = 0;  // the entry of the function holding it (the clone's own entry)
 };
 
 struct CoverageFindings {
