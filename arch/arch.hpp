@@ -162,8 +162,16 @@ struct EntryCheck {
 // `code` is the whole function (its bytes at `address`). Refuses a function shorter than the
 // jump, undecodable or truncated instructions under the jump, and a direct branch anywhere in
 // `code` into the overwritten bytes other than to the entry itself. Cannot see: indirect
-// branches (jump tables) and branches from outside `code` (e.g. a compiler's .cold part).
+// branches (jump tables) and branches from outside `code` (a compiler's .cold part: see
+// check_branches_into_entry).
 EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address);
+// The same sweep over code that belongs to the function but lies elsewhere (its `.cold`
+// part, `code` at `address`): "" when no direct branch in it lands inside the `covered`
+// bytes after `entry` (the entry itself is fine), else why not, one line.
+std::string check_branches_into_entry(std::span<const uint8_t> code, uint64_t address, uint64_t entry,
+                                      size_t covered);
+// Does `code` (at `address`) hold a direct call or jump to `target`? (Who calls a clone.)
+bool branches_to(std::span<const uint8_t> code, uint64_t address, uint64_t target);
 
 // ---- calling-convention check (GCC's -fipa-ra; arch/<arch>/clobbers.cpp, liveness.cpp) ----
 // At -O2 GCC lets a caller keep values in call-clobbered registers across a call when it can

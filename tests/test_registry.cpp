@@ -185,3 +185,45 @@ TEST_CASE("the decoder never throws: a bad line or summary is an error naming it
     CHECK_NOTHROW(registry__decode(framed(text)));
   }
 }
+
+TEST_CASE("a patch's uncovered places round-trip, capped and strictly parsed", "[registry][coverage]") {
+  Registry r = sample();
+  auto& p = r.patches[0];
+  p.uncovered.push_back({"tax", "inlined", "checkout_a", "cov target.c", 22});
+  p.uncovered.push_back({"scale", "clone", "scale.constprop.0", "", 0});
+  p.uncovered.push_back({"price", "alias", "price_alias", "cov_target.c", 27});
+  auto back = registry__decode(registry__encode(r));
+  REQUIRE(back);
+  REQUIRE(back->authentic);  // the new lines are under the MAC like every other line
+  CHECK(back->patches[0].uncovered == p.uncovered);
+  CHECK(back->patches[0].uncovered_more == 0);
+
+  // More than the registry keeps: the rest is a count, and the decoder takes exactly that shape.
+  for (int i = 0; i < 300; ++i) p.uncovered.push_back({"tax", "inlined", fmt::format("caller_{}", i), "a.c", 1});
+  back = registry__decode(registry__encode(r));
+  REQUIRE(back);
+  CHECK(back->patches[0].uncovered.size() == kMaxRecordedUncovered);
+  CHECK(back->patches[0].uncovered_more == 303 - kMaxRecordedUncovered);
+
+  const std::string good = text_of(sample());
+  auto with_line = [&](const std::string& line) {
+    std::string text = good;
+    text.insert(text.find("mac ") == std::string::npos ? text.find("end\n") : text.find("mac "), line + "\n");
+    return registry__decode(framed(text));
+  };
+  auto ok = with_line("uncov inlined tax checkout_a a.c 12");
+  REQUIRE(ok);
+  CHECK(ok->patches[0].uncovered.size() == 1);
+  for (std::string bad : {"uncov inline tax checkout_a a.c 12", "uncov inlined tax checkout_a a.c", "uncov inlined - x a.c 1",
+                          "uncov clone tax - a.c 1", "uncov alias tax x a.c -3", "uncov alias tax x a.c 99999999999",
+                          "uncov-more 5", "uncov alias tax x a.c 1 extra"}) {
+    INFO(bad);
+    auto r2 = with_line(bad);
+    REQUIRE_FALSE(r2);
+    CHECK(r2.error().line().find("damaged") != std::string::npos);
+  }
+  // Before any patch record an uncovered place belongs to nothing.
+  std::string text = good;
+  text.insert(text.find("patch "), "uncov inlined tax checkout_a a.c 12\n");
+  CHECK_FALSE(registry__decode(framed(text)));
+}

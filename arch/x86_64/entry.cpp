@@ -85,6 +85,40 @@ EntryCheck check_entry(std::span<const uint8_t> code, uint64_t address) {
   return c;
 }
 
+std::string check_branches_into_entry(std::span<const uint8_t> code, uint64_t address, uint64_t entry,
+                                      size_t covered) {
+  thread_local Decoder d;
+  if (!d.ok()) return "Capstone cannot open an x86-64 decoder";
+  for (size_t offset = 0; offset < code.size();) {
+    const cs_insn* insn = d.decode(code, address, offset);
+    if (!insn) {  // data or padding: a byte at a time, as check_entry does
+      ++offset;
+      continue;
+    }
+    if (is_branch(d.handle(), *insn))
+      if (auto target = direct_target(*insn); target && *target > entry && *target < entry + covered)
+        return fmt::format("`{}` at {:#x} branches to +{}, inside the {} bytes the entry jump overwrites", text(*insn),
+                           address + offset, *target - entry, covered);
+    offset += insn->size;
+  }
+  return "";
+}
+
+bool branches_to(std::span<const uint8_t> code, uint64_t address, uint64_t target) {
+  thread_local Decoder d;
+  if (!d.ok()) return false;
+  for (size_t offset = 0; offset < code.size();) {
+    const cs_insn* insn = d.decode(code, address, offset);
+    if (!insn) {
+      ++offset;
+      continue;
+    }
+    if (is_branch(d.handle(), *insn) && direct_target(*insn) == target) return true;
+    offset += insn->size;
+  }
+  return false;
+}
+
 std::string disassemble(std::span<const uint8_t> code, uint64_t address, size_t max_insns) {
   thread_local Decoder d;  // opening Capstone costs more than checking a typical function
   if (!d.ok()) return "(Capstone cannot open an x86-64 decoder)\n";

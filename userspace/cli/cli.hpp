@@ -59,4 +59,11 @@ int report(const Error& e);
 void print_audit_notes(const std::vector<std::string>& notes);
 std::string audit_notes_json(const std::vector<std::string>& notes);
 
+// The places a patch does not cover (patch/coverage.hpp) as a JSON array of
+// {"function","kind","in","file","line"} (file null and line null when unknown), and as
+// table lines ("    uncovered: tax is inlined into checkout_a (shop.c:12)"), with `more`
+// places the registry only counted.
+std::string uncovered_json(const std::vector<UncoveredPlace>& places);
+std::string uncovered_lines(const std::vector<UncoveredPlace>& places, uint64_t more, const std::string& indent);
+
 }  // namespace hotfix::cli

@@ -11,6 +11,7 @@
 #include "process/environment.hpp"
 #include "process/memory.hpp"
 #include "common/json.hpp"
+#include "patch/coverage.hpp"
 
 namespace hotfix::cli {
 
@@ -110,6 +111,26 @@ std::string audit_notes_json(const std::vector<std::string>& notes) {
   std::string items;
   for (auto& n : notes) items += (items.empty() ? "" : ",") + json__quote(n);
   return ",\"audit_notes\":[" + items + "]";
+}
+
+std::string uncovered_json(const std::vector<UncoveredPlace>& places) {
+  std::string out;
+  for (auto& u : places)
+    out += fmt::format("{}{{\"function\":{},\"kind\":\"{}\",\"in\":{},\"file\":{},\"line\":{}}}", out.empty() ? "" : ",",
+                       json__quote(u.function), u.kind, json__quote(u.in),
+                       u.file.empty() ? std::string("null") : json__quote(u.file),
+                       u.line ? fmt::format("{}", u.line) : std::string("null"));
+  return "[" + out + "]";
+}
+
+std::string uncovered_lines(const std::vector<UncoveredPlace>& places, uint64_t more, const std::string& indent) {
+  std::string out;
+  for (auto& u : places)
+    out += fmt::format("{}uncovered: {}: {}\n", indent, one_line(coverage__describe(u)),
+                       u.kind == "alias" ? "its callers get the new code too"
+                                         : "those calls run the old code, neither redirected nor counted");
+  if (more) out += fmt::format("{}uncovered: and {} more place(s)\n", indent, more);
+  return out;
 }
 
 }  // namespace hotfix::cli

@@ -43,6 +43,7 @@ void print_patch(const PatchRecord& p) {
   for (auto& f : p.functions)
     fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
                f.island ? fmt::format(" (via island {:#x})", f.island) : "");
+  fmt::print("{}", uncovered_lines(p.uncovered, p.uncovered_more, "    "));
 }
 
 void print_patches(pid_t pid, const Registry& r, bool all) {
@@ -66,9 +67,10 @@ std::string patches_json(const Registry& r) {
   std::string out;
   for (auto& p : r.patches)
     out += fmt::format("{}{{\"id\":{},\"lib\":{},\"state\":\"{}\",\"released\":{},\"applied_ns\":{},\"reverted_ns\":{},"
-                       "\"consistency\":\"{}\",\"functions\":{}}}",
+                       "\"consistency\":\"{}\",\"functions\":{},\"uncovered\":{},\"uncovered_more\":{}}}",
                        out.empty() ? "" : ",", p.id, json__quote(p.library), patch_state__name(p.state), p.released,
-                       p.applied_ns, p.reverted_ns, p.consistency, patch_functions_json(p.functions));
+                       p.applied_ns, p.reverted_ns, p.consistency, patch_functions_json(p.functions),
+                       uncovered_json(p.uncovered), p.uncovered_more);
   return "[" + out + "]";
 }
 

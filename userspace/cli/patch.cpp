@@ -16,7 +16,7 @@ namespace {
 
 constexpr const char* kSynopsis =
     "--pid PID --lib fix.so [PATTERN...] [--object NAME] [--consistency strict|entry] [--timeout SEC] "
-    "[--allow-untrusted-lib] [--dry-run] [--json]";
+    "[--allow-untrusted-lib] [--allow-uncovered] [--dry-run] [--json]";
 
 std::string hex(const std::vector<uint8_t>& bytes) {
   std::string s;
@@ -86,6 +86,7 @@ int verb_patch(const Args& args) {
       "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
+      "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
       "dry-run", "print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -101,6 +102,7 @@ int verb_patch(const Args& args) {
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
   opts.allow_untrusted_lib = vm.count("allow-untrusted-lib") > 0;
+  opts.allow_uncovered = vm.count("allow-uncovered") > 0;
   bool dry_run = vm.count("dry-run") > 0;
 
   // Every attempt that gets past the options is audited, refusals included (not dry runs).
@@ -127,6 +129,7 @@ int verb_patch(const Args& args) {
   audit.sha256 = sha256__hex(prepared->fix.bytes);
   audit.ids = {prepared->id};
   audit.untrusted = prepared->untrusted;
+  audit.uncovered = prepared->uncovered.size();
   for (auto& s : prepared->switches) audit.functions.push_back(s.entry.target.name);
   if (!prepared->untrusted.empty() && !json)
     fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);
@@ -137,8 +140,9 @@ int verb_patch(const Args& args) {
     if (!json) print_liveness(*liveness, opts.observe);
   }
   if (dry_run) {
-    if (json) fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{},\"notes\":{}}}\n", prepared->switches.size(),
-                          notes_json(prepared->notes));
+    if (json)
+      fmt::print("{{\"id\":null,\"dry_run\":true,\"functions\":{},\"notes\":{},\"uncovered\":{}}}\n",
+                 prepared->switches.size(), notes_json(prepared->notes), uncovered_json(prepared->uncovered));
     else fmt::print("dry run: nothing was changed\n");
     return 0;
   }
@@ -151,13 +155,18 @@ int verb_patch(const Args& args) {
   audit.pause_us = outcome->pause.count() / 1000.0;
   auto notes = audit__record(audit);
   if (json) {
-    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{},\"notes\":{}{}}}\n",
+    fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{},\"notes\":{},"
+               "\"uncovered\":{}{}}}\n",
                outcome->id, outcome->pause.count() / 1000.0, outcome->attempts, outcome->sha256,
-               functions_json(outcome->functions), notes_json(prepared->notes), audit_notes_json(notes));
+               functions_json(outcome->functions), notes_json(prepared->notes), uncovered_json(prepared->uncovered),
+               audit_notes_json(notes));
   } else {
     print_audit_notes(notes);
     fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,
                opts.pid, outcome->functions.size(), outcome->pause.count() / 1000.0, outcome->attempts);
+    if (!prepared->uncovered.empty())
+      fmt::print("{} place(s) not covered (--allow-uncovered):\n{}", prepared->uncovered.size(),
+                 uncovered_lines(prepared->uncovered, 0, "  "));
   }
   return 0;
 }

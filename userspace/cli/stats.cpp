@@ -122,6 +122,30 @@ std::string percent(uint64_t part, uint64_t whole) {
   return whole ? fmt::format("{:.2f}%", 100.0 * double(part) / double(whole)) : "-";
 }
 
+constexpr const char* kUncoveredNote =
+    "calls in inlined copies and clones of a patched function run its old code: they are neither redirected nor "
+    "counted, so its new share is an upper bound";
+
+// Places (inlined copies, clones) that run `mangled`'s old code outside what is counted.
+size_t unreached_places(const PatchRecord& p, const std::string& mangled) {
+  std::string name = symbols__demangle(mangled);
+  size_t n = 0;
+  for (auto& u : p.uncovered) n += u.function == name && u.kind != "alias";
+  return n;
+}
+
+// Aliases are redirected (and counted) with the function; inlined copies and clones are not.
+bool any_unreached(const PatchRecord& p) {
+  return p.uncovered_more || std::any_of(p.uncovered.begin(), p.uncovered.end(), [](auto& u) { return u.kind != "alias"; });
+}
+
+// The new share, never "100%" while uncounted old code runs elsewhere (marked with '*').
+std::string new_share(uint64_t new_hits, uint64_t all, bool unreached) {
+  std::string s = percent(new_hits, all);
+  if (!unreached) return s;
+  return (all && new_hits == all ? "<100%" : s) + "*";
+}
+
 // Rates: per second over the interval (between `before` and `now`), or since the patch was
 // applied for a one-shot report.
 struct Rates {
@@ -144,7 +168,8 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
   std::string out = fmt::format("pid {} ({}): patch {} {}, applied {} ({:.1f} s ago), {}, {} consistency\n", pid,
                                 process__comm(pid), p.id, patch_state__name(p.state), when(p.applied_ns), since,
                                 p.library, p.consistency);
-  if (!v.hits) return out + "  no hit counters for this patch (applied without counting, or removed)\n";
+  if (!v.hits) return out + "  no hit counters for this patch (applied without counting, or removed)\n" +
+                        uncovered_lines(p.uncovered, p.uncovered_more, "  ");
   size_t width = 8;
   for (auto& f : p.functions) width = std::max(width, std::min<size_t>(symbols__demangle(f.mangled).size(), kTableNameWidth));
   double secs = interval > 0 ? interval : since;
@@ -157,7 +182,8 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
     std::string name = symbols__shorten(symbols__demangle(p.functions[i].mangled), width);
     out += fmt::format("  {:<{}}  {:>14}  {:>14}  {:>10.1f}  {:>10.1f}  {:>9}  {:>8}\n", name, width, all.new_hits,
                        all.old_hits, secs > 0 ? double(d.new_hits) / secs : 0.0, secs > 0 ? double(d.old_hits) / secs : 0.0,
-                       percent(all.new_hits, all.new_hits + all.old_hits), percent(all.new_hits + all.old_hits, total));
+                       new_share(all.new_hits, all.new_hits + all.old_hits, unreached_places(p, p.functions[i].mangled) > 0),
+                       percent(all.new_hits + all.old_hits, total));
     sum_new += all.new_hits;
     sum_old += all.old_hits;
   }
@@ -166,6 +192,10 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
                                                             : "since the patch was applied");
   out += fmt::format("  new hits: {}\n  old hits: {}", kNewSource, kOldSource);
   out += v.hits->exit_probes ? fmt::format(", {} probe(s)\n", v.hits->exit_probes) : "; no probes: no exit of the old code lies past the entry jump\n";
+  if (!p.uncovered.empty()) {
+    if (any_unreached(p)) out += fmt::format("  * {}\n", kUncoveredNote);
+    out += uncovered_lines(p.uncovered, p.uncovered_more, "  ");
+  }
   return out;
 }
 
@@ -187,15 +217,18 @@ std::string json_patch(const PatchView& v, const PatchView* before, double now, 
     auto d = Rates{secs}.delta(v, before, i);
     auto num = [&](uint64_t x) { return v.hits ? fmt::format("{}", x) : std::string("null"); };
     auto rate = [&](uint64_t x) { return v.hits && secs > 0 ? fmt::format("{:.3f}", double(x) / secs) : std::string("null"); };
-    fns += fmt::format(R"({}{{"index":{},"name":{},"mangled":{},"old_address":"{:#x}","new_address":"{:#x}","new_hits":{},"old_hits":{},"new_per_s":{},"old_per_s":{}}})",
+    fns += fmt::format(R"({}{{"index":{},"name":{},"mangled":{},"old_address":"{:#x}","new_address":"{:#x}","new_hits":{},"old_hits":{},"new_per_s":{},"old_per_s":{},"unreached_places":{}}})",
                        fns.empty() ? "" : ",", i, json__quote(symbols__demangle(p.functions[i].mangled)),
                        json__quote(p.functions[i].mangled), p.functions[i].old_address, p.functions[i].new_address,
-                       num(all.new_hits), num(all.old_hits), rate(d.new_hits), rate(d.old_hits));
+                       num(all.new_hits), num(all.old_hits), rate(d.new_hits), rate(d.old_hits),
+                       unreached_places(p, p.functions[i].mangled));
   }
   return fmt::format(
-      R"({{"id":{},"state":"{}","library":{},"applied_ns":{},"counted":{},"exit_probes":{},"new_hits_source":{},"old_hits_source":{},"functions":[{}]{}}})",
+      R"({{"id":{},"state":"{}","library":{},"applied_ns":{},"counted":{},"exit_probes":{},"new_hits_source":{},"old_hits_source":{},"functions":[{}],"uncovered":{},"uncovered_more":{},"uncovered_note":{}{}}})",
       p.id, patch_state__name(p.state), json__quote(p.library), p.applied_ns, v.hits.has_value(),
-      v.hits ? v.hits->exit_probes : 0, json__quote(kNewSource), json__quote(kOldSource), fns, callers_json);
+      v.hits ? v.hits->exit_probes : 0, json__quote(kNewSource), json__quote(kOldSource), fns,
+      uncovered_json(p.uncovered), p.uncovered_more, any_unreached(p) ? json__quote(kUncoveredNote) : "null",
+      callers_json);
 }
 
 std::string format_json(pid_t pid, const Snapshot& now, const Snapshot* before, double interval,

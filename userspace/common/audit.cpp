@@ -132,12 +132,12 @@ std::string audit__line(const AuditEntry& e) {
   return fmt::format(
       R"({{"time":"{}","time_ns":{},"verb":{},"ctl_pid":{},"uid":{},"euid":{},"sudo_uid":{},"loginuid":{},"pid":{},)"
       R"("exe":{},"build_id":{},"library":{},"sha256":{},"loaded_sha256":{},"functions":{},"ids":[{}],"result":{},)"
-      R"("pause_us":{},"allow_untrusted_lib":{},"untrusted":{},"removed":{}}})",
+      R"("pause_us":{},"allow_untrusted_lib":{},"untrusted":{},"uncovered":{},"removed":{}}})",
       utc_now(ns), ns, json__quote(e.verb), ::getpid(), ::getuid(), ::geteuid(), sudo_uid(), login_uid(),
       e.pid ? std::to_string(e.pid) : "null", optional_string(e.target.exe), optional_string(e.target.build_id),
       optional_string(e.library), optional_string(e.sha256), optional_string(e.loaded_sha256), strings_json(e.functions),
       ids, json__quote(e.result), e.pause_us ? fmt::format("{:.1f}", *e.pause_us) : "null", e.allow_untrusted_lib,
-      optional_string(e.untrusted), strings_json(e.removed));
+      optional_string(e.untrusted), e.uncovered, strings_json(e.removed));
 }
 
 std::vector<std::string> audit__record(const AuditEntry& e) {

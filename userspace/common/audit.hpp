@@ -37,6 +37,7 @@ struct AuditEntry {
   std::optional<double> pause_us;     // longest stop of the target
   bool allow_untrusted_lib = false;
   std::string untrusted;              // why fix.so failed the trust rule, if it was let in anyway
+  size_t uncovered = 0;               // places applied uncovered under --allow-uncovered (patch/coverage.hpp)
   std::vector<std::string> removed;   // gc: what was removed
 };
 

@@ -421,6 +421,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   record.load_base = load_base;
   record.consistency = consistency__name(p.options.consistency);
   if (counters) record.counters = counters->address, record.counters_len = counters->length;
+  record.uncovered = p.uncovered;  // the registry keeps kMaxRecordedUncovered of them, and counts the rest
   for (auto& s : p.switches) {
     const Function& fn = s.entry.target;
     progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),

@@ -77,6 +77,9 @@ struct PreparedPatch {
   FixImage fix;           // fix.so's bytes, read once: what is checked, bound and delivered
   std::string untrusted;  // why fix.so failed the trust rule, when allow_untrusted_lib let it in
   std::vector<PlanNote> notes;  // what the checks proved or could not check, for the plan
+  // Places that run the patched code where the jump does not reach (inlined copies, clones)
+  // or changes more than asked (aliases), accepted with --allow-uncovered (patch/coverage.hpp).
+  std::vector<UncoveredPlace> uncovered;
 };
 
 // Resolve and plan without touching the target: every refusal that needs no ptrace happens

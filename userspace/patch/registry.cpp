@@ -138,6 +138,13 @@ std::string encode_text(const Registry& r) {
       t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}{}\n", f.old_address, f.new_address, f.island, hex(f.original),
                        hex(f.written), escape(f.mangled),
                        f.preserve || f.frame ? fmt::format(" {:#x} {:#x}", f.preserve, f.frame) : "");
+    size_t recorded = std::min(p.uncovered.size(), kMaxRecordedUncovered);
+    for (size_t i = 0; i < recorded; ++i) {
+      auto& u = p.uncovered[i];
+      t += fmt::format("uncov {} {} {} {} {}\n", u.kind, escape(u.function), escape(u.in), escape(u.file), u.line);
+    }
+    if (uint64_t more = p.uncovered_more + (p.uncovered.size() - recorded); more && recorded == kMaxRecordedUncovered)
+      t += fmt::format("uncov-more {}\n", more);
   }
   if (auto key = registry_key()) t += fmt::format("mac {}\n", mac_of(*key, t));
   return t + "end\n";
@@ -251,6 +258,23 @@ Result<Registry> decode_text(const std::string& text) {
       if (w.size() == 9 && (!parse_number(w[7], fr.preserve, 16) || !parse_number(w[8], fr.frame, 16)))
         return bad(line, "preserving island");
       r.patches.back().functions.push_back(std::move(fr));
+    } else if (kind == "uncov" && !r.patches.empty()) {
+      auto& patch = r.patches.back();
+      UncoveredPlace u;
+      if (w.size() != 6 || patch.uncovered.size() >= kMaxRecordedUncovered || patch.uncovered_more)
+        return bad(line, "uncovered place");
+      if (w[1] != "inlined" && w[1] != "clone" && w[1] != "alias") return bad(line, "uncovered kind");
+      u.kind = w[1];
+      if (!parse_escaped(w[2], u.function) || u.function.empty()) return bad(line, "uncovered function");
+      if (!parse_escaped(w[3], u.in) || u.in.empty()) return bad(line, "uncovered place name");
+      if (!parse_escaped(w[4], u.file)) return bad(line, "uncovered file");
+      if (!parse_number(w[5], u.line, 10, 1u << 24)) return bad(line, "uncovered line");
+      patch.uncovered.push_back(std::move(u));
+    } else if (kind == "uncov-more" && !r.patches.empty()) {
+      auto& patch = r.patches.back();
+      if (w.size() != 2 || patch.uncovered.size() != kMaxRecordedUncovered || patch.uncovered_more ||
+          !parse_number(w[1], patch.uncovered_more, 10, kMaxId) || patch.uncovered_more == 0)
+        return bad(line, "uncovered count");
     } else {
       return bad(line);
     }

@@ -38,6 +38,20 @@ struct FunctionRecord {
   uint64_t frame = 0;
 };
 
+// A place that runs a patched function's code which the entry jump does not reach (an
+// inlined copy, a clone) or that the jump changes too (an alias), kept with a patch applied
+// under --allow-uncovered so that list and stats can say so (patch/coverage.hpp).
+struct UncoveredPlace {
+  std::string function;  // the patched function (demangled)
+  std::string kind;      // "inlined", "clone" or "alias"
+  std::string in;        // the function holding the inlined copy; the clone's or the alias's name
+  std::string file;      // source file (base name) where DWARF has it, else empty
+  uint32_t line = 0;     // 0 when unknown
+  bool operator==(const UncoveredPlace&) const = default;
+};
+// A patch keeps at most this many places in the registry; the rest are counted.
+constexpr size_t kMaxRecordedUncovered = 200;
+
 struct PatchRecord {
   uint32_t id = 0;
   PatchState state = PatchState::active;
@@ -52,6 +66,8 @@ struct PatchRecord {
   uint64_t counters = 0;    // where the hit counters are mapped in the target, 0 if not counted
   uint64_t counters_len = 0;
   std::vector<FunctionRecord> functions;
+  std::vector<UncoveredPlace> uncovered;  // at most kMaxRecordedUncovered
+  uint64_t uncovered_more = 0;            // places beyond those, not recorded one by one
 };
 
 // Released patches beyond the newest kKeptReleased, folded into one line (registry__compact):
