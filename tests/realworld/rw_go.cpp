@@ -126,8 +126,17 @@ TEST_CASE("Go: default watch counts a Go server's calls under load and it surviv
     auto at = final_line.find("{\"name\":\"" + name + "\"");
     return at == std::string::npos ? std::string() : final_line.substr(at, final_line.find('}', at) - at);
   };
-  CHECK(number_after(row("main.handle"), "\"total\":([0-9]+)") == answered);
-  CHECK(number_after(row("main.work"), "\"total\":([0-9]+)") == answered);
+  // A Go function whose stack check fails at entry grows its goroutine's stack and starts
+  // again from the entry (runtime.morestack): that call passes the entry probe twice. Rare
+  // (once in ~1000 calls here), so the count is the requests' plus at most a few percent.
+  auto counted = [&](const std::string& name) {
+    long n = number_after(row(name), "\"total\":([0-9]+)");
+    INFO(name << " counted " << n << " of " << answered);
+    CHECK(n >= answered);
+    CHECK(n <= answered + answered / 20);
+  };
+  counted("main.handle");
+  counted("main.work");
   CHECK(number_after(row("runtime.mallocgc"), "\"total\":([0-9]+)") > answered);
   CHECK(row("main.handle").find("\"inflight\":null") != std::string::npos);
   CHECK(row("main.handle").find("\"inflight_na\":\"Go\"") != std::string::npos);
@@ -181,7 +190,7 @@ TEST_CASE("Go: patch refuses a C replacement of a Go function in one line, the s
   REQUIRE(fns->size() == 1);
   uint64_t at = fns->front().address;
   auto text_before = read_memory(go.pid(), at, 32);
-  auto maps_before = read_file(fmt::format("/proc/{}/maps", go.pid()));
+  auto maps_before = file_mappings(go.pid());  // the Go runtime maps anonymous memory on its own
   auto before = run({"/usr/bin/curl", "-s", fmt::format("http://127.0.0.1:{}/abc", port)}).out;
 
   auto r = run({ctl(), "patch", "--pid", std::to_string(go.pid()), "--lib", fix, "main.work"});
@@ -192,7 +201,7 @@ TEST_CASE("Go: patch refuses a C replacement of a Go function in one line, the s
   CHECK(r.err.find("Go") != std::string::npos);
   CHECK(r.err.find("nothing was changed") != std::string::npos);
   CHECK(read_memory(go.pid(), at, 32) == text_before);
-  CHECK(read_file(fmt::format("/proc/{}/maps", go.pid())) == maps_before);
+  CHECK(file_mappings(go.pid()) == maps_before);  // no fix.so, no memfd
   CHECK(status_field(go.pid(), "TracerPid") == 0);
   CHECK(run({"/usr/bin/curl", "-s", fmt::format("http://127.0.0.1:{}/abc", port)}).out == before);
 }
