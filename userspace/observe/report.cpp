@@ -79,7 +79,7 @@ std::string watch__format_json(const WatchSample& s) {
 }
 
 std::string watch__skipped_line(const std::vector<SkippedFunction>& skipped) {
-  constexpr size_t kNamed = 20;
+  constexpr size_t kNamed = 64;  // watch '*' on redis-server skips 34: all named
   std::vector<std::string> reasons;  // in order of first appearance
   std::map<std::string, std::string> named;
   for (size_t i = 0; i < std::min(skipped.size(), kNamed); ++i) {

@@ -27,7 +27,7 @@ std::string watch__format_table(const WatchSample& s);
 // One JSON object on one line (no trailing newline).
 std::string watch__format_json(const WatchSample& s);
 
-// One line naming the functions the kernel refused to probe (the first 20 of them, then how
+// One line naming the functions the kernel refused to probe (the first 64 of them, then how
 // many more), grouped by reason: "skipped 2 functions the kernel cannot probe, watching the others;
 // REASON: f (libx.so+0x1200), g (libx.so+0x1300)".
 std::string watch__skipped_line(const std::vector<SkippedFunction>& skipped);
