@@ -148,6 +148,13 @@ size_t preserving_island_size(uint64_t preserve);
 uint64_t preservable_registers();
 uint64_t return_value_registers();
 
+// ---- uprobes (arch/x86_64/uprobe_hint.cpp) ----
+// Whether the kernel will likely refuse a uprobe on the instruction at code[0] (x86_64: a
+// `lock` or ES/CS/SS/DS segment prefix, a VEX/EVEX-encoded instruction, a breakpoint -- what
+// arch/x86/kernel/uprobes.c cannot single-step or emulate). A hint only, to ask the kernel
+// about such offsets one by one: the kernel's own answer to the attach decides.
+bool uprobe_likely_refused(std::span<const uint8_t> code);
+
 // ---- prologue analysis (Capstone) ----
 struct EntryCheck {
   bool patchable = false;

@@ -57,7 +57,7 @@ static __always_inline void enter(void *ctx)
 	if (!c)
 		return;
 	c->calls++;
-	if (!track_frames)
+	if (!track_frames || (cookie & WATCH_COOKIE_NO_RETURN))
 		return;
 	struct watch_frame_key key = { .pid_tgid = pid_tgid, .cookie = cookie };
 	struct watch_frame *f = bpf_map_lookup_elem(&frames, &key);

@@ -12,6 +12,10 @@ struct watch_counters {
 	unsigned long long untracked;       /* entries not recorded: the in-flight table was full */
 };
 
+/* Set in an entry probe's cookie (above the slot index) when the function has no return
+ * probe: its calls are counted but not tracked, or they would stay "in flight" forever. */
+#define WATCH_COOKIE_NO_RETURN (1ULL << 63)
+
 /* A call in progress: key of the in-flight table. */
 struct watch_frame_key {
 	unsigned long long pid_tgid;

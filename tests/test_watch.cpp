@@ -10,6 +10,8 @@
 #include <map>
 #include <set>
 
+#include "observe/report.hpp"
+#include "observe/uprobe_multi.hpp"
 #include "observe/watch.hpp"
 #include "support/harness.hpp"
 #include "symbols/pattern.hpp"
@@ -68,6 +70,7 @@ struct Calls {
 struct WatchCtl {
   Child child;
   std::string banner;
+  std::string notes;  // the "note:" and "progress:" lines before the banner
   WatchCtl(pid_t pid, std::vector<std::string> extra)
       : child([&] {
           std::vector<std::string> argv{ctl(), "watch", "--pid", std::to_string(pid), "--json", "--interval", "0.2"};
@@ -75,7 +78,10 @@ struct WatchCtl {
           return argv;
         }()) {
     auto line = child.read_stderr_line(30s);
-    while (line && line->rfind("note: ", 0) == 0) line = child.read_stderr_line(30s);  // notes come first
+    while (line && (line->rfind("note: ", 0) == 0 || line->rfind("progress: ", 0) == 0)) {  // notes come first
+      notes += *line + "\n";
+      line = child.read_stderr_line(30s);
+    }
     REQUIRE(line);
     banner = *line;
     INFO(banner << child.drain_stderr());
@@ -460,4 +466,103 @@ TEST_CASE("a Rust program is watched by hash-less path, legacy and v0 mangling, 
     CHECK(total == 56);
     CHECK(line.find("::h") == std::string::npos);  // shown without the hash, like rustfilt
   }
+}
+// The fixture with a function the kernel refuses to probe (its first instruction is lock-prefixed).
+struct Unprobeable {
+  Child child{{fixture("unprobeable")}};
+  pid_t pid() { return child.pid(); }
+  Unprobeable() { REQUIRE(child.request("ready").rfind("ok", 0) == 0); }
+};
+
+TEST_CASE("this kernel's uprobe_multi is found with a known-good probe, once") {
+  require_root();
+  auto available = uprobe_multi__available();
+  REQUIRE(available);
+  CHECK(*available);  // Linux 6.6+: tools/check runs on one
+  auto again = uprobe_multi__available();  // cached: asked once per process
+  CHECK((again && *again));
+}
+
+TEST_CASE("an unprobeable function is skipped and named; the others are counted exactly, on both mechanisms") {
+  require_root();
+  Unprobeable target;
+  auto table = SymbolTable::for_pid(target.pid());
+  REQUIRE(table);
+  auto fns = symbols__select(*table, {"refcount_up", "plain_count", "plain_other"});
+  REQUIRE(fns);
+  REQUIRE(fns->size() == 3);
+  for (auto mechanism : {ProbeMechanism::uprobe_multi, ProbeMechanism::perf}) {
+    INFO(probe_mechanism__name(mechanism));
+    auto watch = Watch::attach(target.pid(), *fns, WatchOptions{.returns = true, .mechanism = mechanism});
+    REQUIRE(watch);
+    CHECK(watch->mechanism() == mechanism);  // a refused offset is no reason to fall back
+    REQUIRE(watch->skipped().size() == 1);
+    CHECK(watch->skipped()[0].function.name == "refcount_up");
+    CHECK(watch->skipped()[0].err == 524);  // the kernel's ENOTSUPP
+    REQUIRE(watch->functions().size() == 2);
+    REQUIRE(target.child.request("call 77").rfind("ok", 0) == 0);
+    auto counts = watch->read();
+    REQUIRE(counts);
+    for (size_t i = 0; i < 2; ++i) {
+      INFO(watch->functions()[i].name);
+      CHECK(watch->functions()[i].name != "refcount_up");
+      CHECK((*counts)[i].calls == 77);
+      CHECK((*counts)[i].inflight() == 0);
+    }
+    auto line = watch__skipped_line(watch->skipped());
+    CHECK(line.find("skipped 1 function the kernel cannot probe") != std::string::npos);
+    CHECK(line.find("refcount_up (unprobeable+0x") != std::string::npos);
+    CHECK(line.find("ENOTSUPP") != std::string::npos);
+  }
+}
+
+TEST_CASE("watch names the unprobeable function in one note and watches the rest") {
+  require_root();
+  Unprobeable target;
+  WatchCtl watch(target.pid(), {"refcount_up", "plain_count", "plain_other"});
+  CHECK(watch.banner.find("watching 2 functions") != std::string::npos);
+  CHECK(watch.banner.find("uprobe_multi") != std::string::npos);
+  INFO(watch.notes);
+  size_t note = watch.notes.find("note: skipped 1 function the kernel cannot probe");
+  REQUIRE(note != std::string::npos);
+  std::string line = watch.notes.substr(note, watch.notes.find('\n', note) - note);
+  CHECK(line.find("refcount_up") != std::string::npos);
+  REQUIRE(target.child.request("call 250") == "ok 250");
+  auto rows = watch.stop();
+  CHECK(rows["plain_count"].total == 250);
+  CHECK(rows["plain_other"].total == 250);
+  CHECK(rows.count("refcount_up") == 0);
+}
+
+TEST_CASE("a SIGKILLed watch of 1000 functions leaves no link and the file's bytes") {
+  require_root();
+  Child many({fixture("calls_many")});
+  REQUIRE(many.request("ready").rfind("ok", 0) == 0);
+  auto table = SymbolTable::for_pid(many.pid());
+  REQUIRE(table);
+  auto fns = symbols__select(*table, {"many_*"});
+  REQUIRE(fns);
+  auto before = watch_links();
+  auto text = [&] {
+    std::vector<unsigned char> bytes;
+    for (auto& f : *fns) {
+      auto b = read_memory(many.pid(), f.address, 1);
+      bytes.insert(bytes.end(), b.begin(), b.end());
+    }
+    return bytes;
+  };
+  auto original = text();
+  CHECK(std::count(original.begin(), original.end(), 0xcc) == 0);
+  {
+    WatchCtl watch(many.pid(), {"many_*"});
+    CHECK(watch.banner.find("watching 1000 functions") != std::string::npos);
+    auto during = text();
+    CHECK(std::count(during.begin(), during.end(), 0xcc) == 1000);  // every entry holds a breakpoint
+    watch.child.signal(SIGKILL);
+    REQUIRE(watch.child.wait(20s));
+  }
+  // Links are file descriptors: the kernel released them when the killed watch's files closed.
+  for (uint32_t id : watch_links()) CHECK(before.count(id) == 1);
+  CHECK(text() == original);
+  REQUIRE(many.request("call").rfind("ok", 0) == 0);
 }

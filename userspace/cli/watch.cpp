@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -35,7 +36,11 @@ constexpr const char* kCost =
     "\nexceptions: a C++ exception thrown through a function watched with return probes terminates\n"
     "the target (the uretprobe trampoline has no unwind info). So return probes are off by default\n"
     "for functions of objects with C++ exception tables; --inflight turns them on when you know\n"
-    "the watched functions do not propagate exceptions.\n";
+    "the watched functions do not propagate exceptions.\n"
+    "\nGo: Go code never gets return probes (the Go runtime moves goroutine stacks and dies on a\n"
+    "uretprobe's return address): its in-flight and latency show n/a (Go), --inflight or not.\n"
+    "\nunprobeable functions: a function whose first instruction the kernel cannot probe (e.g. a\n"
+    "`lock`-prefixed one) is left out and named in one note; the others are watched.\n";
 
 struct WatchArgs {
   pid_t pid = 0;
@@ -112,17 +117,26 @@ int run_watch(const WatchArgs& a) {
   auto live = registry__live_functions(*registry, *table, std::move(*functions), kFixCopyPrefix, &notes);
   if (live.empty()) return report(Error{"every matching function is a fix library's copy", "name the original functions"});
   bool inflight = a.inflight.value_or(true);
+  auto go = probe__go_objects(live);
   if (!a.inflight) {
-    if (auto risky = probe__objects_with_exceptions(live); !risky.empty()) {
+    auto risky = probe__objects_with_exceptions(live);
+    std::erase_if(risky, [&](const std::string& o) { return std::find(go.begin(), go.end(), o) != go.end(); });
+    if (!risky.empty()) {
       inflight = false;
       notes.push_back(fmt::format("in-flight and latency are off: {} has C++ exception tables, and an exception "
                                   "unwinding through a return probe terminates the process (--inflight forces them)",
                                   risky.front()));
     }
   }
+  if (!go.empty())
+    notes.push_back(fmt::format("in-flight and latency are n/a for Go code ({}): a return probe kills a Go program, "
+                                "which moves goroutine stacks; calls are counted{}",
+                                go.front(), a.inflight.value_or(false) ? " (--inflight does not apply to Go)" : ""));
   for (auto& note : notes) fmt::print(stderr, "note: {}\n", note);
-  auto watch = Watch::attach(a.pid, std::move(live), WatchOptions{.returns = inflight});
+  auto progress = [](const std::string& line) { fmt::print(stderr, "progress: {}\n", line); };
+  auto watch = Watch::attach(a.pid, std::move(live), WatchOptions{.returns = inflight, .progress = progress});
   if (!watch) return report(watch.error());
+  if (!watch->skipped().empty()) fmt::print(stderr, "note: {}\n", watch__skipped_line(watch->skipped()));
 
   auto n = watch->functions().size();
   fmt::print(stderr, "watching {} function{} in pid {} ({}) via {}, attached in {:.1f} ms; Ctrl-C to stop\n", n,
@@ -139,6 +153,7 @@ int run_watch(const WatchArgs& a) {
   sample.inflight_known = inflight;
   sample.top = a.top;
   sample.functions = &watch->functions();
+  for (size_t i = 0; i < n; ++i) sample.returns.push_back(watch->return_probes(i));
   int exit_code = 0;
   for (auto next = start + interval;; next += interval) {
     Wake why = wait_until(*stop, std::min(next, end));

@@ -19,15 +19,20 @@ using namespace std::chrono;
 
 Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Function>& functions,
                                                 milliseconds window) {
-  bool returns = probe__objects_with_exceptions(functions).empty();
+  bool returns = probe__objects_with_exceptions(functions).empty();  // Go code: Watch never gives it any
   auto watch = HOTFIX_TRY(Watch::attach(pid, functions, WatchOptions{.returns = returns}));
   auto began = steady_clock::now();
   std::this_thread::sleep_for(window);
   auto counts = HOTFIX_TRY(watch.read());
   double seconds = duration<double>(steady_clock::now() - began).count();
   std::vector<Liveness> out;
-  for (size_t i = 0; i < functions.size(); ++i)
-    out.push_back({functions[i], counts[i].calls, counts[i].calls / seconds, returns ? counts[i].inflight() : -1});
+  for (auto& f : functions) out.push_back({f, 0, 0, -1, false});  // a function the kernel refused stays unmeasured
+  for (size_t j = 0; j < counts.size(); ++j) {
+    Liveness& l = out[watch.input_index(j)];
+    bool inflight = watch.return_probes(j) == ReturnProbes::on;
+    l.calls = counts[j].calls, l.calls_per_s = counts[j].calls / seconds, l.probed = true;
+    l.inflight = inflight ? counts[j].inflight() : -1;
+  }
   return out;
 }
 
@@ -70,7 +75,16 @@ Result<QuietWaiter> QuietWaiter::attach(pid_t pid, const std::vector<Function>& 
   }
   if (probes.empty()) return fail("no target function can be tracked by probes");
   auto watch = HOTFIX_TRY(Watch::attach(pid, probes, WatchOptions{.returns = false}));
-  return QuietWaiter(std::move(watch), std::move(owner), std::move(exit), std::move(tracked));
+  // A probe the kernel refused leaves its function untracked (its count would never drop):
+  // a blocker there is "not seen", and the waiter then waits blindly, as for any untracked one.
+  for (auto& s : watch.skipped())
+    for (size_t p = 0; p < probes.size(); ++p)
+      if (probes[p].offset == s.function.offset && probes[p].object == s.function.object) tracked[owner[p]] = {};
+  std::vector<size_t> kept_owner;
+  std::vector<bool> kept_exit;
+  for (size_t j = 0; j < watch.functions().size(); ++j)
+    kept_owner.push_back(owner[watch.input_index(j)]), kept_exit.push_back(exit[watch.input_index(j)]);
+  return QuietWaiter(std::move(watch), std::move(kept_owner), std::move(kept_exit), std::move(tracked));
 }
 
 std::optional<std::vector<int64_t>> QuietWaiter::net() const {
@@ -78,7 +92,8 @@ std::optional<std::vector<int64_t>> QuietWaiter::net() const {
   if (!counts) return std::nullopt;
   std::vector<int64_t> inside(functions_.size(), 0);
   for (size_t p = 0; p < counts->size(); ++p)
-    inside[owner_[p]] += exit_[p] ? -static_cast<int64_t>((*counts)[p].calls) : static_cast<int64_t>((*counts)[p].calls);
+    if (functions_[owner_[p]].begin < functions_[owner_[p]].end)  // untracked: its probes cannot tell
+      inside[owner_[p]] += exit_[p] ? -static_cast<int64_t>((*counts)[p].calls) : static_cast<int64_t>((*counts)[p].calls);
   return inside;
 }
 

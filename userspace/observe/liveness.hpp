@@ -18,11 +18,13 @@ struct Liveness {
   uint64_t calls = 0;         // during the window
   double calls_per_s = 0;
   int64_t inflight = -1;      // threads inside at the end of the window (that entered during it); -1: not measured
+  bool probed = true;         // false: the kernel refused to probe it (calls unknown, not zero)
   bool live() const { return calls > 0 || inflight > 0; }
 };
 
-// Watch `functions` of `pid` for `window` and report each one's traffic. Return probes (for
-// in-flight) are used only where no C++ exception can unwind through them.
+// Watch `functions` of `pid` for `window` and report each one's traffic, in their order. Return
+// probes (for in-flight) are used only where no C++ exception can unwind through them, and
+// never on Go code.
 Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Function>& functions,
                                                 std::chrono::milliseconds window);
 

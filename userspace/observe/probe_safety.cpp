@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <set>
 
 #include "common/unique_fd.hpp"
@@ -16,22 +18,55 @@ namespace {
 
 constexpr size_t kCompared = 16;  // covers any jump a patcher writes at an entry
 
-bool has_section(const std::string& path, const char* wanted) {
+// What the ELF file at `path` says about return probes: its section names, and for Go the
+// runtime's version symbol (a binary whose sections were renamed still has it in .symtab).
+struct ObjectTraits {
+  bool exception_tables = false;
+  bool go = false;
+};
+
+bool is_symbol_table(const GElf_Shdr& shdr) { return shdr.sh_type == SHT_SYMTAB || shdr.sh_type == SHT_DYNSYM; }
+
+bool has_symbol(Elf* elf, Elf_Scn* scn, const GElf_Shdr& shdr, const char* wanted) {
+  Elf_Data* data = elf_getdata(scn, nullptr);
+  if (!data || shdr.sh_entsize == 0) return false;
+  for (size_t i = 0; i < shdr.sh_size / shdr.sh_entsize; ++i) {
+    GElf_Sym sym;
+    const char* name = gelf_getsym(data, static_cast<int>(i), &sym) ? elf_strptr(elf, shdr.sh_link, sym.st_name) : nullptr;
+    if (name && std::strcmp(name, wanted) == 0) return true;
+  }
+  return false;
+}
+
+ObjectTraits read_traits(const std::string& path) {
+  ObjectTraits t;
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return false;
+  if (!fd) return t;
   elf_version(EV_CURRENT);
   Elf* elf = elf_begin(fd.get(), ELF_C_READ, nullptr);
-  if (!elf) return false;
+  if (!elf) return t;
   size_t shstrndx = 0;
-  bool found = false;
   if (elf_getshdrstrndx(elf, &shstrndx) == 0)
-    for (Elf_Scn* scn = nullptr; !found && (scn = elf_nextscn(elf, scn));) {
+    for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf, scn));) {
       GElf_Shdr shdr;
-      const char* name = gelf_getshdr(scn, &shdr) ? elf_strptr(elf, shstrndx, shdr.sh_name) : nullptr;
-      found = name && std::strcmp(name, wanted) == 0;
+      if (!gelf_getshdr(scn, &shdr)) continue;
+      const char* name = elf_strptr(elf, shstrndx, shdr.sh_name);
+      if (name && std::strcmp(name, ".gcc_except_table") == 0) t.exception_tables = true;
+      if (name && std::strcmp(name, ".go.buildinfo") == 0) t.go = true;
+      if (!t.go && is_symbol_table(shdr)) t.go = has_symbol(elf, scn, shdr, "runtime.buildVersion");
     }
   elf_end(elf);
-  return found;
+  return t;
+}
+
+// Objects are read once per process: watch '*' asks for every function of every object.
+ObjectTraits traits_of(const std::string& path) {
+  static std::mutex lock;
+  static std::map<std::string, ObjectTraits> cache;
+  std::lock_guard guard(lock);
+  auto it = cache.find(path);
+  if (it == cache.end()) it = cache.emplace(path, read_traits(path)).first;
+  return it->second;
 }
 
 }  // namespace
@@ -58,8 +93,24 @@ std::vector<std::string> probe__objects_with_exceptions(const std::vector<Functi
   std::set<std::string> objects, risky;
   for (auto& f : functions) objects.insert(f.object);
   for (auto& o : objects)
-    if (has_section(o, ".gcc_except_table")) risky.insert(o);
+    if (traits_of(o).exception_tables) risky.insert(o);
   return {risky.begin(), risky.end()};
+}
+
+bool probe__is_go_object(const std::string& object) { return traits_of(object).go; }
+
+ReturnProbeRisk probe__return_risk(const std::string& object) {
+  auto t = traits_of(object);
+  if (t.go) return ReturnProbeRisk::go;  // first: a cgo binary may hold exception tables too
+  return t.exception_tables ? ReturnProbeRisk::cxx_exceptions : ReturnProbeRisk::none;
+}
+
+std::vector<std::string> probe__go_objects(const std::vector<Function>& functions) {
+  std::set<std::string> objects, go;
+  for (auto& f : functions) objects.insert(f.object);
+  for (auto& o : objects)
+    if (traits_of(o).go) go.insert(o);
+  return {go.begin(), go.end()};
 }
 
 }  // namespace hotfix

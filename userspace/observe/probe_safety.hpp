@@ -5,6 +5,10 @@
 //    patcher), a probe would run the file's instruction and resume inside the new bytes.
 // 2. A return probe replaces the return address with a kernel trampoline that has no unwind
 //    information: a C++ exception unwinding through a probed frame ends in std::terminate.
+// 3. Go code must never get a return probe: the Go runtime copies goroutine stacks when they
+//    grow and walks them for the GC and for tracebacks; a return address that points into the
+//    kernel's uretprobe trampoline is an "unknown pc" to it, and the program dies (SIGILL or a
+//    fatal traceback) within a second under load. Unlike rule 2 there is no override.
 #pragma once
 #include <sys/types.h>
 
@@ -22,5 +26,20 @@ Result<void> probe__check_entries(pid_t pid, const std::vector<Function>& functi
 // Objects among `functions` that hold C++ exception tables (.gcc_except_table): an exception
 // may unwind through their frames, so return probes there are unsafe.
 std::vector<std::string> probe__objects_with_exceptions(const std::vector<Function>& functions);
+
+// Why return probes on an object's functions are dangerous, if they are.
+enum class ReturnProbeRisk {
+  none,
+  cxx_exceptions,  // .gcc_except_table: an exception unwinding through one terminates (callers may override)
+  go,              // a Go program or library (.go.buildinfo / runtime.buildVersion): never
+};
+// The risk of return probes in `object` (a path as in Function::object). Cached per path.
+ReturnProbeRisk probe__return_risk(const std::string& object);
+
+// Whether `object` is Go code: it has a .go.buildinfo section or a runtime.buildVersion symbol.
+bool probe__is_go_object(const std::string& object);
+
+// The Go objects among `functions`, each named once.
+std::vector<std::string> probe__go_objects(const std::vector<Function>& functions);
 
 }  // namespace hotfix

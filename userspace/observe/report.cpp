@@ -41,6 +41,11 @@ std::vector<size_t> rows_by_calls(const WatchSample& s) {
   return rows;
 }
 
+ReturnProbes returns_of(const WatchSample& s, size_t i) {
+  if (i < s.returns.size()) return s.returns[i];
+  return s.inflight_known ? ReturnProbes::on : ReturnProbes::off;
+}
+
 }  // namespace
 
 std::string watch__format_table(const WatchSample& s) {
@@ -61,9 +66,12 @@ std::string watch__format_table(const WatchSample& s) {
     const auto& now = s.interval[i];
     const auto& all = s.total[i];
     double rate = s.interval_s > 0 ? double(now.calls) / s.interval_s : 0;
-    std::string inflight = s.inflight_known ? fmt::format("{}", all.inflight()) : "-";
+    auto returns = returns_of(s, i);
+    std::string inflight = returns == ReturnProbes::on ? fmt::format("{}", all.inflight()) : "-";
+    std::string latency = human_ns(now.mean_latency_ns());
+    if (returns == ReturnProbes::go) inflight = latency = "n/a (Go)";
     out += fmt::format("{:<{}}  {:>10}  {:>10.1f}  {:>12}  {:>9}  {:>12}\n", symbols__shorten(labels[i], width), width,
-                       now.calls, rate, all.calls, inflight, human_ns(now.mean_latency_ns()));
+                       now.calls, rate, all.calls, inflight, latency);
   }
   if (size_t hidden = n - rows.size()) {
     size_t never = static_cast<size_t>(std::count_if(s.total.begin(), s.total.end(), [](auto& c) { return c.calls == 0; }));
@@ -81,13 +89,33 @@ std::string watch__format_json(const WatchSample& s) {
     const auto& all = s.total[i];
     if (!fns.empty()) fns += ",";
     fns += fmt::format(
-        R"({{"name":{},"mangled":{},"object":{},"address":"{:#x}","calls":{},"total":{},"inflight":{},"mean_latency_ns":{}}})",
+        R"({{"name":{},"mangled":{},"object":{},"address":"{:#x}","calls":{},"total":{},"inflight":{},"mean_latency_ns":{}{}}})",
         json__quote(f.name), json__quote(f.mangled), json__quote(f.object), f.address, now.calls, all.calls,
-        s.inflight_known ? fmt::format("{}", all.inflight()) : "null",
-        now.latency_samples ? fmt::format("{:.0f}", now.mean_latency_ns()) : "null");
+        returns_of(s, i) == ReturnProbes::on ? fmt::format("{}", all.inflight()) : "null",
+        now.latency_samples ? fmt::format("{:.0f}", now.mean_latency_ns()) : "null",
+        returns_of(s, i) == ReturnProbes::go ? R"(,"inflight_na":"Go")" : "");
   }
   return fmt::format(R"({{"time":{:.3f},"interval_s":{:.3f},{}"functions":[{}]}})", s.time, s.interval_s,
                      s.final ? R"("final":true,)" : "", fns);
+}
+
+std::string watch__skipped_line(const std::vector<SkippedFunction>& skipped) {
+  constexpr size_t kNamed = 64;  // watch '*' on redis-server skips 34: all named
+  std::vector<std::string> reasons;  // in order of first appearance
+  std::map<std::string, std::string> named;
+  for (size_t i = 0; i < std::min(skipped.size(), kNamed); ++i) {
+    const auto& f = skipped[i].function;
+    auto slash = f.object.rfind('/');
+    std::string object = slash == std::string::npos ? f.object : f.object.substr(slash + 1);
+    auto& names = named[skipped[i].reason];
+    if (names.empty()) reasons.push_back(skipped[i].reason);
+    names += fmt::format("{}{} ({}+{:#x})", names.empty() ? "" : ", ", f.name, object, f.offset);
+  }
+  std::string out = fmt::format("skipped {} function{} the kernel cannot probe, watching the others", skipped.size(),
+                                skipped.size() == 1 ? "" : "s");
+  for (auto& r : reasons) out += fmt::format("; {}: {}", r, named[r]);
+  if (skipped.size() > kNamed) out += fmt::format("; and {} more", skipped.size() - kNamed);
+  return out;
 }
 
 }  // namespace hotfix

@@ -12,6 +12,9 @@ struct WatchSample {
   double interval_s = 0;      // measured length of the interval (the whole run for the final one)
   bool final = false;
   bool inflight_known = true; // false without return probes
+  // Per function (empty: every one as inflight_known): its return probes. Go rows show
+  // "n/a (Go)" for in-flight and latency, and "inflight_na":"Go" in JSON.
+  std::vector<ReturnProbes> returns;
   const std::vector<Function>* functions = nullptr;
   std::vector<CallCounts> interval;  // counts during the interval (the whole run when final)
   std::vector<CallCounts> total;     // counts since attach
@@ -28,5 +31,10 @@ struct WatchSample {
 std::string watch__format_table(const WatchSample& s);
 // One JSON object on one line (no trailing newline).
 std::string watch__format_json(const WatchSample& s);
+
+// One line naming the functions the kernel refused to probe (the first 64 of them, then how
+// many more), grouped by reason: "skipped 2 functions the kernel cannot probe, watching the others;
+// REASON: f (libx.so+0x1200), g (libx.so+0x1300)".
+std::string watch__skipped_line(const std::vector<SkippedFunction>& skipped);
 
 }  // namespace hotfix

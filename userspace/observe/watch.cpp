@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdarg>
@@ -46,18 +47,32 @@ bool perf_forced() {
 }
 
 
-std::vector<ObjectProbes> group_by_object(pid_t pid, const std::vector<Function>& functions) {
-  std::map<std::string, ObjectProbes> by_path;
-  for (size_t i = 0; i < functions.size(); ++i) {
-    auto& group = by_path[functions[i].object];
-    group.path = uprobe__target_path(pid, functions[i].object);
-    group.offsets.push_back(functions[i].offset);
-    group.cookies.push_back(i);
+// Reports progress of a long attach or detach: silent for the first second, then a line about
+// once a second, and a closing line if anything was said.
+class Progress {
+ public:
+  Progress(const std::function<void(const std::string&)>& sink, const char* verb, const char* unit, size_t total)
+      : sink_(sink), verb_(verb), unit_(unit), total_(total) {}
+  void tick(size_t done) {
+    if (!sink_) return;
+    auto now = std::chrono::steady_clock::now();
+    if (now - began_ < std::chrono::seconds(1) || now - said_ < std::chrono::seconds(1)) return;
+    said_ = now;
+    sink_(fmt::format("{}: {} of {} {} ({:.1f} s)", verb_, done, total_, unit_, ms_since(began_) / 1e3));
   }
-  std::vector<ObjectProbes> groups;
-  for (auto& [_, g] : by_path) groups.push_back(std::move(g));
-  return groups;
-}
+  void finish() {
+    if (sink_ && said_ != std::chrono::steady_clock::time_point{})
+      sink_(fmt::format("{}: all {} {} in {:.1f} s", verb_, total_, unit_, ms_since(began_) / 1e3));
+  }
+
+ private:
+  const std::function<void(const std::string&)>& sink_;
+  const char* verb_;
+  const char* unit_;
+  size_t total_;
+  std::chrono::steady_clock::time_point began_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point said_{};
+};
 
 }  // namespace
 
@@ -84,19 +99,24 @@ namespace {
 // Releasing a uprobe_multi link waits for RCU grace periods (the kernel's
 // uprobe_unregister_sync, ~30 ms here). Released from parallel threads, those waits overlap
 // instead of adding up. (Perf uprobes, ~100 ms each, are serialized inside the kernel:
-// threads do not help them.)
+// threads do not help them.) `progress` hears from this thread while the others work.
 template <typename T, typename Release>
-void release_in_parallel(std::vector<T>& items, Release release) {
+void release_in_parallel(std::vector<T>& items, Release release, Progress& progress, std::atomic<size_t>& done) {
   constexpr size_t kMaxThreads = 64;
   size_t threads = std::min(items.size(), kMaxThreads);
   if (threads <= 1) {
-    for (auto& item : items) release(item);
+    for (auto& item : items) release(item), progress.tick(++done);
   } else {
     std::vector<std::thread> pool;
     for (size_t t = 0; t < threads; ++t)
       pool.emplace_back([&, t] {
-        for (size_t i = t; i < items.size(); i += threads) release(items[i]);
+        for (size_t i = t; i < items.size(); i += threads) release(items[i]), ++done;
       });
+    size_t base = done;
+    while (done < base + items.size()) {
+      progress.tick(done);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
     for (auto& th : pool) th.join();
   }
   items.clear();
@@ -107,10 +127,15 @@ void release_in_parallel(std::vector<T>& items, Release release) {
 struct Watch::Links {
   std::vector<UniqueFd> multi;      // uprobe_multi links
   std::vector<bpf_link*> perf;      // perf-event uprobes (libbpf links)
-  ~Links() {
-    release_in_parallel(multi, [](UniqueFd& fd) { fd.reset(); });
-    for (auto* l : perf) bpf_link__destroy(l);
+  void release(const std::function<void(const std::string&)>& sink) {
+    Progress progress(sink, "detaching", "links", multi.size() + perf.size());
+    std::atomic<size_t> done = 0;
+    release_in_parallel(multi, [](UniqueFd& fd) { fd.reset(); }, progress, done);
+    for (auto* l : perf) bpf_link__destroy(l), progress.tick(++done);
+    perf.clear();
+    progress.finish();
   }
+  ~Links() { release({}); }
 };
 
 namespace {
@@ -140,31 +165,82 @@ Result<watch_bpf*> load_skeleton(pid_t pid, size_t n, bool returns, ProbeMechani
   return skel;
 }
 
-Result<void> attach_multi(const watch_bpf* skel, Watch& w, std::vector<UniqueFd>& out, const std::vector<ObjectProbes>& groups) {
-  // Return probes first: a call that enters between the two attachments then has no entry
-  // frame, and its return is ignored instead of making in-flight negative.
-  if (w.returns())
-    for (auto& g : groups) out.push_back(HOTFIX_TRY(uprobe_multi__link(bpf_program__fd(skel->progs.watch_return), g, w.pid(), true)));
-  for (auto& g : groups) out.push_back(HOTFIX_TRY(uprobe_multi__link(bpf_program__fd(skel->progs.watch_entry), g, w.pid(), false)));
+// What one attach pass works on: the functions still in the watch and their return probes.
+struct AttachPlan {
+  pid_t pid = 0;
+  const std::vector<Function>* functions = nullptr;
+  const std::vector<ReturnProbes>* returns = nullptr;
+  std::vector<int> refused;  // by function index: the errno of the kernel's refusal, 0 if none
+  size_t probes = 0, done = 0;
+  uint64_t cookie(size_t i) const { return i | ((*returns)[i] == ReturnProbes::on ? 0 : WATCH_COOKIE_NO_RETURN); }
+};
+
+// The probes of one direction, grouped by object (one uprobe_multi link covers one object).
+std::vector<ObjectProbes> group_by_object(const AttachPlan& plan, bool retprobe) {
+  std::map<std::string, ObjectProbes> by_path;
+  for (size_t i = 0; i < plan.functions->size(); ++i) {
+    if (plan.refused[i] || (retprobe && (*plan.returns)[i] != ReturnProbes::on)) continue;
+    auto& f = (*plan.functions)[i];
+    auto& group = by_path[f.object];
+    group.path = uprobe__target_path(plan.pid, f.object);
+    group.offsets.push_back(f.offset);
+    group.cookies.push_back(retprobe ? i : plan.cookie(i));
+  }
+  std::vector<ObjectProbes> groups;
+  for (auto& [_, g] : by_path) groups.push_back(std::move(g));
+  return groups;
+}
+
+// Probes per uprobe_multi link. One link of 20,000 probes would attach in one silent system
+// call, and an offset the kernel refuses would send the whole of it back through bisection;
+// links of a few thousand keep both short and let progress be shown between them.
+constexpr size_t kProbesPerLink = 2048;
+
+Result<void> attach_multi_pass(const watch_bpf* skel, AttachPlan& plan, bool retprobe, std::vector<UniqueFd>& out,
+                               Progress& progress) {
+  int prog = bpf_program__fd(retprobe ? skel->progs.watch_return : skel->progs.watch_entry);
+  for (auto& g : group_by_object(plan, retprobe))
+    for (size_t lo = 0; lo < g.offsets.size(); lo += kProbesPerLink) {
+      size_t hi = std::min(g.offsets.size(), lo + kProbesPerLink);
+      ObjectProbes chunk{g.path, {g.offsets.begin() + lo, g.offsets.begin() + hi}, {g.cookies.begin() + lo, g.cookies.begin() + hi}};
+      std::vector<RefusedOffset> refused;
+      HOTFIX_CHECK(uprobe_multi__link_skipping(prog, chunk, plan.pid, retprobe, out, refused));
+      for (auto& r : refused) plan.refused[chunk.cookies[r.index] & ~WATCH_COOKIE_NO_RETURN] = r.err;
+      progress.tick(plan.done += hi - lo);
+    }
   return {};
 }
 
-Result<void> attach_perf(const watch_bpf* skel, Watch& w, std::vector<bpf_link*>& out) {
-  const auto& fns = w.functions();
-  for (int pass = w.returns() ? 0 : 1; pass < 2; ++pass) {
-    bool retprobe = pass == 0;
+Result<void> attach_multi(const watch_bpf* skel, AttachPlan& plan, std::vector<UniqueFd>& out, Progress& progress) {
+  // Return probes first: a call that enters between the two attachments then has no entry
+  // frame, and its return is ignored instead of making in-flight negative. A function whose
+  // return probe is refused gets no entry probe either.
+  HOTFIX_CHECK(attach_multi_pass(skel, plan, true, out, progress));
+  return attach_multi_pass(skel, plan, false, out, progress);
+}
+
+Result<void> attach_perf(const watch_bpf* skel, AttachPlan& plan, std::vector<bpf_link*>& out, Progress& progress) {
+  const auto& fns = *plan.functions;
+  for (bool retprobe : {true, false}) {
     for (size_t i = 0; i < fns.size(); ++i) {
-      LIBBPF_OPTS(bpf_uprobe_opts, opts, .bpf_cookie = i, .retprobe = retprobe);
-      auto path = uprobe__target_path(w.pid(), fns[i].object);
+      if (plan.refused[i] || (retprobe && (*plan.returns)[i] != ReturnProbes::on)) continue;
+      LIBBPF_OPTS(bpf_uprobe_opts, opts, .bpf_cookie = retprobe ? i : plan.cookie(i), .retprobe = retprobe);
+      auto path = uprobe__target_path(plan.pid, fns[i].object);
       bpf_link* link = bpf_program__attach_uprobe_opts(retprobe ? skel->progs.watch_return : skel->progs.watch_entry,
-                                                       w.pid(), path.c_str(), fns[i].offset, &opts);
-      if (!link) {
-        int err = errno;
-        return std::unexpected(Error{fmt::format("cannot attach a {} uprobe to {} ({}+{:#x}): {}", retprobe ? "return" : "entry",
-                                                 fns[i].name, fns[i].object, fns[i].offset, errno_text(err)),
-                                     "", err});
+                                                       plan.pid, path.c_str(), fns[i].offset, &opts);
+      progress.tick(++plan.done);
+      if (link) {
+        out.push_back(link);
+        continue;
       }
-      out.push_back(link);
+      int err = errno;
+      if (uprobe__refuses_offset(err) && process__alive(plan.pid)) {
+        plan.refused[i] = err;  // this function only: the others go on
+        continue;
+      }
+      return std::unexpected(Error{fmt::format("cannot attach a {} uprobe to {} ({}+{:#x}): {}", retprobe ? "return" : "entry",
+                                               fns[i].name, fns[i].object, fns[i].offset, errno_text(err)),
+                                   "", err});
     }
   }
   return {};
@@ -185,6 +261,27 @@ Error explain_attach_failure(pid_t pid, Error e) {
   return e;
 }
 
+// uprobe_multi unless this kernel truly has none: a refused offset is no reason to fall back.
+Result<ProbeMechanism> choose_mechanism(ProbeMechanism asked) {
+  if (asked == ProbeMechanism::automatic && perf_forced()) return ProbeMechanism::perf;
+  if (asked == ProbeMechanism::perf) return asked;
+  bool available = HOTFIX_TRY(uprobe_multi__available());
+  if (available) return ProbeMechanism::uprobe_multi;
+  if (asked == ProbeMechanism::uprobe_multi)
+    return fail("this kernel has no uprobe_multi links (Linux 6.6+)", "use the automatic choice (perf uprobes)");
+  return ProbeMechanism::perf;
+}
+
+// Return probes per function: asked for, except on Go code (never; observe/probe_safety.hpp).
+std::vector<ReturnProbes> plan_returns(const std::vector<Function>& functions, bool wanted) {
+  std::vector<ReturnProbes> out;
+  for (auto& f : functions)
+    out.push_back(probe__return_risk(f.object) == ReturnProbeRisk::go ? ReturnProbes::go
+                  : wanted                                             ? ReturnProbes::on
+                                                                       : ReturnProbes::off);
+  return out;
+}
+
 }  // namespace
 
 Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const WatchOptions& opts) {
@@ -194,40 +291,37 @@ Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const Wa
   auto t0 = std::chrono::steady_clock::now();
   Watch w;
   w.pid_ = pid;
-  w.functions_ = std::move(functions);
-  w.returns_ = opts.returns;
+  w.progress_ = opts.progress;
   w.links_ = std::make_unique<Links>();
+  auto returns = plan_returns(functions, opts.returns);
+  w.returns_ = std::find(returns.begin(), returns.end(), ReturnProbes::on) != returns.end();
+  w.mechanism_ = HOTFIX_TRY(choose_mechanism(opts.mechanism));
 
-  ProbeMechanism mechanism = opts.mechanism;
-  if (mechanism == ProbeMechanism::automatic) mechanism = perf_forced() ? ProbeMechanism::perf : ProbeMechanism::uprobe_multi;
-  bool may_fall_back = opts.mechanism == ProbeMechanism::automatic;
+  auto skel = load_skeleton(pid, functions.size(), w.returns_, w.mechanism_);
+  if (!skel) return std::unexpected(explain_attach_failure(pid, skel.error()));
+  w.skel_ = *skel;
+  AttachPlan plan{pid, &functions, &returns, std::vector<int>(functions.size(), 0)};
+  for (auto r : returns) plan.probes += r == ReturnProbes::on ? 2 : 1;
+  Progress progress(opts.progress, "attaching", "probes", plan.probes);
+  auto attached = w.mechanism_ == ProbeMechanism::uprobe_multi ? attach_multi(w.skel_, plan, w.links_->multi, progress)
+                                                               : attach_perf(w.skel_, plan, w.links_->perf, progress);
+  if (!attached) return std::unexpected(explain_attach_failure(pid, attached.error()));
+  progress.finish();
 
-  if (mechanism == ProbeMechanism::uprobe_multi) {
-    auto skel = load_skeleton(pid, w.functions_.size(), w.returns_, mechanism);
-    Result<void> attached;
-    if (skel) {
-      w.skel_ = *skel;
-      w.mechanism_ = mechanism;
-      attached = attach_multi(w.skel_, w, w.links_->multi, group_by_object(pid, w.functions_));
-    } else {
-      attached = std::unexpected(skel.error());
+  // Keep the functions that have their probes; each still counts in its own slot.
+  for (size_t i = 0; i < functions.size(); ++i) {
+    if (plan.refused[i]) {
+      w.skipped_.push_back({functions[i], plan.refused[i], uprobe__refusal_text(plan.refused[i])});
+      continue;
     }
-    if (!attached) {
-      if (!(may_fall_back && uprobe_multi__unsupported(attached.error().exit_code) && process__alive(pid)))
-        return std::unexpected(explain_attach_failure(pid, attached.error()));
-      w.detach();  // this kernel has no uprobe_multi: start over with perf uprobes
-      w.links_ = std::make_unique<Links>();
-      mechanism = ProbeMechanism::perf;
-    }
+    w.slots_.push_back(static_cast<uint32_t>(i));
+    w.return_probes_.push_back(returns[i]);
+    w.functions_.push_back(std::move(functions[i]));
   }
-  if (mechanism == ProbeMechanism::perf) {
-    auto skel = load_skeleton(pid, w.functions_.size(), w.returns_, mechanism);
-    if (!skel) return std::unexpected(explain_attach_failure(pid, skel.error()));
-    w.skel_ = *skel;
-    w.mechanism_ = mechanism;
-    if (auto attached = attach_perf(w.skel_, w, w.links_->perf); !attached)
-      return std::unexpected(explain_attach_failure(pid, attached.error()));
-  }
+  if (w.functions_.empty())
+    return fail(fmt::format("the kernel refused to probe every function asked for ({}: {})", w.skipped_.front().function.name,
+                            w.skipped_.front().reason),
+                "watch other functions");
   w.attach_ms_ = ms_since(t0);
   return w;
 }
@@ -235,6 +329,10 @@ Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const Wa
 Watch::Watch(Watch&& o) noexcept
     : pid_(o.pid_),
       functions_(std::move(o.functions_)),
+      return_probes_(std::move(o.return_probes_)),
+      slots_(std::move(o.slots_)),
+      skipped_(std::move(o.skipped_)),
+      progress_(std::move(o.progress_)),
       mechanism_(o.mechanism_),
       returns_(o.returns_),
       attach_ms_(o.attach_ms_),
@@ -246,6 +344,10 @@ Watch& Watch::operator=(Watch&& o) noexcept {
     detach();
     pid_ = o.pid_;
     functions_ = std::move(o.functions_);
+    return_probes_ = std::move(o.return_probes_);
+    slots_ = std::move(o.slots_);
+    skipped_ = std::move(o.skipped_);
+    progress_ = std::move(o.progress_);
     mechanism_ = o.mechanism_;
     returns_ = o.returns_;
     attach_ms_ = o.attach_ms_;
@@ -258,6 +360,7 @@ Watch& Watch::operator=(Watch&& o) noexcept {
 Watch::~Watch() { detach(); }
 
 void Watch::detach() {
+  if (links_) links_->release(progress_);
   links_.reset();  // links first: no probe may fire into a freed program
   if (skel_) watch_bpf__destroy(std::exchange(skel_, nullptr));
 }
@@ -271,8 +374,9 @@ Result<std::vector<CallCounts>> Watch::read() const {
   std::vector<watch_counters> per_cpu(static_cast<size_t>(ncpus));
   std::vector<CallCounts> out(functions_.size());
   int fd = bpf_map__fd(skel_->maps.counters);
-  for (uint32_t i = 0; i < out.size(); ++i) {
-    if (bpf_map_lookup_elem(fd, &i, per_cpu.data()) != 0)
+  for (size_t i = 0; i < out.size(); ++i) {
+    uint32_t slot = slots_[i];
+    if (bpf_map_lookup_elem(fd, &slot, per_cpu.data()) != 0)
       return fail(fmt::format("cannot read the call counters: {}", errno_text(errno)));
     for (auto& c : per_cpu) {
       out[i].calls += c.calls;

@@ -16,6 +16,7 @@
 #include "patch/abi_check.hpp"
 #include "patch/abi_types.hpp"
 #include "patch/coverage.hpp"
+#include "patch/golang.hpp"
 #include "patch/provenance.hpp"
 #include "common/crashpoint.hpp"
 #include "patch/journal.hpp"
@@ -107,6 +108,7 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   plan_opts.patch_dir = opts.patch_dir;
   plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
+  HOTFIX_CHECK(golang__check(plan.entries));  // patch/golang.hpp: Go code is not C ABI, its stacks unseen
   HOTFIX_CHECK(preflight__check({opts.pid, &p.table, p.executable, opts.library,
                                  fmt::format("{}{}", opts.patch_dir, opts.pid), &p.fix}));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
