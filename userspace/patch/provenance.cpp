@@ -199,13 +199,13 @@ std::vector<std::string> fix_names(const PreparedPatch& p) {
 }
 
 Result<void> check_toolchain(PreparedPatch& p) {
-  ObjectDwarf fix = producer__read_image(p.fix.bytes, p.fix.path);
+  ObjectProducers fix = producer__read_image(p.fix.bytes, p.fix.path);
   if (fix.units.empty() || !fix.dominant()) {
     p.notes.push_back({"toolchain", fmt::format("not compared: {}", fix.why_none.empty() ? "fix.so names no compiler"
                                                                                          : fix.why_none)});
     return {};
   }
-  std::map<std::string, ObjectDwarf> targets;  // by object path, each read once
+  std::map<std::string, ObjectProducers> targets;  // by object path, each read once
   std::map<std::pair<const Producer*, const Producer*>, Sides> pairs;
   std::vector<std::pair<const Producer*, const Producer*>> order;
   std::set<std::string> undescribed;
@@ -218,7 +218,7 @@ Result<void> check_toolchain(PreparedPatch& p) {
       it = targets.emplace(fn.object, producer__read_file(fn.object, fmt::format("/proc/{}/root{}", p.options.pid,
                                                                                  fn.object),
                                                           info->build_id, info->debug_file)).first;
-    const ObjectDwarf& dw = it->second;
+    const ObjectProducers& dw = it->second;
     const CompileUnit* tu = dw.unit_at(fn.address - info->load_bias);
     const Producer* tp = tu && !tu->producer.text.empty() ? &tu->producer : dw.dominant();
     if (!tp) {

@@ -142,14 +142,14 @@ std::string producer__compiler(const Producer& p) {
   return p.version.empty() ? p.family : p.family + " " + p.version;
 }
 
-const CompileUnit* ObjectDwarf::unit_at(uint64_t file_address) const {
+const CompileUnit* ObjectProducers::unit_at(uint64_t file_address) const {
   for (auto& u : units)
     for (auto& [lo, hi] : u.ranges)
       if (file_address >= lo && file_address < hi) return &u;
   return nullptr;
 }
 
-const Producer* ObjectDwarf::dominant(SourceLanguage language) const {
+const Producer* ObjectProducers::dominant(SourceLanguage language) const {
   auto pick = [&](bool any_language) -> const Producer* {
     std::map<std::string, std::pair<int, const Producer*>> counts;
     for (auto& u : units) {
@@ -195,7 +195,7 @@ std::string attr_string(Dwarf_Die* die, int name) {
   return s ? s : "";
 }
 
-void read_units(Elf* elf, ObjectDwarf& out) {
+void read_units(Elf* elf, ObjectProducers& out) {
   Dwarf* dw = dwarf_begin_elf(elf, DWARF_C_READ, nullptr);
   if (!dw) {
     out.why_none = fmt::format("libdw cannot read its DWARF: {}", dwarf_errmsg(-1));
@@ -223,7 +223,7 @@ void read_units(Elf* elf, ObjectDwarf& out) {
 }
 
 // Read the DWARF of `fd` (an ELF file) into `out`; true if it had any.
-bool read_fd(int fd, const std::string& name, ObjectDwarf& out) {
+bool read_fd(int fd, const std::string& name, ObjectProducers& out) {
   Elf* elf = elf_begin(fd, ELF_C_READ_MMAP, nullptr);
   if (!elf) return false;
   bool found = elf_kind(elf) == ELF_K_ELF && has_debug_info(elf);
@@ -247,10 +247,10 @@ std::string debuglink_of(int fd) {
 
 }  // namespace
 
-ObjectDwarf producer__read_file(const std::string& path, const std::string& open_path, const std::string& build_id,
+ObjectProducers producer__read_file(const std::string& path, const std::string& open_path, const std::string& build_id,
                                 const std::string& debug_file, const SymbolOptions& opts) {
   elf_version(EV_CURRENT);
-  ObjectDwarf out;
+  ObjectProducers out;
   const std::string& at = open_path.empty() ? path : open_path;
   UniqueFd fd(::open(at.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd && at != path) fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -272,9 +272,9 @@ ObjectDwarf producer__read_file(const std::string& path, const std::string& open
   return out;
 }
 
-ObjectDwarf producer__read_image(std::span<const uint8_t> bytes, const std::string& name) {
+ObjectProducers producer__read_image(std::span<const uint8_t> bytes, const std::string& name) {
   elf_version(EV_CURRENT);
-  ObjectDwarf out;
+  ObjectProducers out;
   std::vector<char> copy(bytes.begin(), bytes.end());  // libelf may write into an ELF_C_READ_MMAP-less image
   Elf* elf = elf_memory(copy.data(), copy.size());
   if (!elf) {

@@ -40,7 +40,7 @@ struct CompileUnit {
   std::vector<std::pair<uint64_t, uint64_t>> ranges;  // [low, high)
 };
 
-struct ObjectDwarf {
+struct ObjectProducers {
   std::string dwarf_file;  // where the DWARF was read ("" when there was none)
   std::string why_none;    // why there is none, for messages ("stripped, no debug file under /usr/lib/debug")
   std::vector<CompileUnit> units;
@@ -54,10 +54,10 @@ struct ObjectDwarf {
 // The compile units of the ELF file at `path` (opened through `open_path`, e.g. /proc/PID/root/...,
 // when given). `build_id` and `debug_file` (what SymbolTable found) help find a separate debug
 // file. No DWARF is not an error: the result says why in why_none.
-ObjectDwarf producer__read_file(const std::string& path, const std::string& open_path, const std::string& build_id,
+ObjectProducers producer__read_file(const std::string& path, const std::string& open_path, const std::string& build_id,
                                 const std::string& debug_file, const SymbolOptions& opts = {});
 // The compile units of ELF bytes held in memory (fix.so as read once).
-ObjectDwarf producer__read_image(std::span<const uint8_t> bytes, const std::string& name);
+ObjectProducers producer__read_image(std::span<const uint8_t> bytes, const std::string& name);
 
 // The effective value of an ABI-changing option in `switches` ("" when absent / default):
 // for "-fshort-enums": "-fshort-enums" or ""; for "-fpack-struct": "-fpack-struct=4" ...
