@@ -268,6 +268,37 @@ std::optional<uint64_t> stub_slot(std::span<const uint8_t> code, uint64_t addres
 // Disassemble `code` at `address` into one line per instruction (for plans and diagnostics).
 std::string disassemble(std::span<const uint8_t> code, uint64_t address, size_t max_insns = 8);
 
+// ---- moving instructions and counting trampolines (arch/x86_64/relocator.cpp) ----
+// After frida-gum's GumX86Relocator. The whole instructions at the start of `code` (its bytes
+// at `from`) that cover at least `min_bytes`, re-encoded to run at `to` with the same effect:
+// pc-relative memory operands keep the byte they address, relative jumps and calls keep their
+// target (rel8 widened to rel32; beyond rel32's reach an absolute sequence). Refused, saying
+// why: bytes that do not decode or run past `code`, a branch into the moved bytes other than to
+// their first byte, an instruction with no re-encodable form (loop, jrcxz, xbegin), and a
+// pc-relative operand whose target is beyond a 32-bit displacement from `to`.
+struct Relocation {
+  std::vector<uint8_t> code;  // what runs at `to`
+  size_t consumed = 0;        // source bytes moved: whole instructions, >= min_bytes
+  std::string disasm;         // the moved instructions, "push rbp; lea rax, [rip + 0x2e5c]"
+};
+Result<Relocation> relocate(std::span<const uint8_t> code, uint64_t from, uint64_t to, size_t min_bytes);
+size_t relocated_max_size(size_t min_bytes);  // bound on Relocation::code for min_bytes of input
+
+// A counting trampoline at `at` for the function at `fn` (`code`: its whole body): adds 1 to the
+// 64-bit counter at `counter` (atomically, preserving every register live at an entry), runs the
+// instructions an entry jump at `fn` covers, relocated, and jumps back to the first byte after
+// them. With the entry jump fn -> at every call of `fn` counts, whoever makes it and however
+// (direct, PLT, pointer). Refuses what check_entry refuses in `code` (a branch from the body into
+// the covered bytes) and what relocate refuses.
+struct CountingTrampoline {
+  std::vector<uint8_t> code;
+  size_t covered = 0;  // bytes at `fn` the entry jump overwrites (the moved instructions)
+  std::string disasm;
+};
+Result<CountingTrampoline> encode_counting_trampoline(std::span<const uint8_t> code, uint64_t fn, uint64_t at,
+                                                      uint64_t counter);
+size_t counting_trampoline_max_size();
+
 // ---- unwinding support ----
 // DWARF register numbers and values for libdw's initial frame (dwfl_thread_state_registers).
 // Returns the registers in DWARF order starting at DWARF register 0.
