@@ -25,6 +25,13 @@ int verb_gc(const Args& args);
 int verb_recover(const Args& args);
 int verb_build(const Args& args);
 
+// hotfix-ctl --version (cli/version.cpp).
+int print_version();
+// The man page: the template at `template_path` with its @VERBS@ line replaced by the verbs'
+// synopses and options (cli/describe.hpp), @VERSION@ by the version (cli/version.cpp).
+struct VerbDoc;
+int print_man(const std::string& template_path, const std::vector<VerbDoc>& verbs);
+
 // Finish or undo an interrupted operation on `pid` first, saying so in one line on stderr
 // (cli/recover.cpp). False (the error reported) if that failed. `quiet_if_busy`: skip
 // silently while another hotfix-ctl works on it.

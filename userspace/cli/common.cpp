@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "cli/cli.hpp"
+#include "cli/describe.hpp"
 #include "arch/arch.hpp"
 #include "patch/fixlib.hpp"
 #include "process/environment.hpp"
@@ -16,7 +17,16 @@
 namespace hotfix::cli {
 
 std::optional<int> parse(const std::string& verb, const Args& args, const po::options_description& desc,
-                         const char* positional, po::variables_map& vm, const std::string& synopsis) {
+                         const char* positional, po::variables_map& vm, const std::string& hand_synopsis) {
+  // The usage line lists every option the verb accepts (cli/describe.hpp), whatever the hand
+  // written part says; describe mode (--man, --complete) only records the options.
+  const auto options = describe__options(desc, positional);
+  const std::string synopsis = describe__synopsis(hand_synopsis, options);
+  if (VerbDoc* doc = describe__capture()) {
+    doc->options = options;
+    doc->synopsis = synopsis;
+    return 0;
+  }
   po::options_description all;
   all.add(desc).add_options()("help,h", "show this help");
   po::positional_options_description pos;

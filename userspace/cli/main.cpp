@@ -6,8 +6,10 @@
 #include <functional>
 #include <map>
 #include <new>
+#include <optional>
 
 #include "cli/cli.hpp"
+#include "cli/describe.hpp"
 
 namespace {
 
@@ -33,8 +35,37 @@ const std::map<std::string, Verb>& verbs() {
 }
 
 void print_usage(FILE* out) {
-  fmt::print(out, "usage: hotfix-ctl VERB [options]   (hotfix-ctl VERB --help for a verb's options)\n\nverbs:\n");
+  fmt::print(out, "usage: hotfix-ctl VERB [options]   (hotfix-ctl VERB --help for a verb's options)\n"
+                  "       hotfix-ctl --version\n\nverbs:\n");
   for (auto& [name, v] : verbs()) fmt::print(out, "  {:<8} {}\n", name, v.summary);
+  fmt::print(out, "\nThe manual: man hotfix-ctl\n");
+}
+
+// Hidden front-end plumbing, built from the options each verb really parses (cli/describe.hpp):
+//   --man TEMPLATE   the man page: TEMPLATE with @VERBS@ replaced (build time, see docs/man)
+//   --complete       the verbs, one a line (bash completion)
+//   --complete VERB  its options, "--name" or "--name VALUE", one a line
+std::optional<int> describe_main(const std::vector<std::string>& args) {
+  using namespace hotfix::cli;
+  auto doc_of = [](const std::string& name, const Verb& v) { return describe__verb(name, v.summary, v.run); };
+  if (args[0] == "--complete") {
+    if (args.size() == 1) {
+      for (auto& [name, v] : verbs()) fmt::print("{}\n", name);
+      return 0;
+    }
+    auto it = verbs().find(args[1]);
+    if (it == verbs().end()) return 1;
+    for (auto& o : doc_of(it->first, it->second).options)
+      if (!o.positional) fmt::print("--{}{}\n", o.name, o.value.empty() ? "" : " " + o.value);
+    fmt::print("--help\n");
+    return 0;
+  }
+  if (args[0] == "--man" && args.size() == 2) {
+    std::vector<VerbDoc> docs;
+    for (auto& [name, v] : verbs()) docs.push_back(doc_of(name, v));
+    return print_man(args[1], docs);
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -49,6 +80,8 @@ int main(int argc, char** argv) {
     print_usage(stdout);
     return 0;
   }
+  if (verb == "--version" || verb == "-V") return hotfix::cli::print_version();
+  if (auto code = describe_main(std::vector<std::string>(argv + 1, argv + argc))) return *code;
   auto it = verbs().find(verb);
   if (it == verbs().end()) {
     std::string names;

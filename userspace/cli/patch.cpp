@@ -83,11 +83,11 @@ int verb_patch(const Args& args) {
       "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence, and for loading fix.so (its constructors included) (default 10)")(
       "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
-      "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip)")(
+      "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip; a dry run only observes when this is given)")(
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
       "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
-      "dry-run", "print the plan and stop")("json", "print the result as JSON");
+      "dry-run", "check everything apply checks (binding fix.so's symbols included), print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
   auto mode = parse_consistency(consistency);
@@ -134,7 +134,9 @@ int verb_patch(const Args& args) {
   if (!prepared->untrusted.empty() && !json)
     fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);
   if (!json) print_plan(*prepared);
-  if (opts.observe.count() > 0) {
+  // A dry run observes only when asked to (--observe SEC): its answer is the plan, and the
+  // default window would make every dry run a second slower.
+  if (opts.observe.count() > 0 && (!dry_run || vm.count("observe"))) {
     auto liveness = patch__observe(*prepared, opts.observe);
     if (!liveness) return refused(liveness.error());
     if (!json) print_liveness(*liveness, opts.observe);

@@ -1,9 +1,12 @@
 // hotfix-ctl symbols: list the functions of a running process that match patterns.
 #include <fmt/core.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <set>
 
 #include "cli/cli.hpp"
 #include "common/json.hpp"
@@ -14,7 +17,7 @@ namespace hotfix::cli {
 
 namespace {
 
-constexpr const char* kSynopsis = "--pid PID [PATTERN...] [--object NAME] [--json | --wide]";
+constexpr const char* kSynopsis = "--pid PID [PATTERN...] [--object NAME] [--json | --wide | --names-only]";
 
 constexpr const char* kOutput =
     "\noutput: a table (ADDRESS OFFSET SIZE BIND OBJECT NAME MANGLED), one function per line in\n"
@@ -22,7 +25,9 @@ constexpr const char* kOutput =
     "objects {\"name\",\"mangled\",\"aliases\",\"object\",\"address\",\"offset\",\"size\",\"binding\",\n"
     "\"exported\",\"ifunc\",\"resolver\"} (numbers are decimal; an IFUNC's address is the implementation\n"
     "this process uses, resolver the IFUNC symbol's own). Names are demangled (C++, Rust without its\n"
-    "hash); the table cuts them at 60 columns, --wide and --json do not. Patterns: exact names\n"
+    "hash); the table fits each line to the terminal's width (or $COLUMNS), cutting names with \u2026, and\n"
+    "without either cuts names at 60 columns; --wide and --json do not cut. --names-only prints each\n"
+    "name once a line (for shell completion). Patterns: exact names\n"
     "(`Order::total`, a mangled name, `Order::add(int)` for one overload, a Rust path\n"
     "`main::pricing::discount`) and globs (`pricing::*`, `*parse*`). Separate debug\n"
     "files are found by build-id and .gnu_debuglink under $HOTFIX_DEBUG_ROOT (default /usr/lib/debug).\n";
@@ -32,19 +37,45 @@ std::string basename_of(const std::string& path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
+// The columns a table line may take: the terminal's, else $COLUMNS, else 0 (no limit: each
+// name is cut at kTableNameWidth instead, so a pipe still gets lines a person can read).
+size_t output_columns() {
+  struct winsize ws {};
+  if (::isatty(STDOUT_FILENO) && ::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  if (const char* c = std::getenv("COLUMNS"); c && *c) {
+    long n = std::strtol(c, nullptr, 10);
+    if (n > 0) return static_cast<size_t>(n);
+  }
+  return 0;
+}
+
 void print_table(const std::vector<Function>& functions, bool wide) {
-  auto fit = [&](const std::string& s) { return wide ? s : symbols__shorten(s, kTableNameWidth); };
-  size_t object_w = 6, name_w = 4;
+  size_t columns = wide ? 0 : output_columns();
+  size_t object_w = 6, longest = 4;
   for (auto& f : functions) {
     object_w = std::max(object_w, basename_of(f.object).size());
-    name_w = std::max(name_w, wide ? f.name.size() : std::min(f.name.size(), kTableNameWidth));
+    longest = std::max(longest, f.name.size());
   }
-  fmt::print("{:<18}  {:>10}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}\n", "ADDRESS", "OFFSET", "SIZE", "BIND", "OBJECT",
-             object_w, "NAME", name_w, "MANGLED");
+  // ADDRESS..OBJECT take a fixed width; NAME gets at most half of what is left (MANGLED the
+  // rest), and every line is cut at the terminal's edge.
+  constexpr size_t kFixed = 18 + 2 + 10 + 2 + 7 + 2 + 6 + 2;
+  size_t name_limit = wide ? longest : kTableNameWidth;
+  if (columns) name_limit = std::max<size_t>(12, (columns > kFixed + object_w + 4 ? columns - kFixed - object_w - 4 : 0) / 2);
+  size_t name_w = std::min(longest, name_limit);
+  auto fit = [&](const std::string& s) { return wide ? s : symbols__shorten(s, columns ? name_w : kTableNameWidth); };
+  auto line = [&](const std::string& text) { fmt::print("{}\n", columns ? symbols__shorten(text, columns) : text); };
+  line(fmt::format("{:<18}  {:>10}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}", "ADDRESS", "OFFSET", "SIZE", "BIND", "OBJECT",
+                   object_w, "NAME", name_w, "MANGLED"));
   for (auto& f : functions)
-    fmt::print("{:#018x}  {:#10x}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}{}\n", f.address, f.offset, f.size,
-               binding__name(f.binding), basename_of(f.object), object_w, fit(f.name), name_w, fit(f.mangled),
-               f.resolver ? fmt::format("  (IFUNC, resolver {:#x})", f.resolver) : "");
+    line(fmt::format("{:#018x}  {:#10x}  {:>7}  {:<6}  {:<{}}  {:<{}}  {}{}", f.address, f.offset, f.size,
+                     binding__name(f.binding), basename_of(f.object), object_w, fit(f.name), name_w, fit(f.mangled),
+                     f.resolver ? fmt::format("  (IFUNC, resolver {:#x})", f.resolver) : ""));
+}
+
+void print_names(const std::vector<Function>& functions) {
+  std::set<std::string> seen;
+  for (auto& f : functions)
+    if (seen.insert(f.name).second) fmt::print("{}\n", f.name);
 }
 
 void print_json(const std::vector<Function>& functions) {
@@ -79,7 +110,8 @@ int verb_symbols(const Args& args) {
       ("pattern", po::value<std::vector<std::string>>(), "names or globs (default: every function)")
       ("object", po::value<std::string>(), "only functions of this object: basename (libfoo.so, libfoo.so.1) or path")
       ("json", "one JSON array instead of a table")
-      ("wide", "names in full (the table cuts names longer than 60 columns with \u2026)");
+      ("wide", "names in full (the table cuts names at the terminal's width, or at 60 columns, with \u2026)")
+      ("names-only", "only the names, each once a line (for shell completion)");
   po::variables_map vm;
   if (auto code = parse("symbols", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kOutput);
@@ -97,6 +129,7 @@ int verb_symbols(const Args& args) {
   if (!selected) return report(selected.error());
 
   if (vm.count("json")) print_json(*selected);
+  else if (vm.count("names-only")) print_names(*selected);
   else print_table(*selected, vm.count("wide") > 0);
   return 0;
 }

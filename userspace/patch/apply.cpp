@@ -113,6 +113,9 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
                                  fmt::format("{}{}", opts.patch_dir, opts.pid), &p.fix}));
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
   HOTFIX_CHECK(registry__require_authentic(p.registry, opts.pid));  // stacking trusts its saved bytes
+  // The binder's resolution changes nothing, so it runs here too: a --dry-run fails where the
+  // apply would (a symbol the target lacks, an ambiguous one, a private copy of a variable).
+  HOTFIX_CHECK(binder__bind(p.table, p.executable, p.fix, registry__fix_copies(p.registry, p.table, opts.patch_dir)));
   p.id = p.registry.next_id;
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
   for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));

@@ -11,6 +11,8 @@
 
 #include "common/unique_fd.hpp"
 #include "symbols/pattern.hpp"
+#include "patch/hints.hpp"
+#include "symbols/stripped.hpp"
 
 namespace hotfix {
 
@@ -105,12 +107,15 @@ Result<std::vector<const Function*>> default_targets(const SymbolTable& target, 
   }
   if (out.empty()) {
     std::string defined = defined_list(fix);
+    std::string hint = defined.empty() ? "fix.so defines no functions at all; copy the buggy function into fix.cpp"
+                                       : fmt::format("fix.so defines {}; keep the exact names and signatures of the "
+                                                     "functions you fix",
+                                                     defined);
+    if (auto cxx = hint__cxx_fix_for_c(target, fix); !cxx.empty()) hint = cxx;  // patch/hints.hpp
+    else if (auto stripped = symbols__stripped_hint(target); !stripped.empty()) hint = stripped;
     return fail(fmt::format("{} defines no function the target has{}", fix.path,
                             opts.object.empty() ? "" : " in " + opts.object),
-                defined.empty() ? "fix.so defines no functions at all; copy the buggy function into fix.cpp"
-                                : fmt::format("fix.so defines {}; keep the exact names and signatures of the "
-                                              "functions you fix",
-                                              defined));
+                hint);
   }
   return out;
 }
@@ -176,6 +181,7 @@ Result<const FixSymbol*> find_replacement(const FixLibrary& fix, const Function&
   } else if (auto defined = defined_list(fix); !defined.empty()) {
     hint = fmt::format("fix.so defines {}; {}", defined, hint);
   }
+  if (auto cxx = hint__cxx_fix_for_c(SymbolTable::from_records({f}), fix); !cxx.empty()) hint = cxx;
   return fail(fmt::format("{} has no replacement for `{}` ({})", fix.path, f.name, f.mangled), hint);
 }
 

@@ -1,5 +1,6 @@
 // The pattern language (see pattern.hpp) and "did you mean" suggestions.
 #include "symbols/pattern.hpp"
+#include "symbols/stripped.hpp"
 
 #include <algorithm>
 #include <array>
@@ -372,6 +373,8 @@ Result<std::vector<Function>> symbols__select(const SymbolTable& table, const st
     std::string hint = !near.empty()   ? fmt::format("did you mean {}?", quoted_list(near))
                        : table.pid() ? fmt::format("list the functions with `hotfix-ctl symbols --pid {}`", table.pid())
                                      : "check the name; globs like 'pricing::*' select by prefix";
+    if (auto stripped = symbols__stripped_hint(table); !stripped.empty())  // the likeliest reason of all
+      hint = near.empty() ? stripped : hint + "; " + stripped;
     return fail(fmt::format("no function matches '{}' in {} (searched {} functions)", text, scope, searched), hint);
   }
   std::vector<Function> out;
