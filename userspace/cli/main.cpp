@@ -44,7 +44,8 @@ void print_usage(FILE* out) {
 // Hidden front-end plumbing, built from the options each verb really parses (cli/describe.hpp):
 //   --man TEMPLATE   the man page: TEMPLATE with @VERBS@ replaced (build time, see docs/man)
 //   --complete       the verbs, one a line (bash completion)
-//   --complete VERB  its options, "--name" or "--name VALUE", one a line
+//   --complete VERB  its options, "--name" or "--name VALUE", one a line (a short form "-n"
+//                    on the line after its long one)
 std::optional<int> describe_main(const std::vector<std::string>& args) {
   using namespace hotfix::cli;
   auto doc_of = [](const std::string& name, const Verb& v) { return describe__verb(name, v.summary, v.run); };
@@ -56,7 +57,11 @@ std::optional<int> describe_main(const std::vector<std::string>& args) {
     auto it = verbs().find(args[1]);
     if (it == verbs().end()) return 1;
     for (auto& o : doc_of(it->first, it->second).options)
-      if (!o.positional) fmt::print("--{}{}\n", o.name, o.value.empty() ? "" : " " + o.value);
+      if (!o.positional) {
+        std::string value = o.value.empty() ? "" : " " + o.value;
+        fmt::print("--{}{}\n", o.name, value);
+        if (o.short_name) fmt::print("-{}{}\n", o.short_name, value);  // right after its long form
+      }
     fmt::print("--help\n");
     return 0;
   }
