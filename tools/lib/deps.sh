@@ -2,6 +2,8 @@
 HOTFIX_DEPS=(cmake g++ clang llvm pkg-config make libbpf-dev bpftool libelf-dev libdw-dev
              libcapstone-dev libfmt-dev libboost-program-options-dev catch2 linux-libc-dev
              binutils xz-utils libiberty-dev
+             # the .deb: CPack's Depends (dpkg-shlibdeps), its lint, the man page check
+             dpkg-dev file lintian man-db
              # Rust fixtures (tests skip without it)
              rustc
              # tests/realworld: Debian's own programs, driven by their own clients on loopback

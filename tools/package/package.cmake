@@ -1,6 +1,8 @@
 # Install rules and the Debian package (CPack): `cmake --build build --target package`
 # writes build/hotfix_VERSION_amd64.deb. tools/package/check-deb checks it (lintian, dpkg -x).
 include(GNUInstallDirs)
+# `cmake --install` and cpack take what the build made; they do not build the tests first.
+set(CMAKE_SKIP_INSTALL_ALL_DEPENDENCY TRUE)
 
 # What --version says: the version and the checkout it was built from, and the libraries'
 # versions as pkg-config reported them at configure time.
@@ -44,27 +46,28 @@ install(FILES ${PROJECT_SOURCE_DIR}/tools/HotfixPatch.cmake ${PROJECT_SOURCE_DIR
 install(FILES ${PROJECT_SOURCE_DIR}/README.md ${PROJECT_SOURCE_DIR}/tools/package/copyright ${HOTFIX_CHANGELOG}
   DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/hotfix)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/docs/ DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/hotfix/docs
-  FILES_MATCHING PATTERN "*.md")
+  FILES_MATCHING PATTERN "*.md" PATTERN "man" EXCLUDE)
 # The agent's unit, once the agent exists (another change adds it).
 if(EXISTS ${PROJECT_SOURCE_DIR}/tools/systemd/hotfix-agent.service)
-  install(FILES ${PROJECT_SOURCE_DIR}/tools/systemd/hotfix-agent.service DESTINATION lib/systemd/system)
+  install(FILES ${PROJECT_SOURCE_DIR}/tools/systemd/hotfix-agent.service DESTINATION /lib/systemd/system)  # Debian 12: units under /lib
 endif()
 
 set(CPACK_GENERATOR DEB)
 set(CPACK_PACKAGE_NAME hotfix)
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
-set(CPACK_PACKAGE_CONTACT "hotfix maintainers <hotfix@localhost>")
+set(CPACK_PACKAGE_CONTACT "hotfix maintainers <hotfix-maintainers@example.org>")
 set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "patch functions of a running native process")
-set(CPACK_DEBIAN_PACKAGE_DESCRIPTION "patch functions of a running native process
- hotfix-ctl replaces functions of a running C, C++ or Rust program with the
- versions in a fix library (fix.so) without restarting it: it injects the
- library, binds it to the program's own functions and variables, and jumps the
- old functions' entries to the new ones while no thread is inside them.
- .
- It counts the calls on the new and the old code with eBPF uprobes, watches
- live functions, lists and reverts patches, and recovers from an interrupted
- run. It needs root (ptrace and BPF) and a Linux kernel with BTF.")
+# The synopsis line is CPACK_PACKAGE_DESCRIPTION_SUMMARY; CPack indents these lines itself
+# and turns the empty one into the " ." paragraph break.
+set(CPACK_DEBIAN_PACKAGE_DESCRIPTION "hotfix-ctl replaces functions of a running C, C++ or Rust program with the
+versions in a fix library (fix.so) without restarting it: it injects the
+library, binds it to the program's own functions and variables, and jumps the
+old functions' entries to the new ones while no thread is inside them.
+
+It counts the calls on the new and the old code with eBPF uprobes, watches
+live functions, lists and reverts patches, and recovers from an interrupted
+run. It needs root (ptrace and BPF) and a Linux kernel with BTF.")
 set(CPACK_DEBIAN_PACKAGE_SECTION admin)
 set(CPACK_DEBIAN_PACKAGE_PRIORITY optional)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)  # hotfix_VERSION_amd64.deb
@@ -74,3 +77,7 @@ set(CPACK_STRIP_FILES ON)
 # Only what the install rules above put there: no test or fixture targets.
 set(CPACK_DEB_COMPONENT_INSTALL OFF)
 include(CPack)
+
+# The package, built and used from a scratch root (lintian, dpkg -x, --version, symbols).
+add_test(NAME package_deb COMMAND ${PROJECT_SOURCE_DIR}/tools/package/check-deb ${PROJECT_BINARY_DIR})
+set_tests_properties(package_deb PROPERTIES SKIP_RETURN_CODE 4 TIMEOUT 300)
