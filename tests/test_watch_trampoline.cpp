@@ -219,7 +219,7 @@ TEST_CASE("a thread parked inside a trampoline holds its memory until it leaves"
   CHECK(watch.banner.find("via trampolines,") != std::string::npos);
   auto pages = registry_of(tramp.pid()).watches.at(0).pages;
   REQUIRE(pages.size() == 1);
-  // park_first's relocated call leaves a return address inside the trampoline.
+  // park_first blocks in the read(2) its trampoline makes: its pc is inside the trampoline.
   REQUIRE(tramp.child.request("park") == "ok");
   watch.child.signal(SIGINT);
   // Removal restores the entry at once, but cannot free the page while the thread is inside.

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -279,6 +280,50 @@ Result<uint64_t> stub_slot(Tracee& t, pid_t tid, Journal& j, uint32_t id, WatchR
   return at;
 }
 
+// Code outside a function may branch into the bytes its jump would cover: glibc's mempcpy
+// entries jump to the instruction after memmove's first. check_entry sees the function's own
+// body only, so scan every executable mapping of the object for direct branch encodings that
+// land there (the byte-level pre-filter: a false hit only costs a uprobe instead).
+void refuse_branched_into(const ProcessMemory& mem, pid_t pid, std::vector<Candidate>& candidates,
+                          std::vector<TrampolineRefusal>& refused) {
+  auto maps = process__read_maps(pid);
+  if (!maps) return;
+  std::set<std::string> objects;
+  for (auto& c : candidates) objects.insert(c.fn.object);
+  std::map<uint64_t, std::pair<uint64_t, size_t>> windows;  // first guarded byte -> (end, candidate)
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    auto check = arch::check_entry(candidates[i].code, candidates[i].fn.address);
+    windows[candidates[i].fn.address + 1] = {candidates[i].fn.address + std::max<size_t>(check.covered, 1), i};
+  }
+  auto window_of = [&](uint64_t a) -> std::optional<size_t> {
+    auto it = windows.upper_bound(a);
+    if (it == windows.begin()) return std::nullopt;
+    --it;
+    return a < it->second.first ? std::optional<size_t>(it->second.second) : std::nullopt;
+  };
+  std::map<size_t, uint64_t> branched;  // candidate -> a site outside it
+  for (auto& m : *maps) {
+    if (!m.executable() || !objects.count(m.path)) continue;
+    std::vector<uint8_t> text(m.end - m.start);
+    text.resize(mem.read_bulk(m.start, text));
+    for (auto& b : arch::branch_candidates(text, m.start, [&](uint64_t to) { return window_of(to).has_value(); })) {
+      size_t i = *window_of(b.target);
+      const Function& fn = candidates[i].fn;
+      if (b.site >= fn.address && b.site < fn.address + std::max<uint64_t>(fn.size, 1)) continue;  // check_entry's part
+      branched.emplace(i, b.site);
+    }
+  }
+  if (branched.empty()) return;
+  std::vector<Candidate> kept;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (auto it = branched.find(i); it != branched.end())
+      refused.push_back({candidates[i].fn, fmt::format("code outside it (at {:#x}) may branch into its first bytes", it->second)});
+    else
+      kept.push_back(std::move(candidates[i]));
+  }
+  candidates = std::move(kept);
+}
+
 }  // namespace
 
 std::string watchstubs__refusal(const ProcessMemory& mem, const Registry& registry, const Function& fn, bool go) {
@@ -317,6 +362,7 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
     }
     candidates.push_back({fn, HOTFIX_TRY(function_code(mem, fn))});
   }
+  refuse_branched_into(mem, pid, candidates, refused);
   if (candidates.empty()) return out;
 
   const uint32_t id = static_cast<uint32_t>(::getpid());
