@@ -6,6 +6,7 @@
 
 #include <catch2/catch.hpp>
 #include <map>
+#include <sstream>
 #include <thread>
 
 #include "patch/registry.hpp"
@@ -262,4 +263,58 @@ TEST_CASE("no trampoline where someone else's breakpoint sits: that function is 
   }
   CHECK(other.stop()["c_add"] == 31);
   require_file_bytes(calls.pid(), es);
+}
+
+namespace {
+
+// Anonymous executable pages and BPF map mappings of `pid`: what trampolines and counters use.
+std::pair<size_t, size_t> stub_memory(pid_t pid) {
+  size_t anon_x = 0, maps = 0;
+  for (auto& line : lines_of(read_file(fmt::format("/proc/{}/maps", pid)))) {
+    std::istringstream f(line);
+    std::string range, perms, offset, dev, inode, path;
+    f >> range >> perms >> offset >> dev >> inode >> path;
+    if (perms == "r-xp" && inode == "0" && path.empty()) ++anon_x;
+    if (path.find("bpf-map") != std::string::npos) ++maps;
+  }
+  return {anon_x, maps};
+}
+
+size_t crash_points(const std::string& err) {
+  size_t n = 0;
+  for (auto& line : lines_of(err)) n += line.rfind("crashpoint ", 0) == 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("a watch killed at any crash point is undone by the next hotfix-ctl: the file's bytes, no memory left") {
+  require_root();
+  Calls calls;
+  auto es = entries(calls.pid(), {"c_add", "callee_work"});
+  auto before = stub_memory(calls.pid());
+  std::vector<std::string> watch{ctl(), "watch", "--pid", std::to_string(calls.pid()), "c_add", "callee_work",
+                                 "--duration", "0.3", "--json"};
+  auto with_env = [&](const std::string& env) {
+    std::vector<std::string> argv{"/usr/bin/env", env};
+    argv.insert(argv.end(), watch.begin(), watch.end());
+    return run(argv, 60s);
+  };
+  auto listed = with_env("HOTFIX_CRASH_LIST=1");
+  REQUIRE(listed.exit_code == 0);
+  size_t points = crash_points(listed.err);
+  INFO(listed.err);
+  REQUIRE(points >= 8);
+  for (size_t k = 1; k <= points; ++k) {
+    auto r = with_env("HOTFIX_CRASH_AT=" + std::to_string(k));
+    INFO("crash point " << k << ": " << r.err);
+    auto rec = run({ctl(), "recover", "--pid", std::to_string(calls.pid())}, 60s);
+    INFO(rec.out << rec.err);
+    REQUIRE(rec.exit_code == 0);
+    require_file_bytes(calls.pid(), es);
+    CHECK(registry_of(calls.pid()).watches.empty());
+    CHECK(stub_memory(calls.pid()) == before);
+    calls.call("c_add", 2);
+    calls.call("callee_work", 2);
+  }
 }
