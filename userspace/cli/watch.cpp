@@ -164,6 +164,11 @@ int run_watch(const WatchArgs& a) {
   bool trampolines = a.trampolines && !inflight;
   if (a.trampolines && inflight)
     notes.push_back("--inflight: every function is watched with uprobes (return probes), not trampolines");
+  if (trampolines && live.size() > kMaxWatchTrampolines) {
+    trampolines = false;
+    notes.push_back(fmt::format("{} functions match: they are counted by uprobes (one watch installs at most {} "
+                                "trampolines; narrow the pattern for trap-free counting)", live.size(), kMaxWatchTrampolines));
+  }
   auto go = probe__go_objects(live);
   if (!a.inflight && inflight) {
     auto risky = probe__objects_with_exceptions(live);

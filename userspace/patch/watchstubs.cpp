@@ -301,6 +301,20 @@ void refuse_branched_into(const ProcessMemory& mem, pid_t pid, std::vector<Candi
     --it;
     return a < it->second.first ? std::optional<size_t>(it->second.second) : std::nullopt;
   };
+  // A hit inside another candidate's body is confirmed by decoding that body (its real branches).
+  std::map<uint64_t, size_t> bodies;  // start -> candidate
+  for (size_t i = 0; i < candidates.size(); ++i) bodies[candidates[i].fn.address] = i;
+  std::map<size_t, std::set<uint64_t>> decoded;  // candidate -> its direct branch sites, by target window
+  auto really_branches = [&](uint64_t site, uint64_t target) {
+    auto it = bodies.upper_bound(site);
+    if (it == bodies.begin()) return true;
+    const Candidate& c = candidates[(--it)->second];
+    if (site >= c.fn.address + c.code.size()) return true;  // unknown code: assume it does
+    auto [d, fresh] = decoded.try_emplace(it->second);
+    if (fresh)
+      for (auto& b : arch::direct_branches(c.code, c.fn.address).branches) d->second.insert(b.site ^ (b.target << 1));
+    return d->second.count(site ^ (target << 1)) != 0;
+  };
   std::map<size_t, uint64_t> branched;  // candidate -> a site outside it
   for (auto& m : *maps) {
     if (!m.executable() || !objects.count(m.path)) continue;
@@ -310,7 +324,7 @@ void refuse_branched_into(const ProcessMemory& mem, pid_t pid, std::vector<Candi
       size_t i = *window_of(b.target);
       const Function& fn = candidates[i].fn;
       if (b.site >= fn.address && b.site < fn.address + std::max<uint64_t>(fn.size, 1)) continue;  // check_entry's part
-      branched.emplace(i, b.site);
+      if (really_branches(b.site, b.target)) branched.emplace(i, b.site);
     }
   }
   if (branched.empty()) return;

@@ -38,6 +38,10 @@ struct JournalRecord;
 class ProcessMemory;
 class Tracee;
 
+// At most this many trampolines in one watch: each is a registry line and a journal record, and
+// all go in in one stop. A pattern matching more (watch '*') is watched with uprobes.
+constexpr size_t kMaxWatchTrampolines = 1000;
+
 // A function that gets no trampoline (a uprobe counts it instead), and why, for people.
 struct TrampolineRefusal {
   Function function;
