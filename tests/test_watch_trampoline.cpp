@@ -318,3 +318,33 @@ TEST_CASE("a watch killed at any crash point is undone by the next hotfix-ctl: t
     calls.call("callee_work", 2);
   }
 }
+
+TEST_CASE("registry: watch records round-trip, and a registry without them reads as before") {
+  Registry r;
+  r.next_id = 3;
+  WatchRecord w;
+  w.owner = 4242;
+  w.owner_start = 987654;
+  w.counters = 0x7f0000001000;
+  w.counters_len = 0x1000;
+  w.pages = {{0x7f0000100000, 0x1000}};
+  w.stubs = {{"_Z5scalei", 0x555555554000, 0x7f0000100000, {0x55, 0x48, 0x89, 0xe5, 0x53}, {0xe9, 1, 2, 3, 4}}};
+  r.watches.push_back(w);
+  auto back = registry__decode(registry__encode(r));
+  REQUIRE(back);
+  REQUIRE(back->watches.size() == 1);
+  auto& b = back->watches[0];
+  CHECK(b.owner == 4242);
+  CHECK(b.owner_start == 987654);
+  CHECK(b.counters == w.counters);
+  CHECK(b.pages == w.pages);
+  REQUIRE(b.stubs.size() == 1);
+  CHECK(b.stubs[0].name == "_Z5scalei");
+  CHECK(b.stubs[0].original == w.stubs[0].original);
+  CHECK(b.stubs[0].written == w.stubs[0].written);
+  CHECK(back->watch_stub_at(0x555555554000) != nullptr);
+  r.watches.clear();
+  auto old = registry__decode(registry__encode(r));
+  REQUIRE(old);
+  CHECK(old->watches.empty());
+}
