@@ -180,7 +180,7 @@ int run_watch(const WatchArgs& a) {
                                   risky.front()));
     }
   }
-  if (!go.empty() && inflight)
+  if (!go.empty())
     notes.push_back(fmt::format("in-flight and latency are n/a for Go code ({}): a return probe kills a Go program, "
                                 "which moves goroutine stacks; calls are counted{}",
                                 go.front(), a.inflight.value_or(false) ? " (--inflight does not apply to Go)" : ""));
