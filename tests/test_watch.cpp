@@ -193,7 +193,7 @@ TEST_CASE("the perf-uprobe fallback counts exactly too") {
   Calls calls;
   REQUIRE(calls.child.request("load") == "ok");
   ::setenv("HOTFIX_FORCE_PERF_UPROBES", "1", 1);
-  WatchCtl watch(calls.pid(), {"c_add", "scale(double)", "callee_work"});
+  WatchCtl watch(calls.pid(), {"c_add", "scale(double)", "callee_work", "--count", "uprobe"});
   ::unsetenv("HOTFIX_FORCE_PERF_UPROBES");
   CHECK(watch.banner.find("via perf uprobes") != std::string::npos);
   calls.call("c_add", 300);
@@ -519,7 +519,7 @@ TEST_CASE("an unprobeable function is skipped and named; the others are counted 
 TEST_CASE("watch names the unprobeable function in one note and watches the rest") {
   require_root();
   Unprobeable target;
-  WatchCtl watch(target.pid(), {"refcount_up", "plain_count", "plain_other"});
+  WatchCtl watch(target.pid(), {"refcount_up", "plain_count", "plain_other", "--count", "uprobe"});
   CHECK(watch.banner.find("watching 2 functions") != std::string::npos);
   CHECK(watch.banner.find("uprobe_multi") != std::string::npos);
   INFO(watch.notes);
@@ -554,7 +554,7 @@ TEST_CASE("a SIGKILLed watch of 1000 functions leaves no link and the file's byt
   auto original = text();
   CHECK(std::count(original.begin(), original.end(), 0xcc) == 0);
   {
-    WatchCtl watch(many.pid(), {"many_*"});
+    WatchCtl watch(many.pid(), {"many_*", "--count", "uprobe"});
     CHECK(watch.banner.find("watching 1000 functions") != std::string::npos);
     auto during = text();
     CHECK(std::count(during.begin(), during.end(), 0xcc) == 1000);  // every entry holds a breakpoint

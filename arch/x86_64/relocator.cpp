@@ -114,7 +114,10 @@ Result<void> Relocator::write_one(Writer& out, const Insn& i) const {
     case Kind::unmovable:
       return fail(fmt::format("cannot move the instruction at {:#x}: {}", i.address, i.why));
     case Kind::jmp: out.jmp(i.target); return {};
-    case Kind::call: out.call(i.target); return {};
+    case Kind::call:
+      if (keep_return_addresses_ && i.address + i.bytes.size() >= end) out.call_returning_to(i.address + i.bytes.size(), i.target);
+      else out.call(i.target);
+      return {};
     case Kind::jcc: out.jcc(i.cond, i.target); return {};
     case Kind::rip_relative: {
       auto disp = rel32(out.pc() + i.bytes.size(), i.target);
@@ -164,6 +167,7 @@ Result<CountingTrampoline> encode_counting_trampoline(std::span<const uint8_t> c
     w.pop_rax();
   }
   x86::Relocator r(code, fn);
+  r.keep_return_addresses(true);  // a C++ exception, an unwinder or a stack scan sees the function's own frame
   while (r.consumed() < entry_jump_size()) HOTFIX_CHECK(r.read_one());
   HOTFIX_CHECK(r.write_all(w));
   w.jmp(fn + r.consumed());
@@ -173,7 +177,8 @@ Result<CountingTrampoline> encode_counting_trampoline(std::span<const uint8_t> c
 }
 
 size_t counting_trampoline_max_size() {
-  return 16 + relocated_max_size(entry_jump_size()) + x86::Writer::kMaxBranchSize;
+  return 16 + relocated_max_size(entry_jump_size()) + x86::Writer::kMaxCallReturningToSize +
+         x86::Writer::kMaxBranchSize;
 }
 
 }  // namespace hotfix::arch

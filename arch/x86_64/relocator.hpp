@@ -28,6 +28,10 @@ class Relocator {
   Result<void> write_all(Writer& out) const;
 
   size_t consumed() const { return consumed_; }
+  // A moved call returns to the original code after it (Writer::call_returning_to) instead of
+  // to the moved copy. Right only where the code after the call is intact: past the bytes an
+  // entry jump covers, which is where a call among them always ends (it is the last one).
+  void keep_return_addresses(bool on) { keep_return_addresses_ = on; }
   std::string disasm() const;  // "push rbp; lea rax, [rip + 0x10]"
 
   // One decoded instruction and what makes it position-dependent.
@@ -48,6 +52,7 @@ class Relocator {
   std::span<const uint8_t> input_;
   uint64_t input_pc_ = 0;
   size_t consumed_ = 0;
+  bool keep_return_addresses_ = false;
   std::vector<Insn> insns_;
 };
 

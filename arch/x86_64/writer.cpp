@@ -81,6 +81,15 @@ void Writer::call(uint64_t target) {
   put_u64(target);
 }
 
+void Writer::call_returning_to(uint64_t return_to, uint64_t target) {
+  code_.insert(code_.end(), {0x48, 0x8d, 0x64, 0x24, 0xf8});  // lea rsp, [rsp-8]
+  push_rax();
+  mov_rax_u64(return_to);
+  mov_rsp_offset_rax(8);
+  pop_rax();
+  jmp(target);
+}
+
 void Writer::jcc(Cond cc, uint64_t target) {
   if (auto disp = rel32(pc() + 6, target)) {
     code_.insert(code_.end(), {0x0f, static_cast<uint8_t>(0x80 | static_cast<uint8_t>(cc))});

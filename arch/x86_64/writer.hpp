@@ -46,6 +46,12 @@ class Writer {
   //   jcc  -> j!cc .+14; jmp [rip+0]; .quad target              (16 bytes)
   void jmp(uint64_t target);
   void call(uint64_t target);
+  // A call made from moved code that returns where the original call would have: pushes
+  // `return_to` (no register or flag changed) and jumps to `target`, so the return address on
+  // the stack is the original code's -- unwinders, C++ exceptions and stack scans see the
+  // function they expect, and no thread is ever left with a return address in moved code.
+  //   lea rsp, [rsp-8]; push rax; movabs rax, return_to; mov [rsp+8], rax; pop rax; jmp target
+  void call_returning_to(uint64_t return_to, uint64_t target);
   void jcc(Cond cc, uint64_t target);
   // jmp [rip+0]; .quad target, whatever the distance (the island jump)
   void jmp_absolute(uint64_t target);
@@ -60,6 +66,7 @@ class Writer {
 
   // Longest sequence jmp/call/jcc emits (the absolute forms).
   static constexpr size_t kMaxBranchSize = 16;
+  static constexpr size_t kMaxCallReturningToSize = 22 + 14;
 
  private:
   uint64_t base_ = 0;

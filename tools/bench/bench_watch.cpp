@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "observe/watch.hpp"
+#include "patch/watchstubs.hpp"
 #include "symbols/pattern.hpp"
 
 using namespace hotfix;
@@ -202,8 +203,8 @@ void bench_hit_cost(bool quick) {
   bool bpftrace = have_bpftrace();
   Tracefs tracefs;  // before any bpftrace run
   fmt::print("## cost per call of a hot function (ns/call; ratio to no probe)\n\n");
-  fmt::print("| function (first instruction) | no probe | watch --no-inflight | watch (entry+return) | bpftrace count() |\n");
-  fmt::print("|---|---:|---:|---:|---:|\n");
+  fmt::print("| function (first instruction) | no probe | trampoline (default watch) | added by trampoline | watch --count uprobe --no-inflight | watch (entry+return) | bpftrace count() |\n");
+  fmt::print("|---|---:|---:|---:|---:|---:|---:|\n");
   const std::vector<std::pair<std::string, std::string>> hot = {
       {"c_add", "ordinary: movslq"}, {"hot_push", "push %rbp (emulated)"}, {"hot_nop5", "5-byte nop"}};
   for (auto& [fn, what] : hot) {
@@ -215,6 +216,16 @@ void bench_hit_cost(bool quick) {
       auto w = Watch::attach(calls.pid(), *fns, WatchOptions{.returns = returns});
       return w ? ns_per_call(calls, fn, probed_n) : -1.0;
     };
+    double tramp = -1;
+    {
+      std::vector<TrampolineRefusal> refused;
+      auto stubs = WatchStubs::install(calls.pid(), *fns, {}, refused);
+      if (stubs && !stubs->functions().empty()) {
+        ns_per_call(calls, fn, base_n / 10);
+        tramp = ns_per_call(calls, fn, base_n);
+        (void)stubs->remove(std::chrono::seconds(5));
+      }
+    }
     double entry = with_watch(false);
     double both = with_watch(true);
     std::string bt = "not installed";
@@ -228,8 +239,8 @@ void bench_hit_cost(bool quick) {
       }
       trace.stop(SIGINT);
     }
-    fmt::print("| {} ({}) | {:.1f} | {:.0f} ({:.0f}x) | {:.0f} ({:.0f}x) | {} |\n", fn, what, base, entry, entry / base,
-               both, both / base, bt);
+    fmt::print("| {} ({}) | {:.1f} | {:.1f} | {:.1f} | {:.0f} ({:.0f}x) | {:.0f} ({:.0f}x) | {} |\n", fn, what, base, tramp,
+               tramp - base, entry, entry / base, both, both / base, bt);
     std::fflush(stdout);
   }
   fmt::print("\n");

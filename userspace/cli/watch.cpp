@@ -17,6 +17,7 @@
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
 #include "patch/registry.hpp"
+#include "patch/watchstubs.hpp"
 #include "process/maps.hpp"
 #include "symbols/pattern.hpp"
 
@@ -24,11 +25,17 @@ namespace hotfix::cli {
 
 namespace {
 
-constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--interval SEC] [--duration SEC] [--json] [--top N] [--no-inflight]";
+constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--count trampoline|uprobe] [--interval SEC] [--duration SEC] [--json] [--top N] [--inflight]";
 
 // Shown under --help: what a probe costs the target, measured (docs/performance.md).
 constexpr const char* kCost =
-    "\ncost: every call of a watched function traps into the kernel. Per call, entry probe, on a\n"
+    "\ncounting: by default (--count trampoline) each watched function's entry jumps to a counting\n"
+    "trampoline in the target (one atomic add, no trap; a few ns per call), removed when watch ends\n"
+    "-- or, if watch is killed, by the next hotfix-ctl on the pid. A function whose prologue cannot\n"
+    "be moved, one patched by hotfix, Go code, or an entry holding someone else's breakpoint is\n"
+    "counted by a uprobe instead (named in one note). --inflight (in-flight and latency) needs\n"
+    "return probes and so uprobes for every function; --count uprobe uses them for counting too.\n"
+    "\ncost of uprobes: every call of a function watched by uprobe traps into the kernel. Per call, entry probe, on a\n"
     "quiet 2-CPU VM: ~12 us on an ordinary prologue (int3 + single-step), ~0.9 us when the\n"
     "first instruction is an emulated push, ~0.7 us on a 5-byte nop; several times more on a\n"
     "loaded machine. A return probe roughly doubles it; --no-inflight drops the return probes\n"
@@ -50,7 +57,8 @@ struct WatchArgs {
   double duration = 0;  // 0 = until Ctrl-C or the target exits
   bool json = false;
   size_t top = 20;
-  std::optional<bool> inflight;  // unset: on unless an object has C++ exception tables
+  std::optional<bool> inflight;  // unset: off with trampolines; with uprobes on unless an object has C++ exception tables
+  bool trampolines = true;       // --count trampoline (the default) or uprobe
 };
 
 std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
@@ -59,6 +67,7 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("pid,p", po::value<int>()->required(), "process to watch")
       ("pattern", po::value<std::vector<std::string>>(), "functions: names, Class::method, scale(int), globs like 'pricing::*'")
       ("object", po::value<std::string>(), "only functions of this object (basename or path, e.g. libfoo.so)")
+      ("count", po::value<std::string>()->default_value("trampoline"), "how calls are counted: trampoline (no trap, the default) or uprobe")
       ("interval,i", po::value<double>()->default_value(1.0), "seconds between reports")
       ("duration,d", po::value<double>()->default_value(0), "stop after this many seconds (default: until Ctrl-C or the target exits)")
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
@@ -85,6 +94,8 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   if (long top = vm["top"].as<long>(); top < 0) return usage(fmt::format("bad --top {}: give a number of rows >= 0", top));
   else out.top = static_cast<size_t>(top);
   if (vm.count("inflight") && vm.count("no-inflight")) return usage("--inflight and --no-inflight exclude each other");
+  if (auto c = vm["count"].as<std::string>(); c == "uprobe") out.trampolines = false;
+  else if (c != "trampoline") return usage(fmt::format("bad --count {}: give trampoline or uprobe", c));
   if (vm.count("inflight")) out.inflight = true;
   if (vm.count("no-inflight")) out.inflight = false;
   return std::nullopt;
@@ -102,11 +113,43 @@ void print_sample(const WatchSample& s, bool json) {
   std::fflush(stdout);
 }
 
+// One line naming the functions a uprobe counts instead of a trampoline, grouped by reason.
+std::string refused_line(const std::vector<TrampolineRefusal>& refused) {
+  std::vector<std::pair<std::string, std::vector<std::string>>> by_reason;
+  for (auto& r : refused) {
+    auto it = std::find_if(by_reason.begin(), by_reason.end(), [&](auto& b) { return b.first == r.reason; });
+    if (it == by_reason.end()) by_reason.push_back({r.reason, {}}), it = by_reason.end() - 1;
+    it->second.push_back(r.function.name);
+  }
+  std::string line = fmt::format("{} function{} counted by uprobe, not by a trampoline:", refused.size(),
+                                 refused.size() == 1 ? "" : "s");
+  size_t shown = 0;
+  for (auto& [reason, names] : by_reason) {
+    std::string list;
+    for (auto& n : names)
+      if (shown++ < 16) list += (list.empty() ? "" : ", ") + n;
+    if (!list.empty()) line += fmt::format(" {} ({});", list, reason);
+  }
+  if (shown > 16) line += fmt::format(" and {} more;", shown - 16);
+  line.pop_back();
+  return line;
+}
+
+// The mechanisms in the banner: "trampolines", "uprobe_multi", "trampolines (3) and uprobe_multi (1)".
+std::string mechanisms(size_t trampolines, const std::optional<Watch>& watch) {
+  size_t probed = watch ? watch->functions().size() : 0;
+  std::string probes = watch ? probe_mechanism__name(watch->mechanism()) : "";
+  if (!probed) return "trampolines";
+  if (!trampolines) return probes;
+  return fmt::format("trampolines ({}) and {} ({})", trampolines, probes, probed);
+}
+
 int run_watch(const WatchArgs& a) {
-  if (auto ok = process__check_privileges(true, false); !ok) return report(ok.error());
+  if (auto ok = process__check_privileges(true, a.trampolines); !ok) return report(ok.error());
   auto stop = StopSources::open(a.pid);
   if (!stop) return report(stop.error());
   if (auto alive = process__check_alive(a.pid); !alive) return report(alive.error());
+  if (!recover_first(a.pid, true)) return 1;  // trampolines a killed watch left go first
   auto table = SymbolTable::for_pid(a.pid);
   if (!table) return report(table.error());
   auto functions = symbols__select(*table, a.patterns, SelectOptions{a.object});
@@ -116,9 +159,18 @@ int run_watch(const WatchArgs& a) {
   std::vector<std::string> notes;
   auto live = registry__live_functions(*registry, *table, std::move(*functions), kFixCopyPrefix, &notes);
   if (live.empty()) return report(Error{"every matching function is a fix library's copy", "name the original functions"});
-  bool inflight = a.inflight.value_or(true);
+  // Trampolines count; in-flight and latency need return probes, and so uprobes.
+  bool inflight = a.inflight.value_or(!a.trampolines);
+  bool trampolines = a.trampolines && !inflight;
+  if (a.trampolines && inflight)
+    notes.push_back("--inflight: every function is watched with uprobes (return probes), not trampolines");
+  if (trampolines && live.size() > kMaxWatchTrampolines) {
+    trampolines = false;
+    notes.push_back(fmt::format("{} functions match: they are counted by uprobes (one watch installs at most {} "
+                                "trampolines; narrow the pattern for trap-free counting)", live.size(), kMaxWatchTrampolines));
+  }
   auto go = probe__go_objects(live);
-  if (!a.inflight) {
+  if (!a.inflight && inflight) {
     auto risky = probe__objects_with_exceptions(live);
     std::erase_if(risky, [&](const std::string& o) { return std::find(go.begin(), go.end(), o) != go.end(); });
     if (!risky.empty()) {
@@ -134,13 +186,61 @@ int run_watch(const WatchArgs& a) {
                                 go.front(), a.inflight.value_or(false) ? " (--inflight does not apply to Go)" : ""));
   for (auto& note : notes) fmt::print(stderr, "note: {}\n", note);
   auto progress = [](const std::string& line) { fmt::print(stderr, "progress: {}\n", line); };
-  auto watch = Watch::attach(a.pid, std::move(live), WatchOptions{.returns = inflight, .progress = progress});
-  if (!watch) return report(watch.error());
-  if (!watch->skipped().empty()) fmt::print(stderr, "note: {}\n", watch__skipped_line(watch->skipped()));
-
-  auto n = watch->functions().size();
+  auto t0 = std::chrono::steady_clock::now();
+  std::optional<WatchStubs> stubs;
+  std::vector<Function> probed = live;
+  if (trampolines) {
+    std::vector<TrampolineRefusal> refused;
+    auto installed = WatchStubs::install(a.pid, live, WatchStubOptions{.progress = progress}, refused);
+    if (!installed) return report(installed.error());
+    stubs.emplace(std::move(*installed));
+    probed.clear();
+    for (auto& r : refused) probed.push_back(r.function);
+    if (!refused.empty()) fmt::print(stderr, "note: {}\n", refused_line(refused));
+  }
+  auto remove_stubs = [&] {
+    if (!stubs) return 0;
+    auto removed = stubs->remove(std::chrono::seconds(60), progress);
+    stubs.reset();
+    if (!removed) return report(removed.error());
+    for (auto& n : *removed) fmt::print(stderr, "note: {}\n", n);
+    return 0;
+  };
+  std::optional<Watch> watch;
+  if (!probed.empty()) {
+    auto attached = Watch::attach(a.pid, std::move(probed), WatchOptions{.returns = inflight, .progress = progress});
+    if (!attached) {
+      int code = report(attached.error());
+      remove_stubs();
+      return code;
+    }
+    watch.emplace(std::move(*attached));
+    if (!watch->skipped().empty()) fmt::print(stderr, "note: {}\n", watch__skipped_line(watch->skipped()));
+  }
+  // Rows: the trampolines' functions first, then the probed ones.
+  std::vector<Function> all = stubs ? stubs->functions() : std::vector<Function>{};
+  size_t ntramp = all.size();
+  WatchSample sample;
+  sample.returns.assign(ntramp, ReturnProbes::off);
+  if (watch)
+    for (size_t i = 0; i < watch->functions().size(); ++i) {
+      all.push_back(watch->functions()[i]);
+      sample.returns.push_back(watch->return_probes(i));
+    }
+  auto read_counts = [&]() -> Result<std::vector<CallCounts>> {
+    std::vector<CallCounts> out;
+    if (stubs)
+      for (uint64_t c : stubs->read()) out.push_back(CallCounts{.calls = c});
+    if (watch) {
+      auto probes = HOTFIX_TRY(watch->read());
+      out.insert(out.end(), probes.begin(), probes.end());
+    }
+    return out;
+  };
+  auto n = all.size();
+  double attach_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "watching {} function{} in pid {} ({}) via {}, attached in {:.1f} ms; Ctrl-C to stop\n", n,
-             n == 1 ? "" : "s", a.pid, process__comm(a.pid), probe_mechanism__name(watch->mechanism()), watch->attach_ms());
+             n == 1 ? "" : "s", a.pid, process__comm(a.pid), mechanisms(ntramp, watch), attach_ms);
 
   using clock = std::chrono::steady_clock;
   auto interval = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(a.interval));
@@ -149,15 +249,13 @@ int run_watch(const WatchArgs& a) {
                             : clock::time_point::max();
   std::vector<CallCounts> previous(n);
   auto last_tick = start;
-  WatchSample sample;
   sample.inflight_known = inflight;
   sample.top = a.top;
-  sample.functions = &watch->functions();
-  for (size_t i = 0; i < n; ++i) sample.returns.push_back(watch->return_probes(i));
+  sample.functions = &all;
   int exit_code = 0;
   for (auto next = start + interval;; next += interval) {
     Wake why = wait_until(*stop, std::min(next, end));
-    auto counts = watch->read();
+    auto counts = read_counts();
     if (!counts) {
       exit_code = report(counts.error());
       break;
@@ -181,7 +279,8 @@ int run_watch(const WatchArgs& a) {
     print_sample(sample, a.json);
     break;
   }
-  watch->detach();
+  if (watch) watch->detach();
+  if (int code = remove_stubs(); code && !exit_code) exit_code = code;
   return exit_code;
 }
 

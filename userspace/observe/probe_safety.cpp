@@ -1,5 +1,7 @@
 #include "observe/probe_safety.hpp"
 
+#include "arch/arch.hpp"
+
 #include <fcntl.h>
 #include <gelf.h>
 #include <unistd.h>
@@ -80,7 +82,12 @@ Result<void> probe__check_entries(pid_t pid, const std::vector<Function>& functi
     std::vector<uint8_t> file(n);
     if (!live || !fd || ::pread(fd.get(), file.data(), n, static_cast<off_t>(f.offset)) != static_cast<ssize_t>(n))
       continue;  // cannot compare (file replaced on disk): the attach itself will tell
-    if (*live != file)
+    // A breakpoint over the first byte, the rest the file's: another uprobe (bpftrace, a second
+    // watch). The kernel shares one breakpoint among the uprobes of an offset and single-steps
+    // the file's instruction: a probe more there is safe.
+    bool breakpoint_only = live->size() == file.size() && (*live)[0] == arch::trap_instruction()[0] &&
+                           std::equal(file.begin() + 1, file.end(), live->begin() + 1);
+    if (*live != file && !breakpoint_only)
       return fail(fmt::format("{} in pid {} no longer holds its file's code at its entry (it is patched); a uprobe "
                               "there would execute the file's instruction and crash the process",
                               f.name, pid),

@@ -76,6 +76,9 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
   if (!s.check.patchable)
     return fail(fmt::format("cannot patch {}: {}", fn.name, s.check.reason),
                 "patch its callers instead, or leave it out with a narrower pattern");
+  if (registry.watch_stub_at(fn.address))
+    return fail(fmt::format("cannot patch {}: a running `hotfix-ctl watch` counts it with a trampoline at its entry", fn.name),
+                "stop that watch (Ctrl-C) and retry, or watch it with --count uprobe");
   s.stacked_on = registry.top_at(fn.address);
   auto trap = arch::trap_instruction();
   if (std::equal(trap.begin(), trap.end(), s.current.begin()))

@@ -55,6 +55,8 @@ std::pair<uid_t, gid_t> filesystem_ids(pid_t pid) {
 
 }  // namespace
 
+Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path) { return remote_obj_get(t, tid, path); }
+
 Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions) {
   TargetCounters tc;
   tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));

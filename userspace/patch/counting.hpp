@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common/error.hpp"
 #include "observe/patchcount.hpp"
@@ -23,5 +24,9 @@ struct TargetCounters {
 // Create the counters of patch `id` and map new_hits into the target with a remote
 // bpf(BPF_OBJ_GET) of its pin and mmap(MAP_SHARED) on `tid`, which must be stopped.
 Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions);
+
+// The target opens the BPF object pinned at `path` itself (a remote bpf(BPF_OBJ_GET) on `tid`,
+// stopped): its fd in the target. Also used by watch's trampolines (patch/watchstubs.hpp).
+Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path);
 
 }  // namespace hotfix

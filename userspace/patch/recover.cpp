@@ -18,6 +18,7 @@
 #include "observe/patchcount.hpp"
 #include "patch/registry.hpp"
 #include "patch/switch.hpp"
+#include "patch/watchstubs.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
@@ -118,6 +119,7 @@ bool finished(const Op& o) {
   if (o.op == "patch") return o.has("done") || o.has("rolled-back");
   if (o.op == "revert") return o.has("done") || o.has("aborted");
   if (o.op == "release") return o.has("released");
+  if (o.op == "watch") return o.has("done");  // a live watch's op is unfinished too: see recover__run
   return true;  // an operation this build does not know: not ours to judge
 }
 
@@ -409,6 +411,7 @@ bool recover__still_ours(pid_t pid, uint64_t address, uint64_t length, bool bpf_
 }
 
 void recover__forget_if_clean(Journal& journal, const Registry& registry) {
+  if (!registry.watches.empty()) return;
   for (auto& p : registry.patches)
     if (p.state == PatchState::active || !p.released) return;
   for (auto& o : group(journal.read()))
@@ -442,6 +445,7 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
     std::optional<Tracee> tracee;
     for (auto& o : group(j.read())) {
       if (finished(o)) continue;
+      if (o.op == "watch" && watchstubs__owner_alive(o.records)) continue;  // a running watch's trampolines
       if (!tracee) {
         // Recovery rewrites the registry (and so signs it): never one someone else wrote.
         if (auto registry = registry__read(pid)) HOTFIX_CHECK(registry__require_authentic(*registry, pid));
@@ -450,7 +454,12 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
       auto say = [&](const std::string& what) {
         lines.push_back(fmt::format("recovered an interrupted {} {} of pid {}: {}", o.op, o.id, pid, what));
       };
-      if (o.op == "patch" && o.has("committed")) {
+      if (o.op == "watch") {
+        auto what = watchstubs__recover(*tracee, j, o.id, o.records);
+        if (!what) return fail(fmt::format("cannot remove the trampolines a killed watch left in pid {}: {}", pid,
+                                           what.error().what), "retry `hotfix-ctl recover --pid PID`");
+        lines.push_back(fmt::format("removed what an ended watch (pid {}) left in pid {}: {}", o.id, pid, *what));
+      } else if (o.op == "patch" && o.has("committed")) {
         HOTFIX_CHECK(j.append(journal__record("patch", o.id, "done")));
         say("it had committed: kept (see `hotfix-ctl list`)");
       } else if (o.op == "patch") {

@@ -146,6 +146,13 @@ std::string encode_text(const Registry& r) {
     if (uint64_t more = p.uncovered_more + (p.uncovered.size() - recorded); more && recorded == kMaxRecordedUncovered)
       t += fmt::format("uncov-more {}\n", more);
   }
+  for (auto& w : r.watches) {
+    t += fmt::format("watch {} {} {:#x} {:#x}\n", w.owner, w.owner_start, w.counters, w.counters_len);
+    for (auto& [address, length] : w.pages) t += fmt::format("wpage {:#x} {:#x}\n", address, length);
+    for (auto& st : w.stubs)
+      t += fmt::format("wstub {:#x} {:#x} {} {} {}\n", st.address, st.stub, hex(st.original), hex(st.written),
+                       escape(st.name));
+  }
   if (auto key = registry_key()) t += fmt::format("mac {}\n", mac_of(*key, t));
   return t + "end\n";
 }
@@ -275,6 +282,26 @@ Result<Registry> decode_text(const std::string& text) {
       if (w.size() != 2 || patch.uncovered.size() != kMaxRecordedUncovered || patch.uncovered_more ||
           !parse_number(w[1], patch.uncovered_more, 10, kMaxId) || patch.uncovered_more == 0)
         return bad(line, "uncovered count");
+    } else if (kind == "watch") {
+      WatchRecord wr;
+      if (w.size() != 5 || !parse_number(w[1], wr.owner, 10, 1u << 22) || wr.owner == 0 ||
+          !parse_number(w[2], wr.owner_start, 10) || !parse_number(w[3], wr.counters, 16) ||
+          !parse_number(w[4], wr.counters_len, 16))
+        return bad(line, "watch record");
+      r.watches.push_back(std::move(wr));
+    } else if (kind == "wpage" && !r.watches.empty()) {
+      std::pair<uint64_t, uint64_t> page;
+      if (w.size() != 3 || !parse_number(w[1], page.first, 16) || !parse_number(w[2], page.second, 16) ||
+          page.first == 0 || page.second == 0 || page.second > (1u << 24))
+        return bad(line, "watch page");
+      r.watches.back().pages.push_back(page);
+    } else if (kind == "wstub" && !r.watches.empty()) {
+      WatchStubRecord st;
+      if (w.size() != 6 || !parse_number(w[1], st.address, 16) || !parse_number(w[2], st.stub, 16) ||
+          !parse_hex_bytes(w[3], st.original) || !parse_hex_bytes(w[4], st.written) || !parse_escaped(w[5], st.name) ||
+          st.original.size() != st.written.size() || st.original.empty() || st.name.empty())
+        return bad(line, "watch trampoline");
+      r.watches.back().stubs.push_back(std::move(st));
     } else {
       return bad(line);
     }
@@ -289,6 +316,13 @@ const char* patch_state__name(PatchState s) { return s == PatchState::active ? "
 PatchRecord* Registry::find(uint32_t id) {
   auto it = std::find_if(patches.begin(), patches.end(), [&](auto& p) { return p.id == id; });
   return it == patches.end() ? nullptr : &*it;
+}
+
+const WatchStubRecord* Registry::watch_stub_at(uint64_t address) const {
+  for (auto& w : watches)
+    for (auto& st : w.stubs)
+      if (st.address == address) return &st;
+  return nullptr;
 }
 
 bool Registry::was_pruned(uint32_t id) const {

@@ -78,6 +78,26 @@ struct PrunedSummary {
   uint64_t last_reverted_ns = 0;
 };
 
+// Counting trampolines of a `hotfix-ctl watch` (patch/watchstubs.hpp): whose they are, where
+// their memory is, and what each entry held before. A record whose owner is gone (a SIGKILLed
+// watch) is removed by the next hotfix-ctl on the pid. Registries older than these records
+// simply have none; a build older than them refuses a registry that has one ("damaged").
+struct WatchStubRecord {
+  std::string name;               // the function's symbol (mangled)
+  uint64_t address = 0;           // its entry in the target
+  uint64_t stub = 0;              // its trampoline
+  std::vector<uint8_t> original;  // the file's bytes under the jump (restored on removal)
+  std::vector<uint8_t> written;   // the jump
+};
+struct WatchRecord {
+  pid_t owner = 0;               // the hotfix-ctl watch that installed them
+  uint64_t owner_start = 0;      // its start time (field 22 of /proc/PID/stat): a reused pid is not it
+  uint64_t counters = 0;         // the counter map's mapping in the target
+  uint64_t counters_len = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> pages;  // trampoline pages (address, length)
+  std::vector<WatchStubRecord> stubs;                // empty once every entry is restored
+};
+
 struct Registry {
   uint32_t next_id = 1;  // never decreases: ids are never reused, pruned or not
   // The registry lives in the target, so its user can rewrite it. Every registry root's
@@ -88,8 +108,11 @@ struct Registry {
   std::string authenticity;
   std::vector<PatchRecord> patches;  // in id order
   PrunedSummary pruned;
+  std::vector<WatchRecord> watches;  // counting trampolines of live (or killed) watches
 
   PatchRecord* find(uint32_t id);
+  // The watch trampoline whose jump sits at `address`, if any.
+  const WatchStubRecord* watch_stub_at(uint64_t address) const;
   // True when `id` was issued, reverted, released and summarised (ids < next_id are issued
   // without gaps: only a committed patch takes one).
   bool was_pruned(uint32_t id) const;
