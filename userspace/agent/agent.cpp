@@ -317,23 +317,32 @@ class Agent {
   // Processes of armed binaries that exist already: stopped at the entry point by an agent
   // that died (parked and patched like new ones), or running without a set (patched live).
   void sweep(const char* why) {
+    size_t seen = 0, patched = 0, had = 0;
     for (auto& b : binaries_) {
       if (!b.link) continue;
       for (pid_t pid : processes_of(b.dev, b.ino)) {
+        ++seen;
         if (uint64_t entry = stopped_at_entry(pid, b)) {
           park_and_patch(pid, entry, b, "stopped at its entry point");
+          ++patched;
           continue;
         }
         char st = state_of(pid);
         if (st == 'Z' || st == 'X' || st == '?') continue;
         bool missing = false;
         for (auto& s : sets_of(b)) missing = missing || !agent__carries(pid, s.sha256);
-        if (!missing) continue;
+        if (!missing) {
+          ++had;
+          continue;
+        }
         log_(fmt::format("pid {} ({}): {}: runs {} without its set(s): patching it live", pid, process__comm(pid), why,
                          b.path));
         apply_sets(pid, b);
+        ++patched;
       }
     }
+    log_(fmt::format("{}: {} running process(es) of armed binaries: {} patched or tried, {} already had their sets", why,
+                     seen, patched, had));
   }
 
   AgentOptions opts_;
