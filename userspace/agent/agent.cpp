@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "agent/trigger.hpp"
@@ -161,8 +162,15 @@ class Agent {
   void loop(const std::atomic<bool>& stop) {
     uint64_t next_rescan = steady_ms() + static_cast<uint64_t>(opts_.rescan.count());
     while (!stop.load()) {
-      if (auto r = trigger_->poll(milliseconds(200), [&](const EntryEvent& e) { on_new_process(e); }); !r)
+      // Park the whole batch first (milliseconds each), then patch: a process waiting its turn
+      // is asleep with its hold running, not stopped.
+      std::vector<EntryEvent> batch;
+      if (auto r = trigger_->poll(milliseconds(200), [&](const EntryEvent& e) { batch.push_back(e); }); !r)
         log_(fmt::format("warning: {}", r.error().line()));
+      std::vector<Held> held;
+      for (auto& e : batch)
+        if (auto h = on_new_process(e)) held.push_back(std::move(*h));
+      for (auto& h : held) patch_and_release(h);
       if (uint64_t dropped = trigger_->dropped(); dropped > dropped_seen_) {
         log_(fmt::format("{} new process(es) were not stopped (the event buffer was full); looking for them",
                          dropped - dropped_seen_));
@@ -210,29 +218,44 @@ class Agent {
     return nullptr;
   }
 
-  void on_new_process(const EntryEvent& e) {
+  // A parked process and the binary whose sets it gets.
+  struct Held {
+    ParkedProcess parked;
+    const Binary* binary = nullptr;
+  };
+
+  std::optional<Held> on_new_process(const EntryEvent& e) {
     crashpoint("agent: a new process is stopped");
     const Binary* b = binary_for(e.pid, e.cookie);
-    std::string comm = process__comm(e.pid);
     if (!b) {  // disarmed between the stop and now: let it go as it is
       ::kill(e.pid, SIGCONT);
-      log_(fmt::format("pid {} ({}): its binary is no longer armed; continued unpatched", e.pid, comm));
-      return;
+      log_(fmt::format("pid {} ({}): its binary is no longer armed; continued unpatched", e.pid, process__comm(e.pid)));
+      return std::nullopt;
     }
-    park_and_patch(e.pid, e.ip, *b, "new process");
+    return park(e.pid, e.ip, *b, "new process");
   }
 
-  void park_and_patch(pid_t pid, uint64_t entry, const Binary& b, const char* what) {
+  std::optional<Held> park(pid_t pid, uint64_t entry, const Binary& b, const char* what) {
     std::string comm = process__comm(pid);
     auto parked = park__hold(pid, entry, entry + kEntrySlack, opts_.hold);
     if (!parked) {
       log_(fmt::format("pid {} ({}): {} of {}: cannot hold it at its entry point: {}", pid, comm, what, b.path,
                        parked.error().line()));
-      return;
+      return std::nullopt;
     }
     log_(fmt::format("pid {} ({}): {} of {}, held at its entry point", pid, comm, what, b.path));
-    auto applied = apply_sets(pid, b);
-    auto released = park__release(*parked);
+    return Held{*parked, &b};
+  }
+
+  void park_and_patch(pid_t pid, uint64_t entry, const Binary& b, const char* what) {
+    if (auto h = park(pid, entry, b, what)) patch_and_release(*h);
+  }
+
+  void patch_and_release(const Held& h) {
+    const pid_t pid = h.parked.pid;
+    std::string comm = process__comm(pid);
+    auto applied = apply_sets(pid, *h.binary);
+    auto released = park__release(h.parked);
     if (!released)
       log_(fmt::format("pid {} ({}): cannot release it: {}", pid, comm, released.error().line()));
     else if (!*released && process__alive(pid))
