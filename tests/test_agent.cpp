@@ -302,20 +302,30 @@ TEST_CASE("agent: a tampered persisted library is refused in one line, the proce
   wait_for_watchdogs();
 }
 
-TEST_CASE("patch --persist refuses what it cannot persist, before changing the target") {
+TEST_CASE("patch --persist refuses what it cannot persist, before changing the target; revert --persist usage") {
   require_root();
   StateDir state;
   Child t({target()});
   REQUIRE(t.read_line() == "first 1");
-  auto r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fix(), "--persist", "--observe", "0",
-                    "--allow-untrusted-lib"});
-  // Trusted anyway (root's fix), so it is accepted; an untrusted one would be refused.
-  CHECK(r.exit_code == 0);
-  auto bad = ctl_run({"revert", "--persist", "--all"});
-  CHECK(bad.exit_code == 2);
+  auto maps_before = file_mappings(t.pid());
+  auto r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fixture("agent_fix_libc.so"), "--object",
+                    "libc.so.6", "abs", "--persist", "--observe", "0"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  REQUIRE(lines_of(r.err).size() == 1);
+  CHECK(r.err.find("not in the executable") != std::string::npos);
+  CHECK(patches_in(t.pid()) == 0);
+  CHECK(file_mappings(t.pid()) == maps_before);
+  CHECK(ctl_run({"persisted"}).out.find("no persisted patch sets") != std::string::npos);
+  t.send("x");
+  CHECK(t.read_line() == "value 1");
+
+  CHECK(ctl_run({"revert", "--persist", "--all"}).exit_code == 2);  // --all needs --binary
   auto none = ctl_run({"revert", "--persist", "--id", "999"});
   CHECK(none.exit_code == 1);
   CHECK(lines_of(none.err).size() == 1);
-  auto all = ctl_run({"revert", "--persist", "--all", "--binary", target()});
-  CHECK(all.exit_code == 0);
+  Child t2({target()});
+  persist_from(t2);
+  CHECK(ctl_run({"revert", "--persist", "--all", "--binary", target()}).exit_code == 0);
+  CHECK(ctl_run({"persisted", "--json"}).out.find("\"sets\":[]") != std::string::npos);
 }
