@@ -212,9 +212,9 @@ class Agent {
     if (binaries_.empty()) log_("no persisted patch sets to apply; waiting for `hotfix-ctl patch --persist`");
   }
 
-  const Binary* binary_for(pid_t pid, uint64_t cookie) const {
+  // The armed binary a probe's cookie names (its index), if still armed.
+  const Binary* binary_for(uint64_t cookie) const {
     if (cookie < binaries_.size() && binaries_[cookie].link) return &binaries_[cookie];
-    (void)pid;
     return nullptr;
   }
 
@@ -226,7 +226,7 @@ class Agent {
 
   std::optional<Held> on_new_process(const EntryEvent& e) {
     crashpoint("agent: a new process is stopped");
-    const Binary* b = binary_for(e.pid, e.cookie);
+    const Binary* b = binary_for(e.cookie);
     if (!b) {  // disarmed between the stop and now: let it go as it is
       ::kill(e.pid, SIGCONT);
       log_(fmt::format("pid {} ({}): its binary is no longer armed; continued unpatched", e.pid, process__comm(e.pid)));

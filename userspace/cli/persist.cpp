@@ -49,8 +49,6 @@ std::string set_json(const PersistedSet& s, const std::string& status) {
 
 }  // namespace
 
-Result<PersistedSet> persist_prepared(const PreparedPatch& p) { return persist__plan(p); }
-
 int verb_persisted(const Args& args) {
   po::options_description desc("persisted options");
   std::string binary;

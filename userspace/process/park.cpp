@@ -212,10 +212,14 @@ Result<bool> park__release(const ParkedProcess& p) {
   if (ptrace_req(PTRACE_INTERRUPT, p.pid) != 0 || wait_stop(p.pid, seconds(2)) < 0) return false;
   arch::RegsBuffer regs;
   HOTFIX_CHECK(arch::regs__read(p.pid, regs));
-  if (arch::regs__pc(regs) != p.sleep_pc || arch::regs__sp(regs) != p.frame_sp ||
-      arch::regs__syscall_nr(regs) != SYS_clock_nanosleep)
-    return false;  // no longer parked
-  arch::regs__end_syscall(regs, -EINTR);  // the `ret` after it leads to rt_sigreturn on the frame
+  // Parked: in the sleep (or just out of it), or -- released right after park__hold detached --
+  // still on the gadget's syscall instruction, not yet in it. Either way it goes on as if the
+  // sleep had returned -EINTR: the `ret` after it leads to rt_sigreturn on the frame.
+  uint64_t pc = arch::regs__pc(regs);
+  bool not_yet_in = pc + arch::syscall_instruction().size() == p.sleep_pc;
+  if (arch::regs__sp(regs) != p.frame_sp || (pc != p.sleep_pc && !not_yet_in)) return false;  // no longer parked
+  arch::regs__set_pc(regs, p.sleep_pc);
+  arch::regs__end_syscall(regs, -EINTR);
   HOTFIX_CHECK(arch::regs__write(p.pid, regs));
   return true;
 }

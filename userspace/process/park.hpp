@@ -44,7 +44,8 @@ struct ParkedProcess {
 // unchanged, and the error says why.
 Result<ParkedProcess> park__hold(pid_t pid, uint64_t entry_lo, uint64_t entry_hi, std::chrono::milliseconds hold);
 
-// End the sleep now: the process resumes at its entry point. Ok(false) when it was no longer
+// End the sleep now (also when the thread has not entered it yet, just after park__hold):
+// the process resumes at its entry point. Ok(false) when it was no longer
 // parked (the deadline had passed, a signal ended the sleep, or it exited).
 Result<bool> park__release(const ParkedProcess& p);
 
