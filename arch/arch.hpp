@@ -105,6 +105,9 @@ void regs__prepare_syscall_on_frame(RegsBuffer& r, uint64_t gadget, long nr, std
 // Registers to call fn(args...) (at most 6 integer args) returning via the frame's return address.
 Result<void> regs__prepare_call_on_frame(RegsBuffer& r, uint64_t fn, std::span<const uint64_t> args, uint64_t sp);
 long regs__syscall_nr(const RegsBuffer& r);  // at a syscall stop: the call being made
+// Make the system call `r` is stopped in (an interrupt stop after it was interrupted) return
+// `result` (a negative errno) to user space instead of being restarted.
+void regs__end_syscall(RegsBuffer& r, long result);
 // Interrupted in a call the kernel restarts through its restart block (relative sleeps)?
 // rt_sigreturn resets that block, so the tracer, when alive, restores such a thread by hand.
 bool regs__restart_needs_block(const RegsBuffer& r);

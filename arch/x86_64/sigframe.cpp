@@ -189,6 +189,11 @@ Result<void> regs__prepare_call_on_frame(RegsBuffer& r, uint64_t fn, std::span<c
 
 long regs__syscall_nr(const RegsBuffer& r) { return static_cast<long>(r.get().u.orig_rax); }
 
+void regs__end_syscall(RegsBuffer& r, long result) {
+  r.get().u.rax = static_cast<uint64_t>(result);
+  r.get().u.orig_rax = static_cast<uint64_t>(-1);  // the kernel restarts nothing
+}
+
 bool regs__restart_needs_block(const RegsBuffer& r) {
   return regs__in_restartable_syscall(r) && -static_cast<long>(r.get().u.rax) == kErestartRestartBlock;
 }

@@ -24,6 +24,10 @@ int verb_stats(const Args& args);
 int verb_gc(const Args& args);
 int verb_recover(const Args& args);
 int verb_build(const Args& args);
+int verb_agent(const Args& args);      // cli/agent.cpp
+int verb_persisted(const Args& args);  // cli/persist.cpp
+// `revert --persist ...`: remove persisted sets (cli/persist.cpp).
+int revert_persisted(const Args& args);
 
 // hotfix-ctl --version (cli/version.cpp).
 int print_version();

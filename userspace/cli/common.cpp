@@ -46,7 +46,7 @@ std::optional<int> parse(const std::string& verb, const Args& args, const po::op
     return 2;
   }
   // State is keyed by host pids (see process__check_host_pid_namespace).
-  static const std::set<std::string> kStateVerbs = {"patch", "revert", "recover", "list", "stats", "gc"};
+  static const std::set<std::string> kStateVerbs = {"patch", "revert", "recover", "list", "stats", "gc", "agent"};
   if (kStateVerbs.count(verb))
     if (auto host = process__check_host_pid_namespace(); !host) return report(host.error());
   // Every verb that takes --pid gets the same answer for a pid that names no user process

@@ -30,6 +30,8 @@ const std::map<std::string, Verb>& verbs() {
       {"stats", {verb_stats, "hits on patched code, new versus old, from BPF maps"}},
       {"recover", {verb_recover, "finish or undo what a killed hotfix-ctl left half done in a process"}},
       {"gc", {verb_gc, "remove pinned maps and files left by processes that are gone"}},
+      {"agent", {verb_agent, "daemon: apply the persisted patch sets to every new process of their binaries"}},
+      {"persisted", {verb_persisted, "list the patch sets recorded with patch --persist"}},
   };
   return table;
 }
@@ -37,7 +39,7 @@ const std::map<std::string, Verb>& verbs() {
 void print_usage(FILE* out) {
   fmt::print(out, "usage: hotfix-ctl VERB [options]   (hotfix-ctl VERB --help for a verb's options)\n"
                   "       hotfix-ctl --version\n\nverbs:\n");
-  for (auto& [name, v] : verbs()) fmt::print(out, "  {:<8} {}\n", name, v.summary);
+  for (auto& [name, v] : verbs()) fmt::print(out, "  {:<9} {}\n", name, v.summary);
   fmt::print(out, "\nThe manual: man hotfix-ctl\n");
 }
 

@@ -108,6 +108,7 @@ int verb_list(const Args& args) {
 }
 
 int verb_revert(const Args& args) {
+  if (std::find(args.begin(), args.end(), "--persist") != args.end()) return revert_persisted(args);
   po::options_description desc("revert options");
   RevertOptions opts;
   std::string consistency = "strict";

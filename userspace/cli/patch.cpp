@@ -9,6 +9,7 @@
 #include "common/sha256.hpp"
 #include "patch/engine.hpp"
 #include "process/environment.hpp"
+#include "agent/agent.hpp"
 
 namespace hotfix::cli {
 
@@ -16,7 +17,7 @@ namespace {
 
 constexpr const char* kSynopsis =
     "--pid PID --lib fix.so [PATTERN...] [--object NAME] [--consistency strict|entry] [--timeout SEC] "
-    "[--allow-untrusted-lib] [--allow-uncovered] [--dry-run] [--json]";
+    "[--allow-untrusted-lib] [--allow-uncovered] [--persist] [--dry-run] [--json]";
 
 std::string hex(const std::vector<uint8_t>& bytes) {
   std::string s;
@@ -87,6 +88,7 @@ int verb_patch(const Args& args) {
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
       "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
+      "persist", "also record the set in the state directory (/var/lib/hotfix) for `hotfix-ctl agent` to apply to every new process of this executable")(
       "dry-run", "check everything apply checks (binding fix.so's symbols included), print the plan and stop")("json", "print the result as JSON");
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
@@ -131,6 +133,12 @@ int verb_patch(const Args& args) {
   audit.untrusted = prepared->untrusted;
   audit.uncovered = prepared->uncovered.size();
   for (auto& s : prepared->switches) audit.functions.push_back(s.entry.target.name);
+  std::optional<PersistedSet> persist;  // checked before anything changes, recorded after
+  if (vm.count("persist")) {
+    auto planned = persist__plan(*prepared);
+    if (!planned) return refused(planned.error());
+    persist = std::move(*planned);
+  }
   if (!prepared->untrusted.empty() && !json)
     fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);
   if (!json) print_plan(*prepared);
@@ -156,16 +164,30 @@ int verb_patch(const Args& args) {
   audit.loaded_sha256 = outcome->loaded_sha256;
   audit.pause_us = outcome->pause.count() / 1000.0;
   auto notes = audit__record(audit);
+  std::string persisted_json;
+  if (persist) {
+    auto recorded = persist__record(*persist, prepared->fix.bytes);
+    if (!recorded) {
+      report(Error{fmt::format("applied patch {} to pid {}, but could not persist it: {}", outcome->id, opts.pid,
+                               recorded.error().what), recorded.error().hint});
+      return 1;
+    }
+    persist = *recorded;
+    persisted_json = fmt::format(",\"persisted\":{{\"set\":{},\"copy\":{}}}", persist->id, json__quote(persist->fix_path()));
+  }
   if (json) {
     fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{},\"notes\":{},"
                "\"uncovered\":{}{}}}\n",
                outcome->id, outcome->pause.count() / 1000.0, outcome->attempts, outcome->sha256,
                functions_json(outcome->functions), notes_json(prepared->notes), uncovered_json(prepared->uncovered),
-               audit_notes_json(notes));
+               persisted_json + audit_notes_json(notes));
   } else {
     print_audit_notes(notes);
     fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,
                opts.pid, outcome->functions.size(), outcome->pause.count() / 1000.0, outcome->attempts);
+    if (persist)
+      fmt::print("persisted as set {} for {} (build-id {}): `hotfix-ctl agent` applies it to every new process\n",
+                 persist->id, persist->binary, persist->build_id.substr(0, 12));
     if (!prepared->uncovered.empty())
       fmt::print("{} place(s) not covered (--allow-uncovered):\n{}", prepared->uncovered.size(),
                  uncovered_lines(prepared->uncovered, 0, "  "));

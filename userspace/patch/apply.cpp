@@ -102,6 +102,11 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   auto trusted = HOTFIX_TRY(trust__read_fix(opts.library, opts.allow_untrusted_lib));
   p.fix = std::move(trusted.image);
   p.untrusted = std::move(trusted.untrusted);
+  if (!opts.expected_sha256.empty())
+    if (auto digest = sha256__hex(p.fix.bytes); digest != opts.expected_sha256)
+      return fail(fmt::format("{} was changed since it was persisted (sha256 {}, recorded {})", opts.library,
+                              digest.substr(0, 16), opts.expected_sha256.substr(0, 16)),
+                  "refusing it; remove the set with `hotfix-ctl revert --persist --id N` and record the fix again");
   HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
   auto fix = HOTFIX_TRY(fixlib__read(p.fix));
   p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));

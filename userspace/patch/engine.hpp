@@ -42,6 +42,9 @@ struct PatchOptions {
   bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
   bool allow_untrusted_lib = false;  // load a fix.so that fails the trust rule (patch/trust.hpp)
   bool allow_uncovered = false;      // apply even where inlined copies, clones or aliases keep old code (patch/coverage.hpp)
+  // A persisted set's copy (agent/store.hpp): fix.so's bytes as read must have this sha256
+  // (hex), checked on the very bytes that are then loaded; "" checks nothing.
+  std::string expected_sha256;
 };
 
 // One line of the plan from a check that passed with something to say ("ABI: 3 call sites
