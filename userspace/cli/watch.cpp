@@ -18,6 +18,7 @@
 #include "observe/watch.hpp"
 #include "patch/registry.hpp"
 #include "process/maps.hpp"
+#include "process/pidns.hpp"
 #include "symbols/pattern.hpp"
 
 namespace hotfix::cli {
@@ -140,7 +141,7 @@ int run_watch(const WatchArgs& a) {
 
   auto n = watch->functions().size();
   fmt::print(stderr, "watching {} function{} in pid {} ({}) via {}, attached in {:.1f} ms; Ctrl-C to stop\n", n,
-             n == 1 ? "" : "s", a.pid, process__comm(a.pid), probe_mechanism__name(watch->mechanism()), watch->attach_ms());
+             n == 1 ? "" : "s", a.pid, pidns__comm_label(a.pid), probe_mechanism__name(watch->mechanism()), watch->attach_ms());
 
   using clock = std::chrono::steady_clock;
   auto interval = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(a.interval));
