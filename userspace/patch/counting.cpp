@@ -54,11 +54,11 @@ std::pair<uid_t, gid_t> filesystem_ids(pid_t pid) {
   return {uid, gid};
 }
 
-// new_hits as an fd of the target. A target in another mount namespace (a container) cannot
-// see the pin, so it is handed our own fd (process/fdpass.hpp); otherwise it opens the pin,
+// new_hits as an fd of the target. A target in another mount namespace (a container) that has
+// no bpffs is handed our own fd (process/fdpass.hpp); otherwise it opens the pin,
 // which keeps the path visible in an strace of the target and needs no socket.
 Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters) {
-  if (fdpass__other_mount_namespace(t.pid())) return fdpass__send_to_target(t, tid, counters.new_hits.get());
+  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, counters.new_hits.get());
   auto [uid, gid] = filesystem_ids(t.pid());
   std::string path = counters.new_hits_path;
   if (uid != 0) path = HOTFIX_TRY(patchcount__handoff(counters, uid, gid));

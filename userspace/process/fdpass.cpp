@@ -1,8 +1,10 @@
 #include "process/fdpass.hpp"
 
+#include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -125,11 +127,10 @@ Result<int> fdpass__send_to_target(Tracee& t, pid_t tid, int fd) {
   return passed;
 }
 
-bool fdpass__other_mount_namespace(pid_t pid) {
-  struct stat theirs {}, ours {};
-  if (::stat(fmt::format("/proc/{}/ns/mnt", pid).c_str(), &theirs) != 0 || ::stat("/proc/self/ns/mnt", &ours) != 0)
-    return false;
-  return theirs.st_ino != ours.st_ino || theirs.st_dev != ours.st_dev;
+bool fdpass__target_lacks_bpffs(pid_t pid, const std::string& bpffs) {
+  struct statfs fs {};
+  if (::statfs(fmt::format("/proc/{}/root{}", pid, bpffs).c_str(), &fs) != 0) return true;  // no such directory
+  return static_cast<unsigned long>(fs.f_type) != BPF_FS_MAGIC;
 }
 
 }  // namespace hotfix

@@ -5,6 +5,8 @@
 #pragma once
 #include <sys/types.h>
 
+#include <string>
+
 #include "common/error.hpp"
 
 namespace hotfix {
@@ -15,8 +17,11 @@ class Tracee;
 // stopped. Nothing is left open on either side on failure.
 Result<int> fdpass__send_to_target(Tracee& t, pid_t tid, int fd);
 
-// Does `pid` live in another mount namespace than hotfix-ctl (/proc/PID/ns/mnt)? Paths on the
-// host then mean nothing to it. False when it cannot be told.
-bool fdpass__other_mount_namespace(pid_t pid);
+// Must `pid` be handed its counters' fd instead of opening their pin under `bpffs` itself?
+// True when the target has no BPF filesystem at that path (a container: another mount
+// namespace with its own /sys or none). A target that sees the same bpffs as hotfix-ctl, or
+// another one (then hotfix-ctl is the one with a private view, and its pins are not the
+// host's), opens the pin itself, and fails with the reason in the second case.
+bool fdpass__target_lacks_bpffs(pid_t pid, const std::string& bpffs);
 
 }  // namespace hotfix
