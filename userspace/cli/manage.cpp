@@ -81,7 +81,7 @@ std::string registry_json(pid_t pid, const Registry& r) {
   if (r.pruned.count)
     extra += fmt::format(",\"pruned\":{{\"count\":{},\"first_id\":{},\"last_id\":{},\"last_reverted_ns\":{}}}",
                          r.pruned.count, r.pruned.first_id, r.pruned.last_id, r.pruned.last_reverted_ns);
-  return fmt::format("{{\"pid\":{},\"ns_pid\":{},\"patches\":{}{}}}", pid, pidns__own_pid(pid), patches_json(r), extra);
+  return fmt::format("{{\"pid\":{}{},\"patches\":{}{}}}", pid, pidns__json_field(pid), patches_json(r), extra);
 }
 
 }  // namespace

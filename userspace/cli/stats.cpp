@@ -240,8 +240,8 @@ std::string format_json(pid_t pid, const Snapshot& now, const Snapshot* before, 
     patches += (i ? "," : "") + json_patch(now.patches[i], before ? &before->patches[i] : nullptr, now.time, interval,
                                            c == callers.end() ? "" : c->second);
   }
-  return fmt::format(R"({{"pid":{},"ns_pid":{},"time":{:.3f},"interval_s":{},"patches":[{}]}})", pid,
-                     pidns__own_pid(pid), now.time,
+  return fmt::format(R"({{"pid":{}{},"time":{:.3f},"interval_s":{},"patches":[{}]}})", pid,
+                     pidns__json_field(pid), now.time,
                      interval > 0 ? fmt::format("{:.3f}", interval) : "null", patches);
 }
 

@@ -35,4 +35,9 @@ std::string pidns__comm_label(pid_t pid) {
   return fmt::format("{}; ns pid {}", comm, own);
 }
 
+std::string pidns__json_field(pid_t pid) {
+  pid_t own = pidns__own_pid(pid);
+  return own == 0 || own == pid ? "" : fmt::format(",\"ns_pid\":{}", own);
+}
+
 }  // namespace hotfix

@@ -19,4 +19,8 @@ pid_t pidns__own_pid(pid_t pid);
 // list, stats and watch put in parentheses after the host pid.
 std::string pidns__comm_label(pid_t pid);
 
+// `,"ns_pid":N` for a process in another pid namespace, "" otherwise: what list --json and
+// stats --json add after "pid" (so a host process's JSON is as it always was).
+std::string pidns__json_field(pid_t pid);
+
 }  // namespace hotfix
