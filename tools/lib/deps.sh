@@ -7,7 +7,9 @@ HOTFIX_DEPS=(cmake g++ clang llvm pkg-config make libbpf-dev bpftool libelf-dev 
              # Rust fixtures (tests skip without it)
              rustc
              # tests/realworld: Debian's own programs, driven by their own clients on loopback
-             redis-server redis-tools nginx-light curl python3 libsqlite3-0 zlib1g golang-go procps util-linux)
+             redis-server redis-tools nginx-light curl python3 libsqlite3-0 zlib1g golang-go procps util-linux
+             # tests/test_fleet: the Ansible role run on localhost, its YAML and the DaemonSet's linted
+             ansible-core yamllint)
 
 hotfix_install_deps() {
   local missing=()

@@ -15,6 +15,7 @@
 #include "process/environment.hpp"
 #include "patch/trust.hpp"
 #include "process/maps.hpp"
+#include "process/pidns.hpp"
 
 namespace hotfix::cli {
 
@@ -50,7 +51,7 @@ void print_patches(pid_t pid, const Registry& r, bool all) {
   size_t shown = 0, history = 0;
   for (auto& p : r.patches) (in_target(p) ? shown : history)++;
   if (all) shown += history;
-  std::string comm = process__comm(pid);
+  std::string comm = pidns__comm_label(pid);
   if (!shown) fmt::print("pid {} ({}) has no {}hotfix patches\n", pid, comm, all ? "" : "active ");
   else fmt::print("pid {} ({}): {} {}patch(es)\n", pid, comm, shown, all ? "" : "active or held ");
   for (auto& p : r.patches)
@@ -80,7 +81,7 @@ std::string registry_json(pid_t pid, const Registry& r) {
   if (r.pruned.count)
     extra += fmt::format(",\"pruned\":{{\"count\":{},\"first_id\":{},\"last_id\":{},\"last_reverted_ns\":{}}}",
                          r.pruned.count, r.pruned.first_id, r.pruned.last_id, r.pruned.last_reverted_ns);
-  return fmt::format("{{\"pid\":{},\"patches\":{}{}}}", pid, patches_json(r), extra);
+  return fmt::format("{{\"pid\":{}{},\"patches\":{}{}}}", pid, pidns__json_field(pid), patches_json(r), extra);
 }
 
 }  // namespace

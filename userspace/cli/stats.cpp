@@ -22,6 +22,7 @@
 #include "patch/registry.hpp"
 #include "patch/trust.hpp"
 #include "process/maps.hpp"
+#include "process/pidns.hpp"
 #include "symbols/symbols.hpp"
 
 namespace hotfix::cli {
@@ -166,7 +167,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
   const PatchRecord& p = *v.record;
   double since = seconds_since(p.applied_ns, now);
   std::string out = fmt::format("pid {} ({}): patch {} {}, applied {} ({:.1f} s ago), {}, {} consistency\n", pid,
-                                process__comm(pid), p.id, patch_state__name(p.state), when(p.applied_ns), since,
+                                pidns__comm_label(pid), p.id, patch_state__name(p.state), when(p.applied_ns), since,
                                 p.library, p.consistency);
   if (!v.hits) return out + "  no hit counters for this patch (applied without counting, or removed)\n" +
                         uncovered_lines(p.uncovered, p.uncovered_more, "  ");
@@ -200,7 +201,7 @@ std::string format_table_patch(pid_t pid, const PatchView& v, const PatchView* b
 }
 
 std::string format_table(pid_t pid, const Snapshot& now, const Snapshot* before, double interval) {
-  if (now.patches.empty()) return fmt::format("pid {} ({}) has no active patches\n", pid, process__comm(pid));
+  if (now.patches.empty()) return fmt::format("pid {} ({}) has no active patches\n", pid, pidns__comm_label(pid));
   std::string out;
   for (size_t i = 0; i < now.patches.size(); ++i)
     out += format_table_patch(pid, now.patches[i], before ? &before->patches[i] : nullptr, now.time, interval);
@@ -239,7 +240,8 @@ std::string format_json(pid_t pid, const Snapshot& now, const Snapshot* before, 
     patches += (i ? "," : "") + json_patch(now.patches[i], before ? &before->patches[i] : nullptr, now.time, interval,
                                            c == callers.end() ? "" : c->second);
   }
-  return fmt::format(R"({{"pid":{},"time":{:.3f},"interval_s":{},"patches":[{}]}})", pid, now.time,
+  return fmt::format(R"({{"pid":{}{},"time":{:.3f},"interval_s":{},"patches":[{}]}})", pid,
+                     pidns__json_field(pid), now.time,
                      interval > 0 ? fmt::format("{:.3f}", interval) : "null", patches);
 }
 

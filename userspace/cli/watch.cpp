@@ -19,6 +19,7 @@
 #include "patch/registry.hpp"
 #include "patch/watchstubs.hpp"
 #include "process/maps.hpp"
+#include "process/pidns.hpp"
 #include "symbols/pattern.hpp"
 
 namespace hotfix::cli {
@@ -240,7 +241,7 @@ int run_watch(const WatchArgs& a) {
   auto n = all.size();
   double attach_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "watching {} function{} in pid {} ({}) via {}, attached in {:.1f} ms; Ctrl-C to stop\n", n,
-             n == 1 ? "" : "s", a.pid, process__comm(a.pid), mechanisms(ntramp, watch), attach_ms);
+             n == 1 ? "" : "s", a.pid, pidns__comm_label(a.pid), mechanisms(ntramp, watch), attach_ms);
 
   using clock = std::chrono::steady_clock;
   auto interval = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(a.interval));

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "process/fdpass.hpp"
 #include "process/remote.hpp"
 
 namespace hotfix {
@@ -53,6 +54,19 @@ std::pair<uid_t, gid_t> filesystem_ids(pid_t pid) {
   return {uid, gid};
 }
 
+// new_hits as an fd of the target. A target in another mount namespace (a container) that has
+// no bpffs is handed our own fd (process/fdpass.hpp); otherwise it opens the pin,
+// which keeps the path visible in an strace of the target and needs no socket.
+Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters) {
+  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, counters.new_hits.get());
+  auto [uid, gid] = filesystem_ids(t.pid());
+  std::string path = counters.new_hits_path;
+  if (uid != 0) path = HOTFIX_TRY(patchcount__handoff(counters, uid, gid));
+  auto got = remote_obj_get(t, tid, path);
+  if (uid != 0) patchcount__handoff_done(path);
+  return got;
+}
+
 }  // namespace
 
 Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path) { return remote_obj_get(t, tid, path); }
@@ -61,12 +75,7 @@ Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uin
   TargetCounters tc;
   tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));
   auto mapped = [&]() -> Result<void> {
-    auto [uid, gid] = filesystem_ids(t.pid());
-    std::string path = tc.counters.new_hits_path;
-    if (uid != 0) path = HOTFIX_TRY(patchcount__handoff(tc.counters, uid, gid));
-    auto got = remote_obj_get(t, tid, path);
-    if (uid != 0) patchcount__handoff_done(path);
-    int fd = HOTFIX_TRY(std::move(got));
+    int fd = HOTFIX_TRY(open_in_target(t, tid, tc.counters));
     tc.length = tc.counters.mmap_size();
     auto at = remote__mmap(t, tid, 0, tc.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     (void)remote__close(t, tid, fd);  // the mapping keeps the map alive

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "process/fdpass.hpp"
 #include "process/maps.hpp"
 #include "process/ptrace.hpp"
 #include "process/remote.hpp"
@@ -172,7 +174,7 @@ constexpr uint32_t kAuditArch = AUDIT_ARCH_AARCH64;
 
 // The calls hotfix and the target's dynamic loader make while loading fix.so, with the
 // arguments they use (filters commonly look at mmap/mprotect protections).
-std::vector<SeccompCall> injection_calls(bool counting) {
+std::vector<SeccompCall> injection_calls(bool counting, bool counters_by_fd) {
   const uint64_t rx = PROT_READ | PROT_EXEC, rw = PROT_READ | PROT_WRITE;
   const uint64_t anon = MAP_PRIVATE | MAP_ANONYMOUS;
   std::vector<SeccompCall> calls = {
@@ -195,7 +197,12 @@ std::vector<SeccompCall> injection_calls(bool counting) {
       {SYS_sigaltstack, {0, 0x10000}, "sigaltstack (remote code reads the thread's alternate stack)"},
       {SYS_rt_sigreturn, {}, "rt_sigreturn (how all remote code ends)"},
   };
-  if (counting) calls.push_back({SYS_bpf, {BPF_OBJ_GET, 0x10000, 16}, "bpf(BPF_OBJ_GET) of the hit counters"});
+  if (counting && counters_by_fd) {  // another mount namespace: the counters come over a socketpair
+    calls.push_back({SYS_socketpair, {AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, 0x10000}, "socketpair(AF_UNIX) for the hit counters' fd"});
+    calls.push_back({SYS_recvmsg, {3, 0x10000, MSG_DONTWAIT | MSG_CMSG_CLOEXEC}, "recvmsg of the hit counters' fd"});
+  } else if (counting) {
+    calls.push_back({SYS_bpf, {BPF_OBJ_GET, 0x10000, 16}, "bpf(BPF_OBJ_GET) of the hit counters"});
+  }
   return calls;
 }
 
@@ -351,7 +358,8 @@ std::string seccomp__action_text(uint32_t action) {
 }
 
 Result<void> target__check_sandbox(Tracee& t, bool counting) {
-  auto calls = injection_calls(counting);
+  // "/sys/fs/bpf": kBpffsMount of observe/patchcount.hpp, where the counters are pinned.
+  auto calls = injection_calls(counting, fdpass__target_lacks_bpffs(t.pid(), "/sys/fs/bpf"));
   std::vector<pid_t> tids;
   for (auto& th : t.threads()) tids.push_back(th.tid);
   for (pid_t tid : tids) HOTFIX_CHECK(check_thread_seccomp(t, tid, calls));

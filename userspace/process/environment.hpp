@@ -41,7 +41,8 @@ Result<void> target__check_unsealed(pid_t pid, const std::vector<uint64_t>& addr
 // With the target seized and every thread running: every thread's seccomp filters allow the
 // system calls the injection makes (read with PTRACE_SECCOMP_GET_FILTER and evaluated here,
 // never by making the call). Stops one filtered thread at a time, briefly; changes nothing.
-// `counting`: the patch maps BPF hit counters (the bpf() call is needed too).
+// `counting`: the patch maps BPF hit counters (the bpf() call is needed too; for a target in
+// another mount namespace socketpair() and recvmsg() instead, see process/fdpass.hpp).
 Result<void> target__check_sandbox(Tracee& t, bool counting);
 
 // One system call as a seccomp filter sees it (exposed for tests of the evaluator).
