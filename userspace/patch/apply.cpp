@@ -1,5 +1,6 @@
 // The patch transaction (see engine.hpp for the order of things and why).
 #include "patch/engine.hpp"
+#include "patch/island_names.hpp"
 
 #include "patch/switch.hpp"
 #include <sys/mman.h>
@@ -482,6 +483,7 @@ Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) 
   auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
   bool explained = false;
   auto out = apply_held(tracee, p, progress, explained);
+  if (out) patch__sync_perfmap(p.options.pid, progress);  // perf names the new islands
   return explained ? out : or_target_gone(tracee, std::move(out));
 }
 
