@@ -13,6 +13,8 @@
 #include <set>
 #include <thread>
 
+#include <fmt/ranges.h>
+
 #include "common/sha256.hpp"
 #include "patch/abi_check.hpp"
 #include "patch/abi_types.hpp"
@@ -337,8 +339,12 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
   }
   if (all.empty()) return;
   crashpoint("patch: before old-code probes");
-  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all); !probes)
+  std::vector<std::string> skipped;
+  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all, &skipped); !probes)
     progress(fmt::format("note: old-code hits are not counted: {}", probes.error().line()));
+  if (!skipped.empty())
+    progress(fmt::format("note: old-code hits are not counted at {} exit(s) the kernel cannot probe: {}", skipped.size(),
+                         fmt::join(skipped, ", ")));
   crashpoint("patch: after old-code probes");
 }
 
