@@ -248,6 +248,19 @@ TEST_CASE("binder: C statics bind by their plain names") {
   CHECK(binding_for(*bound, "helper")->target.address == find_symbol(target.functions(), "helper")->address);
 }
 
+TEST_CASE("binder: a plain C++ fix that calls std::to_string binds (its template digit table is its own)") {
+  ScratchDir dir;
+  const std::string exe = fixture("bind_str_target");
+  Child child({exe});
+  REQUIRE(child.wait_for("n=42"));
+  auto table = SymbolTable::for_pid(child.pid());  // with the libstdc++ it runs
+  REQUIRE(table);
+  auto bound = binder__prepare(*table, exe, fixture("bind_fix_to_string.so"), dir / "fix.so");
+  INFO((bound ? "" : bound.error().line()));
+  REQUIRE(bound);
+  for (auto& b : bound->bindings) CHECK(b.symbol.find("__digits") == std::string::npos);  // never bound to the target's
+}
+
 TEST_CASE("binder: refuses what it cannot bind, and leaves no file behind") {
   ScratchDir dir;
   const std::string out = dir / "fix.so";

@@ -78,6 +78,7 @@ struct Patchee {
     std::error_code ec;
     std::filesystem::remove_all("/run/hotfix/" + std::to_string(pid()), ec);
     std::filesystem::remove_all("/sys/fs/bpf/hotfix/" + std::to_string(pid()), ec);
+    std::filesystem::remove("/tmp/perf-" + std::to_string(pid()) + ".map", ec);  // its islands' perf names
   }
   pid_t pid() const { return child.pid(); }
 

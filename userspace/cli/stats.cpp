@@ -1,6 +1,7 @@
 // hotfix-ctl stats: hits on patched code, new versus old, from the patch's pinned BPF maps.
 #include <fmt/chrono.h>
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -343,7 +344,12 @@ Result<std::map<uint32_t, std::vector<NamedStack>>> sample_callers(pid_t pid, co
     fmt::print(stderr, "sampling callers of {} function(s) in pid {} for {:.1f} s ({})\n", probes.size(), pid,
                std::chrono::duration<double>(window).count(), kCallersSource);
   };
-  return name_stacks(table, HOTFIX_TRY(callers__sample(pid, probes, window, say_attached)));
+  std::vector<std::string> skipped;
+  auto stacks = HOTFIX_TRY(callers__sample(pid, probes, window, say_attached, &skipped));
+  if (!skipped.empty())
+    fmt::print(stderr, "note: callers are not sampled at {} entr{} the kernel cannot probe: {}\n", skipped.size(),
+               skipped.size() == 1 ? "y" : "ies", fmt::join(skipped, ", "));
+  return name_stacks(table, std::move(stacks));
 }
 
 constexpr size_t kTopStacks = 10;

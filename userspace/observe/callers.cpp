@@ -52,7 +52,8 @@ std::vector<CallerStack> collect(int map_fd) {
 
 Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
                                                  std::chrono::milliseconds window,
-                                                 const std::function<void()>& attached) {
+                                                 const std::function<void()>& attached,
+                                                 std::vector<std::string>* skipped) {
   HOTFIX_CHECK(process__check_alive(pid));
   auto skel = HOTFIX_TRY(open_sampler());
   std::unique_ptr<patchcount_bpf, void (*)(patchcount_bpf*)> guard(skel, patchcount_bpf__destroy);
@@ -64,14 +65,17 @@ Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<Ca
     spec.cookies.push_back(p.function);
   }
   std::vector<UniqueFd> links;
-  for (auto& [_, spec] : by_object) {
-    auto link = uprobe_multi__link(bpf_program__fd(skel->progs.sample_caller), spec, pid, false);
-    if (!link) {
-      Error e = link.error();
+  for (auto& [object, spec] : by_object) {
+    // An offset the kernel refuses is left out (and named), not a reason to sample nothing.
+    std::vector<RefusedOffset> refused;
+    auto linked = uprobe_multi__link_skipping(bpf_program__fd(skel->progs.sample_caller), spec, pid, false, links, refused);
+    if (!linked) {
+      Error e = linked.error();
       e.exit_code = 1;
       return std::unexpected(e);
     }
-    links.push_back(std::move(*link));
+    for (auto& r : refused)
+      if (skipped) skipped->push_back(fmt::format("{}+{:#x} ({})", object, spec.offsets[r.index], uprobe__refusal_text(r.err)));
   }
   if (attached) attached();
   std::this_thread::sleep_for(window);

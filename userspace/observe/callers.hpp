@@ -28,9 +28,11 @@ struct CallerStack {
 };
 
 // Attach, sample for `window`, detach. Stacks sorted by count, most first. `attached` runs
-// once the probes are in, when the window starts.
+// once the probes are in, when the window starts. Offsets the kernel refuses to probe are left
+// out, each named in `skipped` ("OBJECT+0xOFF (why)").
 Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
                                                  std::chrono::milliseconds window,
-                                                 const std::function<void()>& attached = {});
+                                                 const std::function<void()>& attached = {},
+                                                 std::vector<std::string>* skipped = nullptr);
 
 }  // namespace hotfix

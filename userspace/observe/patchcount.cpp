@@ -267,7 +267,8 @@ Result<OldCodeExits> patchcount__old_exits(pid_t pid, const Function& old_fn, ui
   return out;
 }
 
-Result<size_t> patchcount__attach_old(pid_t pid, uint32_t id, const std::vector<OldCodeExits>& functions) {
+Result<size_t> patchcount__attach_old(pid_t pid, uint32_t id, const std::vector<OldCodeExits>& functions,
+                                      std::vector<std::string>* skipped) {
   HOTFIX_CHECK(process__check_alive(pid));
   std::string dir = patchcount__dir(pid, id);
   auto meta = read_meta(dir);
@@ -294,20 +295,29 @@ Result<size_t> patchcount__attach_old(pid_t pid, uint32_t id, const std::vector<
   };
   for (auto& [object, spec] : by_object) {
     if (spec.offsets.empty()) continue;
-    auto link = uprobe_multi__link(bpf_program__fd(skel->progs.count_old_exit), spec, pid, false);
-    if (!link) {
+    // An offset the kernel refuses is left out (and named), not a reason to count nothing.
+    std::vector<UniqueFd> links;
+    std::vector<RefusedOffset> refused;
+    auto linked = uprobe_multi__link_skipping(bpf_program__fd(skel->progs.count_old_exit), spec, pid, false, links, refused);
+    if (!linked) {
       undo();
-      Error e = link.error();
+      Error e = linked.error();
       e.exit_code = 1;
       if (!process__alive(pid)) e = Error{fmt::format("pid {} exited while attaching", pid), "nothing is left attached", 1};
       return std::unexpected(e);
     }
-    std::string path = pinned.empty() ? dir + "/old_exits" : fmt::format("{}/old_exits.{}", dir, pinned.size());
-    if (auto ok = pin(link->get(), path); !ok) {
-      undo();
-      return std::unexpected(ok.error());
+    for (auto& r : refused) {
+      if (skipped) skipped->push_back(fmt::format("{}+{:#x} ({})", object, spec.offsets[r.index], uprobe__refusal_text(r.err)));
+      --probes;
     }
-    pinned.push_back(path);
+    for (auto& link : links) {
+      std::string path = pinned.empty() ? dir + "/old_exits" : fmt::format("{}/old_exits.{}", dir, pinned.size());
+      if (auto ok = pin(link.get(), path); !ok) {
+        undo();
+        return std::unexpected(ok.error());
+      }
+      pinned.push_back(path);
+    }
   }
   meta->exit_probes += static_cast<unsigned>(probes);
   uint32_t zero = 0;

@@ -74,7 +74,10 @@ Result<OldCodeExits> patchcount__old_exits(pid_t pid, const Function& old_fn, ui
 
 // Attach uprobes (one uprobe_multi link per object, pinned in the patch's directory) that
 // increment old_hits[index] at every exit. Returns the number of probes.
-Result<size_t> patchcount__attach_old(pid_t pid, uint32_t id, const std::vector<OldCodeExits>& functions);
+// Offsets the kernel refuses to probe are left out: each is named in `skipped` ("OBJECT+0xOFF
+// (why)") and not counted in the result.
+Result<size_t> patchcount__attach_old(pid_t pid, uint32_t id, const std::vector<OldCodeExits>& functions,
+                                      std::vector<std::string>* skipped = nullptr);
 
 struct FunctionHits {
   uint64_t new_hits = 0;

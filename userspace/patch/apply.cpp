@@ -1,5 +1,6 @@
 // The patch transaction (see engine.hpp for the order of things and why).
 #include "patch/engine.hpp"
+#include "patch/island_names.hpp"
 
 #include "patch/switch.hpp"
 #include <sys/mman.h>
@@ -11,6 +12,8 @@
 #include <map>
 #include <set>
 #include <thread>
+
+#include <fmt/ranges.h>
 
 #include "common/sha256.hpp"
 #include "patch/abi_check.hpp"
@@ -341,8 +344,12 @@ void count_old_code(const PreparedPatch& p, const ProgressFn& progress) {
   }
   if (all.empty()) return;
   crashpoint("patch: before old-code probes");
-  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all); !probes)
+  std::vector<std::string> skipped;
+  if (auto probes = patchcount__attach_old(p.options.pid, p.id, all, &skipped); !probes)
     progress(fmt::format("note: old-code hits are not counted: {}", probes.error().line()));
+  if (!skipped.empty())
+    progress(fmt::format("note: old-code hits are not counted at {} exit(s) the kernel cannot probe: {}", skipped.size(),
+                         fmt::join(skipped, ", ")));
   crashpoint("patch: after old-code probes");
 }
 
@@ -487,6 +494,7 @@ Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) 
   auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
   bool explained = false;
   auto out = apply_held(tracee, p, progress, explained);
+  if (out) patch__sync_perfmap(p.options.pid, progress);  // perf names the new islands
   return explained ? out : or_target_gone(tracee, std::move(out));
 }
 

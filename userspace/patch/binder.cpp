@@ -169,9 +169,13 @@ Error unresolved_error(const SymbolTable& target, const FixLibrary& fix, const s
 }
 
 // Compiler-made data (`completed.0`, `__dso_handle`, `__TMC_END__`) is in every object and
-// belongs to it; only the user's own variables can shadow the target's.
+// belongs to it; only the user's own variables can shadow the target's. Vague-linkage data
+// (weak, or GNU unique: a template's static member or a function-local static of an inline
+// function, such as std::to_string's digit table `__to_chars_10_impl<unsigned>(...)::__digits`)
+// is instantiated alike in every object that uses it, so fix.so's own copy is no private copy
+// of the service's live state.
 bool is_user_variable(const FixSymbol& s) {
-  if (s.bind == STB_WEAK || s.name.find('.') != std::string::npos) return false;
+  if (s.bind == STB_WEAK || s.bind == STB_GNU_UNIQUE || s.name.find('.') != std::string::npos) return false;
   return !(s.name[0] == '_' && s.name.rfind("_Z", 0) != 0);
 }
 

@@ -16,6 +16,8 @@
 #include "arch/arch.hpp"
 #include "common/crashpoint.hpp"
 #include "observe/patchcount.hpp"
+#include "observe/perfmap.hpp"
+#include "patch/island_names.hpp"
 #include "patch/registry.hpp"
 #include "patch/switch.hpp"
 #include "patch/watchstubs.hpp"
@@ -490,6 +492,8 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
     if (auto r = patch__revert(opts, progress); !r)
       lines.push_back(fmt::format("note: pid {}: the memory of reverted patches stays held: {}", pid, r.error().what));
   }
+  // What a killed patch or revert left of the islands' perf names follows the registry now.
+  if (!lines.empty()) patch__sync_perfmap(pid, [&](const ProgressEvent& e) { lines.push_back(e.text); });
   return lines;
 }
 
@@ -552,6 +556,7 @@ void gc_live_orphans(pid_t pid, bool dry_run, GcReport& report) {
     else report.removed.push_back(path);
   }
   if (!dry_run) fs::remove(dir, ec);  // only if empty
+  if (!dry_run) patch__sync_perfmap(pid, *registry, [&](const ProgressEvent& e) { report.errors.push_back(e.text); });
 }
 
 }  // namespace
@@ -578,6 +583,15 @@ void recover__gc(bool dry_run, GcReport& report) {
       if (auto pid = pid_prefix(entry.path().filename().string());
           pid && entry.path().filename().string() == std::to_string(*pid) && process__alive(*pid))
         live.insert(*pid);
+  // Our lines in the perf maps of processes that are gone (the file too, if it was ours alone).
+  for (pid_t pid : perfmap__pids()) {
+    if (process__alive(pid) || perfmap__read(pid).empty()) continue;
+    bool had_ours = false;
+    for (auto& e : perfmap__read(pid)) had_ours |= e.name.starts_with(kPerfMapOurs);
+    if (!had_ours) continue;
+    if (auto ok = dry_run ? Result<void>{} : perfmap__forget(pid); !ok) report.errors.push_back(ok.error().line());
+    else report.removed.push_back(fmt::format("hotfix's lines in {}", perfmap__path(pid)));
+  }
   for (pid_t pid : live) {
     auto busy = Journal::open_existing(pid, false);  // held by a hotfix-ctl at work: not ours to judge
     if (!busy) continue;

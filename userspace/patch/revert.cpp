@@ -8,6 +8,7 @@
 
 #include "common/crashpoint.hpp"
 #include "patch/engine.hpp"
+#include "patch/island_names.hpp"
 #include "patch/code.hpp"
 #include "patch/preserve.hpp"
 #include "patch/journal.hpp"
@@ -241,6 +242,7 @@ Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, cons
   auto journal = HOTFIX_TRY(Journal::open(opts.pid));
   std::vector<RevertOutcome> out;
   auto reverted = revert_held(tracee, journal, table, registry, *registry_at, ids, opts, progress, out);
+  patch__sync_perfmap(opts.pid, registry, progress);  // the reverted patches' islands lose their names
   HOTFIX_CHECK(or_target_gone(tracee, std::move(reverted)));
   recover__forget_if_clean(journal, registry);  // nothing left: no journal, no /run/hotfix/<pid>
   return out;
