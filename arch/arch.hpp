@@ -314,6 +314,10 @@ uint64_t regs__dwarf_pc_register();  // unused by libdw when set with dwfl_threa
 bool return_addresses_on_stack();
 size_t stack_slot_size();         // size and alignment of a saved return address; x86_64: 8
 unsigned dwarf_sp_register();     // DWARF number of the stack pointer; x86_64: 7 (rsp)
+// How far the first `bytes` bytes of `code` (at `address`; whole instructions) move the stack
+// pointer down: where the return address of a call into `code` sits relative to the stack
+// pointer after them. nullopt when they change it in a way not modelled.
+std::optional<uint64_t> stack_depth_after(std::span<const uint8_t> code, uint64_t address, size_t bytes);
 
 // Signal frames. A handler's return address is the restorer, whose code is this sequence
 // (x86_64: glibc's __restore_rt, `mov rax, 15; syscall`, i.e. rt_sigreturn). The frame the

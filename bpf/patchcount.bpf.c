@@ -68,9 +68,12 @@ int sample_caller(struct pt_regs *ctx)
 	if (!key)
 		return 0;
 	__builtin_memset(key, 0, sizeof(*key));
-	key->cookie = (__u32)bpf_get_attach_cookie(ctx);
-	/* At the entry the return address is on top of the stack: the caller, frame pointers or not. */
-	if (bpf_probe_read_user(&key->ips[0], sizeof(key->ips[0]), (void *)PT_REGS_SP(ctx)) != 0)
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	key->cookie = (__u32)cookie;
+	/* At the entry the return address is on top of the stack: the caller, frame pointers or not.
+	 * Past instructions moved to a counting trampoline it is below what they pushed: the
+	 * cookie's upper half says how far. */
+	if (bpf_probe_read_user(&key->ips[0], sizeof(key->ips[0]), (void *)(PT_REGS_SP(ctx) + (cookie >> 32))) != 0)
 		return 0;
 	long bytes = bpf_get_stack(ctx, &key->ips[1], sizeof(key->ips) - sizeof(key->ips[0]), BPF_F_USER_STACK);
 	key->depth = 1 + (bytes > 0 ? (unsigned int)(bytes / sizeof(__u64)) : 0);

@@ -21,3 +21,38 @@ size_t sigframe_pc_offset() { return 8 + offsetof(ucontext_t, uc_mcontext.gregs)
 size_t sigframe_sp_offset() { return 8 + offsetof(ucontext_t, uc_mcontext.gregs) + 8 * REG_RSP; }
 
 }  // namespace hotfix::arch
+
+#include "arch/x86_64/decoder.hpp"
+
+namespace hotfix::arch {
+
+// Pushes and `sub rsp, imm` move the stack pointer by a known amount; any other instruction
+// that writes rsp (or reads it in a way we do not model, like `leave` or `mov rsp, rbp`)
+// makes the depth unknown. endbr64, moves between other registers, etc. leave it.
+std::optional<uint64_t> stack_depth_after(std::span<const uint8_t> code, uint64_t address, size_t bytes) {
+  Decoder d;
+  if (!d.ok()) return std::nullopt;
+  uint64_t depth = 0;
+  for (size_t at = 0; at < bytes;) {
+    const cs_insn* insn = d.decode(code, address, at);
+    if (!insn) return std::nullopt;
+    const cs_x86& x = insn->detail->x86;
+    if (insn->id == X86_INS_PUSH && x.op_count == 1 && x.operands[0].size == 8) {
+      depth += 8;
+    } else if (insn->id == X86_INS_SUB && x.op_count == 2 && x.operands[0].type == X86_OP_REG &&
+               x.operands[0].reg == X86_REG_RSP && x.operands[1].type == X86_OP_IMM && x.operands[1].imm >= 0) {
+      depth += static_cast<uint64_t>(x.operands[1].imm);
+    } else {
+      cs_regs read, written;
+      uint8_t nread = 0, nwritten = 0;
+      if (cs_regs_access(d.handle(), insn, read, &nread, written, &nwritten) != CS_ERR_OK) return std::nullopt;
+      for (uint8_t i = 0; i < nwritten; ++i)
+        if (written[i] == X86_REG_RSP) return std::nullopt;
+      if (is_branch(d.handle(), *insn)) return std::nullopt;
+    }
+    at += insn->size;
+  }
+  return depth;
+}
+
+}  // namespace hotfix::arch

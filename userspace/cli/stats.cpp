@@ -32,7 +32,7 @@ namespace {
 
 constexpr const char* kSynopsis =
     "--pid PID [--id N] [--interval SEC] [--duration SEC] [--callers] [--json | --prometheus]";
-constexpr const char* kNewSource = "counted by the patch's island (one atomic add per call, no trap)";
+constexpr const char* kNewSource = "counted where the replacement is entered (one atomic add per call, no trap)";
 constexpr const char* kOldSource = "uprobe on returns of the old code (only calls still running it pay)";
 constexpr const char* kCallersSource = "uprobe on the replacement's entry: traps on every call, only while sampling";
 
@@ -271,7 +271,7 @@ std::string format_prometheus(pid_t pid, const Snapshot& now) {
                            label(symbols__demangle(v.record->functions[i].mangled)), value_of(v, i));
     }
   };
-  metric("hotfix_new_hits_total", "counter", "Calls that entered the replacement of a patched function (island counter, no trap).",
+  metric("hotfix_new_hits_total", "counter", "Calls that entered the replacement of a patched function (counted at its entry, no trap).",
          [](const PatchView& v, size_t i) { return fmt::format("{}", v.at(i).new_hits); });
   metric("hotfix_old_hits_total", "counter", "Calls that still ran the old code after the patch (uprobes on the old code's returns).",
          [](const PatchView& v, size_t i) { return fmt::format("{}", v.at(i).old_hits); });
@@ -336,7 +336,10 @@ Result<std::map<uint32_t, std::vector<NamedStack>>> sample_callers(pid_t pid, co
       const Function* f = table.function_at(patches[p]->functions[i].new_address);
       if (!f) return fail(fmt::format("the replacement of {} at {:#x} is in no mapped object of pid {}",
                                       symbols__demangle(patches[p]->functions[i].mangled), patches[p]->functions[i].new_address, pid));
-      probes.push_back({static_cast<uint32_t>(p << 16 | i), f->object, f->offset + (patches[p]->functions[i].new_address - f->address)});
+      Function entry = *f;  // the replacement's entry (a symbol that starts there)
+      entry.offset += patches[p]->functions[i].new_address - f->address, entry.address = patches[p]->functions[i].new_address;
+      probes.push_back(HOTFIX_TRY(callers__replacement_probe(pid, static_cast<uint32_t>(p << 16 | i), entry,
+                                                             patches[p]->functions[i].trampoline_covered)));
     }
   if (probes.empty()) return std::map<uint32_t, std::vector<NamedStack>>{};
   auto say_attached = [&] {

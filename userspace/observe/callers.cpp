@@ -3,10 +3,15 @@
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <map>
 #include <thread>
 
+#include "arch/arch.hpp"
+#include "common/unique_fd.hpp"
 #include "observe/uprobe_multi.hpp"
 #include "patchcount.h"
 #include "patchcount.skel.h"
@@ -50,6 +55,24 @@ std::vector<CallerStack> collect(int map_fd) {
 
 }  // namespace
 
+Result<CallerProbe> callers__replacement_probe(pid_t pid, uint32_t function, const Function& fn, uint64_t moved) {
+  CallerProbe probe{function, fn.object, fn.offset, 0};
+  if (!moved) return probe;
+  // The moved bytes as the file has them (the process's copy holds the trampoline's jump).
+  UniqueFd fd(::open(uprobe__target_path(pid, fn.object).c_str(), O_RDONLY | O_CLOEXEC));
+  std::vector<uint8_t> code(moved);
+  if (!fd || ::pread(fd.get(), code.data(), moved, static_cast<off_t>(fn.offset)) != static_cast<ssize_t>(moved))
+    return fail(fmt::format("cannot read the first instructions of {} in {}: {}", fn.name, fn.object, errno_text(errno)));
+  auto depth = arch::stack_depth_after(code, fn.address, moved);
+  if (!depth || *depth > 0xffff)
+    return fail(fmt::format("cannot sample the callers of {}: its first instructions ({}) move the stack in a way hotfix "
+                            "does not follow", fn.name, arch::disassemble(code, fn.address)),
+                "its new-code hits are still counted; use `watch` on it for a sample of calls");
+  probe.offset += moved;
+  probe.sp_offset = *depth;
+  return probe;
+}
+
 Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<CallerProbe>& probes,
                                                  std::chrono::milliseconds window,
                                                  const std::function<void()>& attached,
@@ -62,7 +85,7 @@ Result<std::vector<CallerStack>> callers__sample(pid_t pid, const std::vector<Ca
     auto& spec = by_object[p.object];
     spec.path = uprobe__target_path(pid, p.object);
     spec.offsets.push_back(p.offset);
-    spec.cookies.push_back(p.function);
+    spec.cookies.push_back(static_cast<uint64_t>(p.sp_offset) << 32 | p.function);
   }
   std::vector<UniqueFd> links;
   for (auto& [object, spec] : by_object) {

@@ -10,14 +10,22 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "symbols/symbols.hpp"
 
 namespace hotfix {
 
 struct CallerProbe {
   uint32_t function = 0;  // reported back in CallerStack::function
   std::string object;     // ELF object as mapped
-  uint64_t offset = 0;    // file offset of the entry
+  uint64_t offset = 0;    // file offset of the probe point: the entry, or past moved instructions
+  uint64_t sp_offset = 0; // where the return address is from the stack pointer there (0 at the entry)
 };
+
+// The probe on the replacement `fn` (a function of a loaded fix copy) whose first `moved`
+// bytes went to a counting trampoline (0: none): a uprobe must not sit on the trampoline's
+// jump, so it goes right after the moved instructions, and reads the return address below
+// what they pushed. Fails when their stack effect is not known.
+Result<CallerProbe> callers__replacement_probe(pid_t pid, uint32_t function, const Function& fn, uint64_t moved);
 
 struct CallerStack {
   uint32_t function = 0;

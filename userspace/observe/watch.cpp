@@ -272,12 +272,13 @@ Result<ProbeMechanism> choose_mechanism(ProbeMechanism asked) {
   return ProbeMechanism::perf;
 }
 
-// Return probes per function: asked for, except on Go code (never; observe/probe_safety.hpp).
+// Return probes per function: asked for, except on Go code (never; observe/probe_safety.hpp)
+// and past a replacement's entry (a return probe needs the return address on top of the stack).
 std::vector<ReturnProbes> plan_returns(const std::vector<Function>& functions, bool wanted) {
   std::vector<ReturnProbes> out;
   for (auto& f : functions)
     out.push_back(probe__return_risk(f.object) == ReturnProbeRisk::go ? ReturnProbes::go
-                  : wanted                                             ? ReturnProbes::on
+                  : wanted && !f.past_entry                            ? ReturnProbes::on
                                                                        : ReturnProbes::off);
   return out;
 }

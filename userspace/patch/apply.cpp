@@ -246,6 +246,7 @@ Result<uint64_t> island_for(Tracee& t, pid_t tid, Undo& undo, Journal& journal, 
 // -- through a counting island right after it when counting, so new-code hits still count.
 Result<void> write_preserving_island(Tracee& t, pid_t tid, Undo& undo, Journal& journal, uint32_t id,
                                      IslandPages& islands, PlannedSwitch& s, uint64_t counter) {
+  if (s.trampoline) counter = 0;  // the replacement's own trampoline counts
   uint64_t own = (arch::preserving_island_size(s.preserve) + 15) & ~15ull;
   uint64_t size = own + (counter ? arch::counting_island_size() : 0);
   s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, id, islands, s.entry.target.address, size));
@@ -260,26 +261,61 @@ Result<void> write_preserving_island(Tracee& t, pid_t tid, Undo& undo, Journal& 
   return {};
 }
 
+// Count at the replacement's own entry, so that every call into it counts -- from the
+// target, from other replacements, through pointers taken inside fix.so: its first
+// instructions move to a counting trampoline on an island page and a jump to it takes their
+// place in the loaded copy. No thread can be there yet: nothing leads into this copy before
+// its entry jumps are written. False (s.uncounted says why) when the prologue cannot move.
+Result<bool> write_replacement_trampoline(Tracee& t, pid_t tid, Undo& undo, Journal& journal, uint32_t id,
+                                          IslandPages& islands, PlannedSwitch& s, uint64_t counter) {
+  uint64_t size = std::max<uint64_t>(s.entry.replacement_size, 1);
+  auto body = HOTFIX_TRY(t.memory().read(s.new_address, size));
+  // Refusals do not depend on where the trampoline goes (see arch.hpp): ask before mapping.
+  if (auto dry = arch::encode_counting_trampoline(body, s.new_address, s.new_address, counter); !dry) {
+    s.uncounted = dry.error().what;
+    return false;
+  }
+  uint64_t at = HOTFIX_TRY(island_for(t, tid, undo, journal, id, islands, s.new_address, arch::counting_trampoline_max_size()));
+  auto tramp = arch::encode_counting_trampoline(body, s.new_address, at, counter);
+  auto jump = arch::encode_entry_jump(s.new_address, at);
+  if (!tramp || !jump) {
+    s.uncounted = tramp ? "its trampoline is out of a jump's reach" : tramp.error().what;
+    return false;
+  }
+  HOTFIX_CHECK(t.memory().write(at, tramp->code));
+  std::vector<uint8_t> entry(body.begin(), body.begin() + static_cast<long>(tramp->covered));
+  std::copy(jump->begin(), jump->end(), entry.begin());  // the rest of the covered bytes stay: never run
+  HOTFIX_CHECK(t.memory().write(s.new_address, entry));
+  crashpoint("patch: trampoline written");
+  s.trampoline = at;
+  s.trampoline_covered = tramp->covered;
+  return true;
+}
+
 // Fill in new addresses and jump bytes once fix.so is loaded; map islands where needed: for
-// every function when counting (the island counts) or preserving registers, else only beyond
-// a direct jump's reach.
+// every function when counting and the replacement's prologue cannot take a counting
+// trampoline (the island counts), or preserving registers, else only beyond a direct jump's
+// reach.
 Result<void> finish_switches(Tracee& t, pid_t tid, Undo& undo, Journal& journal, PreparedPatch& p, uint64_t load_base,
                              const TargetCounters* counters) {
   IslandPages islands;
   for (uint32_t i = 0; i < p.switches.size(); ++i) {
     auto& s = p.switches[i];
     s.new_address = load_base + s.entry.replacement_value;
+    bool counted_at_entry =
+        counters && HOTFIX_TRY(write_replacement_trampoline(t, tid, undo, journal, p.id, islands, s, counters->slot(i)));
+    bool island_counts = counters && !counted_at_entry;
     auto direct = arch::encode_entry_jump(s.entry.target.address, s.new_address);
     if (s.preserve) {
       HOTFIX_CHECK(write_preserving_island(t, tid, undo, journal, p.id, islands, s, counters ? counters->slot(i) : 0));
-    } else if (direct && !counters) {
+    } else if (direct && !island_counts) {
       s.jump = *direct;
       continue;
     } else {
-      uint64_t size = counters ? arch::counting_island_size() : arch::island_jump_size();
+      uint64_t size = island_counts ? arch::counting_island_size() : arch::island_jump_size();
       s.island = HOTFIX_TRY(island_for(t, tid, undo, journal, p.id, islands, s.entry.target.address, size));
-      HOTFIX_CHECK(t.memory().write(s.island, counters ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
-                                                       : arch::encode_island_jump(s.island, s.new_address)));
+      HOTFIX_CHECK(t.memory().write(s.island, island_counts ? arch::encode_counting_island(s.island, counters->slot(i), s.new_address)
+                                                            : arch::encode_island_jump(s.island, s.new_address)));
     }
     auto jump = arch::encode_entry_jump(s.entry.target.address, s.island);
     if (!jump) return fail(fmt::format("the island for {} is out of reach", s.entry.target.name));
@@ -444,10 +480,11 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   record.uncovered = p.uncovered;  // the registry keeps kMaxRecordedUncovered of them, and counts the rest
   for (auto& s : p.switches) {
     const Function& fn = s.entry.target;
-    progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{})", fn.address, fn.name, hex_bytes(s.jump),
+    progress(fmt::format("  write {:#x} {}: {}  (jmp {:#x}{}{})", fn.address, fn.name, hex_bytes(s.jump),
                          s.island ? s.island : s.new_address,
                          s.island ? fmt::format(" -> {}island -> {:#x}", s.preserve ? "preserving " : "", s.new_address)
-                                  : ""));
+                                  : "",
+                         s.trampoline ? fmt::format(", counted at its entry by trampoline {:#x}", s.trampoline) : ""));
     writes.push_back({fn.address, s.current, s.jump, fn.name});
     overwritten.push_back(overwritten_range(fn.address, s.check.covered, fn.name));
     bodies.push_back({fn.address, fn.address + std::max<uint64_t>(fn.size, 1), fn.name});
@@ -455,7 +492,12 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
       for (auto& f : s.stacked_on->functions)
         if (f.old_address == fn.address)
           for (auto& r : patch_code__function(p.table, *s.stacked_on, f)) bodies.push_back(r);
-    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump, s.preserve, s.frame});
+    record.functions.push_back({fn.mangled, fn.address, s.new_address, s.island, s.current, s.jump, s.preserve, s.frame,
+                                s.trampoline, s.trampoline_covered});
+    if (!s.uncounted.empty())
+      progress(fmt::format("  note: calls into the replacement of {} from inside {} are not counted: its first instructions "
+                           "cannot move to a counting trampoline ({}); calls from the target are counted by its island",
+                           fn.name, p.options.library, s.uncounted));
   }
 
   std::vector<Function> targets;

@@ -55,19 +55,23 @@ std::vector<AddressRange> patch_code__function(const SymbolTable& table, const P
     out.push_back({fn->address, fn->address + fn->size, name});
   else
     out.push_back({f.new_address, f.new_address + 1, name});
+  bool island_counts = p.counters && !f.trampoline;  // else the replacement's trampoline counts
   if (f.island) {
-    uint64_t size = p.counters ? arch::counting_island_size() : arch::island_jump_size();
+    uint64_t size = island_counts ? arch::counting_island_size() : arch::island_jump_size();
     if (f.preserve)  // a preserving island, and the counting island it calls right after it
-      size = ((arch::preserving_island_size(f.preserve) + 15) & ~15ull) + (p.counters ? size : 0);
+      size = ((arch::preserving_island_size(f.preserve) + 15) & ~15ull) + (island_counts ? size : 0);
     out.push_back({f.island, f.island + size, name + " island"});
   }
+  if (f.trampoline)  // the replacement's moved first instructions
+    out.push_back({f.trampoline, f.trampoline + arch::counting_trampoline_max_size(), name + " counting trampoline"});
   return out;
 }
 
 std::vector<uint64_t> patch_code__island_pages(const PatchRecord& p) {
   std::set<uint64_t> pages;
   for (auto& f : p.functions)
-    if (f.island) pages.insert(f.island & ~(page_size() - 1));
+    for (uint64_t a : {f.island, f.trampoline})
+      if (a) pages.insert(a & ~(page_size() - 1));
   return {pages.begin(), pages.end()};
 }
 

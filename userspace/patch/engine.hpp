@@ -68,6 +68,12 @@ struct PlannedSwitch {
   // island that saves them around the replacement (patch/preserve.hpp). 0 = a plain jump.
   uint64_t preserve = 0;
   uint64_t frame = 0;  // the preserving island's unwind information, registered in the target (apply)
+  // The counting trampoline at the replacement's entry (apply, when counting), and how many
+  // replacement bytes its jump covers; 0 when the replacement's prologue cannot be moved
+  // (`uncounted` says why): its island counts then, and calls from inside fix.so do not.
+  uint64_t trampoline = 0;
+  uint64_t trampoline_covered = 0;
+  std::string uncounted;
 };
 
 struct PreparedPatch {

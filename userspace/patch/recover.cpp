@@ -234,7 +234,8 @@ std::set<uint64_t> committed_pages(pid_t pid) {
       if (p.state == PatchState::reverted && p.released) continue;  // its pages are gone (and reusable)
       if (p.counters) out.insert(p.counters);
       for (auto& f : p.functions)
-        if (f.island) out.insert(f.island & ~(kPage - 1));
+        for (uint64_t a : {f.island, f.trampoline})
+          if (a) out.insert(a & ~(kPage - 1));
     }
   return out;
 }
@@ -364,7 +365,8 @@ Result<std::string> finish_revert(Tracee& t, Journal& j, const Op& o, const Prog
     if (auto* p = r->find(o.id)) {
       std::vector<uint64_t> islands;
       for (auto& f : p->functions)
-        if (f.island) islands.push_back(f.island & ~(kPage - 1));
+        for (uint64_t a : {f.island, f.trampoline})
+          if (a) islands.push_back(a & ~(kPage - 1));
       code = code_ranges(t.pid(), p->loaded_copy, islands);
     }
   size_t restored = HOTFIX_TRY(switch_back(t, j, o, sites_of(o, "restoring", false), o.consistency(), code, mark,

@@ -135,9 +135,10 @@ std::string encode_text(const Registry& r) {
                      p.applied_ns, p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
                      p.released ? 1 : 0, escape(p.consistency), p.counters, p.counters_len);
     for (auto& f : p.functions)
-      t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}{}\n", f.old_address, f.new_address, f.island, hex(f.original),
+      t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}{}{}\n", f.old_address, f.new_address, f.island, hex(f.original),
                        hex(f.written), escape(f.mangled),
-                       f.preserve || f.frame ? fmt::format(" {:#x} {:#x}", f.preserve, f.frame) : "");
+                       f.preserve || f.frame || f.trampoline ? fmt::format(" {:#x} {:#x}", f.preserve, f.frame) : "",
+                       f.trampoline ? fmt::format(" {:#x} {:#x}", f.trampoline, f.trampoline_covered) : "");
     size_t recorded = std::min(p.uncovered.size(), kMaxRecordedUncovered);
     for (size_t i = 0; i < recorded; ++i) {
       auto& u = p.uncovered[i];
@@ -255,15 +256,18 @@ Result<Registry> decode_text(const std::string& text) {
       p.released = released != 0;
       r.patches.push_back(std::move(p));
     } else if (kind == "func" && !r.patches.empty()) {
-      if (w.size() != 7 && w.size() != 9) return bad(line, "func record");
+      if (w.size() != 7 && w.size() != 9 && w.size() != 11) return bad(line, "func record");
       FunctionRecord fr;
       if (!parse_number(w[1], fr.old_address, 16) || !parse_number(w[2], fr.new_address, 16)) return bad(line, "address");
       if (!parse_number(w[3], fr.island, 16)) return bad(line, "island");
       if (!parse_hex_bytes(w[4], fr.original)) return bad(line, "original bytes");
       if (!parse_hex_bytes(w[5], fr.written)) return bad(line, "written bytes");
       if (!parse_escaped(w[6], fr.mangled) || fr.mangled.empty()) return bad(line, "symbol");
-      if (w.size() == 9 && (!parse_number(w[7], fr.preserve, 16) || !parse_number(w[8], fr.frame, 16)))
+      if (w.size() >= 9 && (!parse_number(w[7], fr.preserve, 16) || !parse_number(w[8], fr.frame, 16)))
         return bad(line, "preserving island");
+      if (w.size() == 11 && (!parse_number(w[9], fr.trampoline, 16) || !parse_number(w[10], fr.trampoline_covered, 16) ||
+                             !fr.trampoline || fr.trampoline_covered == 0 || fr.trampoline_covered > 64))
+        return bad(line, "counting trampoline");
       r.patches.back().functions.push_back(std::move(fr));
     } else if (kind == "uncov" && !r.patches.empty()) {
       auto& patch = r.patches.back();
@@ -496,6 +500,10 @@ std::vector<Function> registry__live_functions(const Registry& r, const SymbolTa
     }
     Function live = *repl;
     live.name = f.name;
+    if (uint64_t skip = rec->probe_address() - rec->new_address) {  // its entry holds a trampoline's jump
+      live.address += skip, live.offset += skip, live.size = live.size > skip ? live.size - skip : 1;
+      live.past_entry = true;
+    }
     if (notes) notes->push_back(fmt::format("{} is patched (patch {}): watching its replacement in {}", f.name, top->id, repl->object));
     out.push_back(std::move(live));
   }

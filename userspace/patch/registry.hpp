@@ -36,6 +36,16 @@ struct FunctionRecord {
   // (0: not registered). Release deregisters it before the island page is unmapped.
   uint64_t preserve = 0;
   uint64_t frame = 0;
+  // A counting trampoline at the replacement's own entry (patch/counting.hpp): the first
+  // `trampoline_covered` bytes of the replacement jump to `trampoline`, which counts and runs
+  // them moved. Every entry into the replacement counts there, also calls from other
+  // replacements and through pointers taken inside fix.so. 0: none (the island counts, and
+  // calls from inside fix.so are not counted).
+  uint64_t trampoline = 0;
+  uint64_t trampoline_covered = 0;
+  // Where a uprobe on the replacement may go: its entry, or the first byte after the moved
+  // instructions when a trampoline's jump sits on the entry.
+  uint64_t probe_address() const { return new_address + (trampoline ? trampoline_covered : 0); }
 };
 
 // A place that runs a patched function's code which the entry jump does not reach (an

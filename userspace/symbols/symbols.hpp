@@ -51,6 +51,11 @@ struct Function {
   // or no resolved slot found): address is then the resolver's.
   bool ifunc = false;
   uint64_t resolver = 0;
+  // Set on a patched function's live replacement (registry__live_functions) whose entry holds
+  // the jump to its counting trampoline: address and offset are then past the moved
+  // instructions, where a uprobe is safe, and a return probe is not (the return address is no
+  // longer on top of the stack there).
+  bool past_entry = false;
 };
 
 struct ObjectInfo {
