@@ -17,7 +17,7 @@ uint64_t aligned(uint64_t n) { return (n + 15) & ~15ull; }  // islands are place
 void add_islands(const PatchRecord& p, const FunctionRecord& f, std::vector<PerfMapEntry>& out) {
   std::string what = fmt::format("{} -> {}", symbol__demangle(f.mangled), std::filesystem::path(p.library).filename().string());
   auto name = [&](const char* kind) { return fmt::format("{}{}: {}", kIslandPerfName, kind, what); };
-  bool counting = p.counters != 0;
+  bool counting = p.counters != 0 && !f.trampoline;  // else the replacement's own trampoline counts
   if (f.preserve) {
     uint64_t own = aligned(arch::preserving_island_size(f.preserve));
     out.push_back({f.island, own, name(" (preserving)")});
@@ -35,8 +35,13 @@ std::vector<PerfMapEntry> patch__island_entries(const Registry& r) {
   std::vector<PerfMapEntry> out;
   for (auto& p : r.patches) {
     if (p.state != PatchState::active) continue;
-    for (auto& f : p.functions)
+    for (auto& f : p.functions) {
       if (f.island) add_islands(p, f, out);
+      if (f.trampoline)
+        out.push_back({f.trampoline, arch::counting_trampoline_max_size(),
+                       fmt::format("{} (counting trampoline): {} in {}", kIslandPerfName, symbol__demangle(f.mangled),
+                                   std::filesystem::path(p.library).filename().string())});
+    }
   }
   return out;
 }
