@@ -209,7 +209,7 @@ void per_call(bool quick) {
   }
   {  // uprobes trap on every call: fewer calls, one round
     Proc watch({kCtl, "watch", "--pid", std::to_string(target->pid()), "--no-inflight", "--interval", "1000",
-                "bp_small", "bp_trivial"},
+                "--max-overhead", "1e6", "bp_small", "bp_trivial"},
                /*read_stderr=*/true);
     while (watch.line().find("watching") == std::string::npos) {
     }
