@@ -154,3 +154,20 @@ TEST_CASE("default watch drops the probe of a very hot function in one line; the
   REQUIRE(watch.wait(20s) == 0);
   REQUIRE(spin.request("quit").rfind("ok", 0) == 0);
 }
+
+TEST_CASE("patch's default observe window on an idle target is not extended, and a fixed one is kept") {
+  require_root();
+  Child target{{fixture("benchp_target")}};
+  REQUIRE(target.request("ready").rfind("ok", 0) == 0);
+  auto dry = run({ctl(), "patch", "--pid", std::to_string(target.pid()), "--lib", fixture("benchp_fix.so"), "--dry-run",
+                  "bp_trivial"});
+  INFO(dry.out << dry.err);
+  REQUIRE(dry.exit_code == 0);
+  CHECK(dry.out.find("observed for 0.1") != std::string::npos);  // 100 ms: nothing to wait for
+  CHECK(dry.out.find("extended") == std::string::npos);
+  auto fixed = run({ctl(), "patch", "--pid", std::to_string(target.pid()), "--lib", fixture("benchp_fix.so"),
+                    "--dry-run", "--observe", "0.3", "bp_trivial"});
+  INFO(fixed.out << fixed.err);
+  REQUIRE(fixed.exit_code == 0);
+  CHECK(fixed.out.find("observed for 0.3") != std::string::npos);
+}

@@ -84,7 +84,7 @@ Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Func
                                            ObserveWindow::kJudgeCalls));
       break;
     }
-    extended_for = watch.functions()[waiting.front()].name;
+    if (how.adaptive && !waiting.empty()) extended_for = watch.functions()[waiting.front()].name;
   }
   for (auto& f : functions) report.functions.push_back({f, 0, 0, -1, false});
   for (size_t j = 0; j < counts.size(); ++j) {
