@@ -73,7 +73,9 @@ struct WatchCtl {
   std::string notes;  // the "note:" and "progress:" lines before the banner
   WatchCtl(pid_t pid, std::vector<std::string> extra)
       : child([&] {
-          std::vector<std::string> argv{ctl(), "watch", "--pid", std::to_string(pid), "--json", "--interval", "0.2"};
+          // Exact counts of fast loops: no overhead budget (test_budget tests it).
+          std::vector<std::string> argv{ctl(), "watch", "--pid", std::to_string(pid), "--json", "--interval", "0.2",
+                                        "--max-overhead", "1e6"};
           argv.insert(argv.end(), extra.begin(), extra.end());
           return argv;
         }()) {

@@ -44,8 +44,8 @@ std::string notes_json(const std::vector<PlanNote>& notes) {
   return "[" + out + "]";
 }
 
-void print_liveness(const std::vector<FunctionLiveness>& live, std::chrono::milliseconds window) {
-  fmt::print("observed for {:.1f} s (uprobes):\n", window.count() / 1000.0);
+void print_liveness(const std::vector<FunctionLiveness>& live, double seconds) {
+  fmt::print("observed for {:.2f} s (uprobes):\n", seconds);
   for (auto& f : live)
     fmt::print("  {:<50} {:>10.1f} calls/s  {:<5} {}\n", f.name, f.calls_per_s, f.calls_per_s > 0 ? "live" : "idle",
                f.inflight < 0 ? std::string("threads inside: n/a (C++ code: no return probes)")
@@ -84,7 +84,8 @@ int verb_patch(const Args& args) {
       "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence, and for loading fix.so (its constructors included) (default 10)")(
       "no-abi-check", "do not refuse replacements that change registers the original preserves (-fipa-ra callers)")(
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
-      "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default 1, 0 to skip; a dry run only observes when this is given)")(
+      "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default: adaptive, 0.1 s, up to 1 s while counts are too few to judge; 0 to skip; a dry run only observes when this is given)")(
+      "max-overhead", po::value<double>(&opts.max_overhead_pct), "observe window's probe budget, % of one CPU (default 2): the hottest functions' probes are cut above it")(
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
       "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
@@ -103,6 +104,8 @@ int verb_patch(const Args& args) {
   opts.quiesce_probes = !vm.count("blind-retry");
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
+  opts.observe_adaptive = !vm.count("observe");  // a window given is a window kept
+  if (!(opts.max_overhead_pct > 0)) return report(Error{"--max-overhead must be a share of one CPU in percent, > 0", "", 2});
   opts.allow_untrusted_lib = vm.count("allow-untrusted-lib") > 0;
   opts.allow_uncovered = vm.count("allow-uncovered") > 0;
   bool dry_run = vm.count("dry-run") > 0;
@@ -143,11 +146,14 @@ int verb_patch(const Args& args) {
     fmt::print("note: loading an untrusted fix library (--allow-untrusted-lib): {}\n", prepared->untrusted);
   if (!json) print_plan(*prepared);
   // A dry run observes only when asked to (--observe SEC): its answer is the plan, and the
-  // default window would make every dry run a second slower.
+  // default window would make every dry run slower.
   if (opts.observe.count() > 0 && (!dry_run || vm.count("observe"))) {
-    auto liveness = patch__observe(*prepared, opts.observe);
-    if (!liveness) return refused(liveness.error());
-    if (!json) print_liveness(*liveness, opts.observe);
+    auto observed = patch__observe_window(*prepared);
+    if (!observed) return refused(observed.error());
+    if (!json) {
+      for (auto& note : observed->notes) fmt::print("note: {}\n", note);
+      print_liveness(observed->functions, observed->seconds);
+    }
   }
   if (dry_run) {
     if (json)

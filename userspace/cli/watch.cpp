@@ -13,6 +13,7 @@
 #include "cli/cli.hpp"
 #include "cli/stop.hpp"
 #include "common/unique_fd.hpp"
+#include "observe/budget.hpp"
 #include "observe/report.hpp"
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
@@ -26,7 +27,7 @@ namespace hotfix::cli {
 
 namespace {
 
-constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--count trampoline|uprobe] [--interval SEC] [--duration SEC] [--json] [--top N] [--inflight]";
+constexpr const char* kSynopsis = "--pid PID PATTERN... [--object NAME] [--count trampoline|uprobe] [--interval SEC] [--duration SEC] [--json] [--top N] [--inflight] [--max-overhead PCT]";
 
 // Shown under --help: what a probe costs the target, measured (docs/performance.md).
 constexpr const char* kCost =
@@ -41,6 +42,9 @@ constexpr const char* kCost =
     "first instruction is an emulated push, ~0.7 us on a 5-byte nop; several times more on a\n"
     "loaded machine. A return probe roughly doubles it; --no-inflight drops the return probes\n"
     "(no in-flight or latency columns). Watch hot functions briefly. See docs/performance.md.\n"
+    "\nbudget: watch estimates its own cost (calls/s x this machine's measured cost of a hit) and\n"
+    "keeps it under --max-overhead (default 2% of one CPU): the hottest functions lose their\n"
+    "return probe, then their probes, and one note says which (their counts stop there).\n"
     "\nexceptions: a C++ exception thrown through a function watched with return probes terminates\n"
     "the target (the uretprobe trampoline has no unwind info). So return probes are off by default\n"
     "for functions of objects with C++ exception tables; --inflight turns them on when you know\n"
@@ -60,6 +64,7 @@ struct WatchArgs {
   size_t top = 20;
   std::optional<bool> inflight;  // unset: off with trampolines; with uprobes on unless an object has C++ exception tables
   bool trampolines = true;       // --count trampoline (the default) or uprobe
+  double max_overhead = kDefaultMaxOverheadPct;  // % of one CPU the uprobes may cost the target
 };
 
 std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
@@ -74,7 +79,10 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
       ("top", po::value<long>()->default_value(20), "table rows: with more functions than this, the busiest N (never-called ones hidden, and counted); 0 = all")
       ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
-      ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
+      ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws")
+      ("max-overhead", po::value<double>()->default_value(kDefaultMaxOverheadPct),
+       "budget: % of one CPU the probes may cost the target (estimated: calls/s x measured cost of a hit); "
+       "above it the hottest functions lose their return probe, then their probes, and one line says so");
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kCost);
@@ -99,6 +107,9 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   else if (c != "trampoline") return usage(fmt::format("bad --count {}: give trampoline or uprobe", c));
   if (vm.count("inflight")) out.inflight = true;
   if (vm.count("no-inflight")) out.inflight = false;
+  out.max_overhead = vm["max-overhead"].as<double>();
+  if (!(out.max_overhead > 0) || !std::isfinite(out.max_overhead))
+    return usage(fmt::format("bad --max-overhead {}: give a share of one CPU in percent, > 0", out.max_overhead));
   return std::nullopt;
 }
 
@@ -208,6 +219,9 @@ int run_watch(const WatchArgs& a) {
     return 0;
   };
   std::optional<Watch> watch;
+  // Measured before attaching (its own probes are on this program, not on the target).
+  auto cost = probed.empty() ? Result<ProbeCost>(ProbeCost{}) : probe_cost__measured();
+  if (!cost) fmt::print(stderr, "note: no overhead budget: {}\n", cost.error().line());
   if (!probed.empty()) {
     auto attached = Watch::attach(a.pid, std::move(probed), WatchOptions{.returns = inflight, .progress = progress});
     if (!attached) {
@@ -254,14 +268,39 @@ int run_watch(const WatchArgs& a) {
   sample.top = a.top;
   sample.functions = &all;
   int exit_code = 0;
-  for (auto next = start + interval;; next += interval) {
-    Wake why = wait_until(*stop, std::min(next, end));
+  // The uprobes' overhead budget (trampolines cost a few ns a call: not budgeted). It looks
+  // once soon after attach (a hot function costs most before the first report), then at
+  // every report; the uprobed functions' counts follow the trampolines' in `counts`.
+  std::optional<WatchBudget> budget;
+  if (watch && cost) budget.emplace(*watch, *cost, a.max_overhead);
+  auto early = budget ? start + std::chrono::milliseconds(100) : clock::time_point::max();
+  auto keep_budget = [&](const std::vector<CallCounts>& counts, double seconds) {
+    if (!budget) return true;
+    std::vector<CallCounts> probed_counts(counts.begin() + static_cast<long>(ntramp), counts.end());
+    auto line = budget->check(probed_counts, seconds);
+    if (!line) return report(line.error()), false;
+    if (!line->empty()) fmt::print(stderr, "note: {}\n", *line);
+    for (size_t i = 0; i < watch->functions().size(); ++i) sample.returns[ntramp + i] = watch->return_probes(i);
+    return true;
+  };
+  for (auto next = start + interval;;) {
+    bool early_due = early < next;
+    Wake why = wait_until(*stop, std::min(early_due ? early : next, end));
     auto counts = read_counts();
     if (!counts) {
       exit_code = report(counts.error());
       break;
     }
+    if (why == Wake::tick && clock::now() < end && early_due) {
+      early = clock::time_point::max();
+      if (!keep_budget(*counts, std::chrono::duration<double>(clock::now() - start).count())) {
+        exit_code = 1;
+        break;
+      }
+      continue;
+    }
     if (why == Wake::tick && clock::now() < end) {
+      next += interval;
       sample.time = unix_now();
       sample.interval_s = std::chrono::duration<double>(clock::now() - last_tick).count();
       last_tick = clock::now();
@@ -270,6 +309,10 @@ int run_watch(const WatchArgs& a) {
       for (size_t i = 0; i < n; ++i) sample.interval[i] -= previous[i];
       previous = *counts;
       print_sample(sample, a.json);
+      if (!keep_budget(sample.interval, sample.interval_s)) {
+        exit_code = 1;
+        break;
+      }
       continue;
     }
     if (why == Wake::target_exited) fmt::print(stderr, "pid {} exited\n", a.pid);

@@ -8,6 +8,7 @@
 
 #include "arch/arch.hpp"
 #include "common/unique_fd.hpp"
+#include "observe/budget.hpp"
 #include "observe/patchcount.hpp"
 #include "observe/uprobe_multi.hpp"
 
@@ -34,6 +35,65 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
     l.inflight = inflight ? counts[j].inflight() : -1;
   }
   return out;
+}
+
+namespace {
+
+// Functions seen but too rarely to give a rate yet: why the window goes on.
+std::vector<size_t> unjudged(const std::vector<CallCounts>& counts, const Watch& watch) {
+  std::vector<size_t> out;
+  for (size_t j = 0; j < counts.size(); ++j)
+    if (watch.observed(j) && counts[j].calls > 0 && counts[j].calls < ObserveWindow::kJudgeCalls) out.push_back(j);
+  return out;
+}
+
+}  // namespace
+
+Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Function>& functions,
+                                               const ObserveWindow& how) {
+  bool returns = probe__objects_with_exceptions(functions).empty();
+  auto cost = probe_cost__measured();  // before attaching: its probes are on this program
+  auto watch = HOTFIX_TRY(Watch::attach(pid, functions, WatchOptions{.returns = returns}));
+  ObserveReport report;
+  if (!cost) report.notes.push_back(fmt::format("no overhead budget: {}", cost.error().line()));
+  std::optional<WatchBudget> budget;
+  if (cost) budget.emplace(watch, *cost, how.max_overhead_pct);
+  auto began = steady_clock::now();
+  auto step = how.adaptive ? how.first : how.window;
+  if (budget && !how.adaptive) step = std::min(how.window, how.first);  // the budget looks early too
+  std::vector<CallCounts> counts;
+  std::vector<double> rate(functions.size(), 0);
+  std::string extended_for;  // the last function the window went on for  // calls/s, frozen for a function the budget dropped
+  for (auto next = began + step;; next += step) {
+    std::this_thread::sleep_until(std::min(next, began + how.window));
+    counts = HOTFIX_TRY(watch.read());
+    double seconds = duration<double>(steady_clock::now() - began).count();
+    for (size_t j = 0; j < counts.size(); ++j)
+      if (watch.observed(j)) rate[j] = counts[j].calls / seconds;
+    report.seconds = seconds;
+    bool at_bound = steady_clock::now() >= began + how.window;
+    if (budget) {
+      auto line = HOTFIX_TRY(budget->check(counts, seconds));
+      if (!line.empty()) report.notes.push_back(line);
+    }
+    auto waiting = unjudged(counts, watch);
+    if (at_bound || (how.adaptive && waiting.empty())) {
+      if (!extended_for.empty())
+        report.notes.push_back(fmt::format("observe window extended to {:.2f} s (at most {:.1f} s): {} had fewer than {} calls",
+                                           seconds, duration<double>(how.window).count(), extended_for,
+                                           ObserveWindow::kJudgeCalls));
+      break;
+    }
+    if (how.adaptive && !waiting.empty()) extended_for = watch.functions()[waiting.front()].name;
+  }
+  for (auto& f : functions) report.functions.push_back({f, 0, 0, -1, false});
+  for (size_t j = 0; j < counts.size(); ++j) {
+    Liveness& l = report.functions[watch.input_index(j)];
+    bool inflight = watch.return_probes(j) == ReturnProbes::on;
+    l.calls = counts[j].calls, l.calls_per_s = rate[j], l.probed = true;
+    l.inflight = inflight ? counts[j].inflight() : -1;
+  }
+  return report;
 }
 
 namespace {

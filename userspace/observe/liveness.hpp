@@ -28,6 +28,25 @@ struct Liveness {
 Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Function>& functions,
                                                 std::chrono::milliseconds window);
 
+// How patch's observe window runs: a fixed window, or adaptive -- `first` (100 ms), extended by
+// steps of `first` up to `window` while some function has too few calls to judge (seen, but
+// fewer than kJudgeCalls). Either way the overhead budget (observe/budget.hpp) applies at every
+// step: the hottest functions' probes are cut, and they keep the rate measured until then.
+struct ObserveWindow {
+  std::chrono::milliseconds window{1000};  // fixed length, or the adaptive bound
+  bool adaptive = true;
+  std::chrono::milliseconds first{100};
+  double max_overhead_pct = 2.0;
+  static constexpr uint64_t kJudgeCalls = 20;
+};
+struct ObserveReport {
+  std::vector<Liveness> functions;  // in the order asked
+  double seconds = 0;               // how long it observed
+  std::vector<std::string> notes;   // what it did: "extended to 0.4 s: ...", the budget's line
+};
+Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Function>& functions,
+                                               const ObserveWindow& how);
+
 // Uprobe-driven quiescence for strict mode: rather than stopping the world blindly and
 // finding a thread inside, wait until probes say no thread is inside any target function,
 // then stop at once. The probes sit on the first instruction AFTER the bytes the entry jump

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "common/unique_fd.hpp"
@@ -107,12 +108,12 @@ void release_in_parallel(std::vector<T>& items, Release release, Progress& progr
   if (threads <= 1) {
     for (auto& item : items) release(item), progress.tick(++done);
   } else {
+    size_t base = done;  // before the threads start counting
     std::vector<std::thread> pool;
     for (size_t t = 0; t < threads; ++t)
       pool.emplace_back([&, t] {
         for (size_t i = t; i < items.size(); i += threads) release(items[i]), ++done;
       });
-    size_t base = done;
     while (done < base + items.size()) {
       progress.tick(done);
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -126,15 +127,36 @@ void release_in_parallel(std::vector<T>& items, Release release, Progress& progr
 
 struct Watch::Links {
   std::vector<UniqueFd> multi;      // uprobe_multi links
+  std::vector<std::string> multi_object;  // by multi index: the object its probes are in
   std::vector<bpf_link*> perf;      // perf-event uprobes (libbpf links)
+  std::vector<uint32_t> perf_slot;  // by perf index: the counter slot of its function
   void release(const std::function<void(const std::string&)>& sink) {
     Progress progress(sink, "detaching", "links", multi.size() + perf.size());
     std::atomic<size_t> done = 0;
     release_in_parallel(multi, [](UniqueFd& fd) { fd.reset(); }, progress, done);
     for (auto* l : perf) bpf_link__destroy(l), progress.tick(++done);
     perf.clear();
+    multi_object.clear(), perf_slot.clear();
     progress.finish();
   }
+  // Take out the links of these objects (multi) or of these slots (perf), to release them.
+  Links take(const std::set<std::string>& objects, const std::set<uint32_t>& slots) {
+    Links out, kept;
+    for (size_t i = 0; i < multi.size(); ++i) {
+      Links& to = objects.count(multi_object[i]) ? out : kept;
+      to.multi.push_back(std::move(multi[i])), to.multi_object.push_back(multi_object[i]);
+    }
+    for (size_t i = 0; i < perf.size(); ++i) {
+      Links& to = slots.count(perf_slot[i]) ? out : kept;
+      to.perf.push_back(perf[i]), to.perf_slot.push_back(perf_slot[i]);
+    }
+    perf.clear();  // now owned by out or kept
+    std::swap(multi, kept.multi), std::swap(multi_object, kept.multi_object);
+    std::swap(perf, kept.perf), std::swap(perf_slot, kept.perf_slot);
+    return out;
+  }
+  Links() = default;
+  Links(Links&&) = default;
   ~Links() { release({}); }
 };
 
@@ -172,21 +194,31 @@ struct AttachPlan {
   const std::vector<ReturnProbes>* returns = nullptr;
   std::vector<int> refused;  // by function index: the errno of the kernel's refusal, 0 if none
   size_t probes = 0, done = 0;
-  uint64_t cookie(size_t i) const { return i | ((*returns)[i] == ReturnProbes::on ? 0 : WATCH_COOKIE_NO_RETURN); }
+  const std::vector<uint32_t>* slots = nullptr;  // function index -> counter slot; nullptr: the index
+  uint64_t slot(size_t i) const { return slots ? (*slots)[i] : i; }
+  uint64_t cookie(size_t i) const { return slot(i) | ((*returns)[i] == ReturnProbes::on ? 0 : WATCH_COOKIE_NO_RETURN); }
 };
 
 // The probes of one direction, grouped by object (one uprobe_multi link covers one object).
-std::vector<ObjectProbes> group_by_object(const AttachPlan& plan, bool retprobe) {
-  std::map<std::string, ObjectProbes> by_path;
+struct ObjectGroup {
+  std::string object;
+  ObjectProbes probes;
+  std::vector<size_t> index;  // by probe: the plan's function index
+};
+
+std::vector<ObjectGroup> group_by_object(const AttachPlan& plan, bool retprobe) {
+  std::map<std::string, ObjectGroup> by_path;
   for (size_t i = 0; i < plan.functions->size(); ++i) {
     if (plan.refused[i] || (retprobe && (*plan.returns)[i] != ReturnProbes::on)) continue;
     auto& f = (*plan.functions)[i];
     auto& group = by_path[f.object];
-    group.path = uprobe__target_path(plan.pid, f.object);
-    group.offsets.push_back(f.offset);
-    group.cookies.push_back(retprobe ? i : plan.cookie(i));
+    group.object = f.object;
+    group.probes.path = uprobe__target_path(plan.pid, f.object);
+    group.probes.offsets.push_back(f.offset);
+    group.probes.cookies.push_back(retprobe ? plan.slot(i) : plan.cookie(i));
+    group.index.push_back(i);
   }
-  std::vector<ObjectProbes> groups;
+  std::vector<ObjectGroup> groups;
   for (auto& [_, g] : by_path) groups.push_back(std::move(g));
   return groups;
 }
@@ -196,22 +228,28 @@ std::vector<ObjectProbes> group_by_object(const AttachPlan& plan, bool retprobe)
 // links of a few thousand keep both short and let progress be shown between them.
 constexpr size_t kProbesPerLink = 2048;
 
-Result<void> attach_multi_pass(const watch_bpf* skel, AttachPlan& plan, bool retprobe, std::vector<UniqueFd>& out,
+Result<void> attach_multi_pass(const watch_bpf* skel, AttachPlan& plan, bool retprobe, Watch::Links& out,
                                Progress& progress) {
   int prog = bpf_program__fd(retprobe ? skel->progs.watch_return : skel->progs.watch_entry);
-  for (auto& g : group_by_object(plan, retprobe))
+  for (auto& group : group_by_object(plan, retprobe)) {
+    auto& g = group.probes;
     for (size_t lo = 0; lo < g.offsets.size(); lo += kProbesPerLink) {
       size_t hi = std::min(g.offsets.size(), lo + kProbesPerLink);
       ObjectProbes chunk{g.path, {g.offsets.begin() + lo, g.offsets.begin() + hi}, {g.cookies.begin() + lo, g.cookies.begin() + hi}};
       std::vector<RefusedOffset> refused;
-      HOTFIX_CHECK(uprobe_multi__link_skipping(prog, chunk, plan.pid, retprobe, out, refused));
-      for (auto& r : refused) plan.refused[chunk.cookies[r.index] & ~WATCH_COOKIE_NO_RETURN] = r.err;
+      size_t before = out.multi.size();
+      auto linked = uprobe_multi__link_skipping(prog, chunk, plan.pid, retprobe, out.multi, refused);
+      out.multi_object.resize(out.multi.size(), group.object);
+      if (out.multi.size() < before) out.multi_object.resize(out.multi.size());
+      HOTFIX_CHECK(linked);
+      for (auto& r : refused) plan.refused[group.index[lo + r.index]] = r.err;
       progress.tick(plan.done += hi - lo);
     }
+  }
   return {};
 }
 
-Result<void> attach_multi(const watch_bpf* skel, AttachPlan& plan, std::vector<UniqueFd>& out, Progress& progress) {
+Result<void> attach_multi(const watch_bpf* skel, AttachPlan& plan, Watch::Links& out, Progress& progress) {
   // Return probes first: a call that enters between the two attachments then has no entry
   // frame, and its return is ignored instead of making in-flight negative. A function whose
   // return probe is refused gets no entry probe either.
@@ -219,18 +257,19 @@ Result<void> attach_multi(const watch_bpf* skel, AttachPlan& plan, std::vector<U
   return attach_multi_pass(skel, plan, false, out, progress);
 }
 
-Result<void> attach_perf(const watch_bpf* skel, AttachPlan& plan, std::vector<bpf_link*>& out, Progress& progress) {
+Result<void> attach_perf(const watch_bpf* skel, AttachPlan& plan, Watch::Links& out, Progress& progress) {
   const auto& fns = *plan.functions;
   for (bool retprobe : {true, false}) {
     for (size_t i = 0; i < fns.size(); ++i) {
       if (plan.refused[i] || (retprobe && (*plan.returns)[i] != ReturnProbes::on)) continue;
-      LIBBPF_OPTS(bpf_uprobe_opts, opts, .bpf_cookie = retprobe ? i : plan.cookie(i), .retprobe = retprobe);
+      LIBBPF_OPTS(bpf_uprobe_opts, opts, .bpf_cookie = retprobe ? plan.slot(i) : plan.cookie(i), .retprobe = retprobe);
       auto path = uprobe__target_path(plan.pid, fns[i].object);
       bpf_link* link = bpf_program__attach_uprobe_opts(retprobe ? skel->progs.watch_return : skel->progs.watch_entry,
                                                        plan.pid, path.c_str(), fns[i].offset, &opts);
       progress.tick(++plan.done);
       if (link) {
-        out.push_back(link);
+        out.perf.push_back(link);
+        out.perf_slot.push_back(static_cast<uint32_t>(plan.slot(i)));
         continue;
       }
       int err = errno;
@@ -304,8 +343,8 @@ Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const Wa
   AttachPlan plan{pid, &functions, &returns, std::vector<int>(functions.size(), 0)};
   for (auto r : returns) plan.probes += r == ReturnProbes::on ? 2 : 1;
   Progress progress(opts.progress, "attaching", "probes", plan.probes);
-  auto attached = w.mechanism_ == ProbeMechanism::uprobe_multi ? attach_multi(w.skel_, plan, w.links_->multi, progress)
-                                                               : attach_perf(w.skel_, plan, w.links_->perf, progress);
+  auto attached = w.mechanism_ == ProbeMechanism::uprobe_multi ? attach_multi(w.skel_, plan, *w.links_, progress)
+                                                               : attach_perf(w.skel_, plan, *w.links_, progress);
   if (!attached) return std::unexpected(explain_attach_failure(pid, attached.error()));
   progress.finish();
 
@@ -317,6 +356,7 @@ Result<Watch> Watch::attach(pid_t pid, std::vector<Function> functions, const Wa
     }
     w.slots_.push_back(static_cast<uint32_t>(i));
     w.return_probes_.push_back(returns[i]);
+    w.observed_.push_back(true);
     w.functions_.push_back(std::move(functions[i]));
   }
   if (w.functions_.empty())
@@ -332,6 +372,7 @@ Watch::Watch(Watch&& o) noexcept
       functions_(std::move(o.functions_)),
       return_probes_(std::move(o.return_probes_)),
       slots_(std::move(o.slots_)),
+      observed_(std::move(o.observed_)),
       skipped_(std::move(o.skipped_)),
       progress_(std::move(o.progress_)),
       mechanism_(o.mechanism_),
@@ -347,6 +388,7 @@ Watch& Watch::operator=(Watch&& o) noexcept {
     functions_ = std::move(o.functions_);
     return_probes_ = std::move(o.return_probes_);
     slots_ = std::move(o.slots_);
+    observed_ = std::move(o.observed_);
     skipped_ = std::move(o.skipped_);
     progress_ = std::move(o.progress_);
     mechanism_ = o.mechanism_;
@@ -364,6 +406,46 @@ void Watch::detach() {
   if (links_) links_->release(progress_);
   links_.reset();  // links first: no probe may fire into a freed program
   if (skel_) watch_bpf__destroy(std::exchange(skel_, nullptr));
+}
+
+Result<void> Watch::reduce(const std::vector<ProbeCut>& cuts) {
+  if (!skel_ || !links_) return fail("the watch is detached");
+  // Which functions change, and so which links must be replaced: with uprobe_multi every link
+  // of the function's object (a link holds many functions), with perf uprobes its own links.
+  // The entry probe changes too when only the return probe goes: its cookie must then say
+  // "no return probe", or every call would leave a frame in the in-flight table.
+  std::set<std::string> objects;
+  std::set<uint32_t> slots;
+  for (size_t i = 0; i < cuts.size() && i < functions_.size(); ++i) {
+    bool changes = observed_[i] && (cuts[i] == ProbeCut::drop ||
+                                    (cuts[i] == ProbeCut::drop_return && return_probes_[i] == ReturnProbes::on));
+    if (!changes) continue;
+    if (cuts[i] == ProbeCut::drop) observed_[i] = false;
+    if (return_probes_[i] == ReturnProbes::on) return_probes_[i] = ReturnProbes::budget;
+    objects.insert(functions_[i].object);
+    slots.insert(slots_[i]);
+  }
+  if (objects.empty()) return {};
+  // What the new links cover: every still-observed function of the objects concerned (multi),
+  // or the changed functions themselves (perf).
+  std::vector<Function> relink;
+  std::vector<ReturnProbes> returns;
+  std::vector<uint32_t> relink_slots;
+  bool multi = mechanism_ == ProbeMechanism::uprobe_multi;
+  for (size_t i = 0; i < functions_.size(); ++i) {
+    bool concerned = multi ? objects.count(functions_[i].object) > 0 : slots.count(slots_[i]) > 0;
+    if (!concerned || !observed_[i]) continue;
+    relink.push_back(functions_[i]), returns.push_back(return_probes_[i]), relink_slots.push_back(slots_[i]);
+  }
+  // Old links first: for a moment nothing counts, rather than both counting twice.
+  links_->take(objects, slots).release(progress_);
+  if (relink.empty()) return {};
+  AttachPlan plan{pid_, &relink, &returns, std::vector<int>(relink.size(), 0)};
+  plan.slots = &relink_slots;
+  Progress progress(progress_, "re-attaching", "probes", relink.size());
+  auto attached = multi ? attach_multi(skel_, plan, *links_, progress) : attach_perf(skel_, plan, *links_, progress);
+  if (!attached) return std::unexpected(explain_attach_failure(pid_, attached.error()));
+  return {};
 }
 
 size_t Watch::link_count() const { return links_ ? links_->multi.size() + links_->perf.size() : 0; }

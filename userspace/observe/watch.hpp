@@ -41,6 +41,14 @@ enum class ReturnProbes {
   on,
   off,  // not asked for (WatchOptions::returns, or the caller's C++-exception rule)
   go,   // Go code: never (a return probe kills a Go program)
+  budget,  // dropped by the overhead budget (observe/budget.hpp): calls are still counted
+};
+
+// What Watch::reduce does to one function's probes (the budget's decision, observe/budget.hpp).
+enum class ProbeCut {
+  keep,
+  drop_return,  // detach the return probe, keep counting calls with the entry probe
+  drop,         // detach both: the function's counts stop where they are
 };
 
 // A function the kernel refused to probe (e.g. its first instruction is `lock`-prefixed): left
@@ -81,6 +89,12 @@ class Watch {
   Result<std::vector<CallCounts>> read() const;
   // Remove every probe now (the destructor does it too).
   void detach();
+  // Cut probes back, per function of functions() (`cuts` in that order): the links of the
+  // objects concerned are replaced by links without the cut probes (their other functions go
+  // on counting in the same slots; calls made during the swap, a few ms, are not counted).
+  // A dropped function stays in functions() with its counts frozen (observed(i) is false).
+  Result<void> reduce(const std::vector<ProbeCut>& cuts);
+  bool observed(size_t i) const { return observed_[i]; }
 
   const std::vector<Function>& functions() const { return functions_; }
   const std::vector<SkippedFunction>& skipped() const { return skipped_; }
@@ -92,13 +106,15 @@ class Watch {
   size_t link_count() const;
   double attach_ms() const { return attach_ms_; }  // load + attach, wall time
 
+  struct Links;  // the kernel links (internal to watch.cpp)
+
  private:
-  struct Links;
   Watch() = default;
   pid_t pid_ = 0;
   std::vector<Function> functions_;
   std::vector<ReturnProbes> return_probes_;  // by functions_ index
   std::vector<uint32_t> slots_;              // functions_ index -> counter slot (the probe's cookie)
+  std::vector<bool> observed_;               // by functions_ index: false once reduce() dropped it
   std::vector<SkippedFunction> skipped_;
   std::function<void(const std::string&)> progress_;
   ProbeMechanism mechanism_ = ProbeMechanism::automatic;

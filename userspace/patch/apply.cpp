@@ -157,6 +157,19 @@ Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, mil
   return out;
 }
 
+Result<ObservedWindow> patch__observe_window(const PreparedPatch& p) {
+  std::vector<Function> targets;
+  for (auto& s : p.switches) targets.push_back(s.entry.target);
+  auto live = registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr);
+  ObserveWindow how{.window = p.options.observe, .adaptive = p.options.observe_adaptive,
+                    .max_overhead_pct = p.options.max_overhead_pct};
+  auto seen = HOTFIX_TRY(liveness__observe_window(p.options.pid, live, how));
+  ObservedWindow out{{}, seen.seconds, std::move(seen.notes)};
+  for (size_t i = 0; i < seen.functions.size(); ++i)
+    out.functions.push_back({targets[i].name, seen.functions[i].calls_per_s, seen.functions[i].inflight});
+  return out;
+}
+
 namespace {
 
 // What the transaction has changed in the target so far, undone unless committed.

@@ -39,6 +39,8 @@ struct PatchOptions {
   bool abi_check = true;  // refuse replacements that break -fipa-ra callers (see abi_check.hpp)
   bool count = true;      // count hits: new code through counting islands, old code at its exits
   std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
+  bool observe_adaptive = true;   // observe from 100 ms, up to `observe` while counts are too few (observe/liveness.hpp)
+  double max_overhead_pct = 2.0;  // the observe window's probe budget, % of one CPU (observe/budget.hpp)
   bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
   bool allow_untrusted_lib = false;  // load a fix.so that fails the trust rule (patch/trust.hpp)
   bool allow_uncovered = false;      // apply even where inlined copies, clones or aliases keep old code (patch/coverage.hpp)
@@ -105,6 +107,14 @@ struct FunctionLiveness {
   int64_t inflight = -1;  // -1: not measured
 };
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, std::chrono::milliseconds window);
+// The observe window as PatchOptions asks (adaptive, within the overhead budget), with how long
+// it took and what it did (extended, cut probes), one line each.
+struct ObservedWindow {
+  std::vector<FunctionLiveness> functions;
+  double seconds = 0;
+  std::vector<std::string> notes;
+};
+Result<ObservedWindow> patch__observe_window(const PreparedPatch& p);
 
 // Progress for the front end: notes ("loaded ...") and, while a stop is blocked, structured
 // waiting events (patch/progress.hpp).
