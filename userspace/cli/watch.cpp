@@ -12,6 +12,7 @@
 
 #include "cli/cli.hpp"
 #include "cli/stop.hpp"
+#include "cli/targets.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/report.hpp"
 #include "observe/probe_safety.hpp"
@@ -74,6 +75,7 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("top", po::value<long>()->default_value(20), "table rows: with more functions than this, the busiest N (never-called ones hidden, and counted); 0 = all")
       ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
       ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
+  add_target_options(desc);
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kCost);
@@ -287,6 +289,7 @@ int run_watch(const WatchArgs& a) {
 }  // namespace
 
 int verb_watch(const Args& args) {
+  if (auto code = run_for_targets("watch", args)) return *code;
   WatchArgs a;
   if (auto code = parse_watch(args, a)) return *code;
   return run_watch(a);
