@@ -119,14 +119,16 @@ TEST_CASE("--children adds the descendants", "[targets]") {
 TEST_CASE("--unit reads the unit's cgroup from cgroupfs", "[targets]") {
   require_root();
   std::string unit = "hotfix-test-" + std::to_string(::getpid()) + ".service";
-  std::string dir = "/sys/fs/cgroup/" + unit;
-  if (!std::filesystem::exists("/sys/fs/cgroup/cgroup.procs") || ::mkdir(dir.c_str(), 0755) != 0) {
+  // cgroup v2 at /sys/fs/cgroup, or its "unified" mount on a hybrid host.
+  std::string root = std::filesystem::exists("/sys/fs/cgroup/unified/cgroup.procs") ? "/sys/fs/cgroup/unified" : "/sys/fs/cgroup";
+  std::string dir = root + "/" + unit;
+  if (!std::filesystem::exists(root + "/cgroup.procs") || ::mkdir(dir.c_str(), 0755) != 0) {
     WARN("SKIP: cgroupfs (v2) is not writable here");
     return;
   }
   Target a;
   auto cleanup = [&] {
-    std::ofstream("/sys/fs/cgroup/cgroup.procs") << a.pid() << "\n";  // back to the root, then remove
+    std::ofstream(root + "/cgroup.procs") << a.pid() << "\n";  // back to the root, then remove
     ::rmdir(dir.c_str());
   };
   {

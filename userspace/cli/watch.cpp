@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include "patch/registry.hpp"
 #include "patch/watchstubs.hpp"
 #include "process/maps.hpp"
+#include "process/targets.hpp"
 #include "symbols/pattern.hpp"
 
 namespace hotfix::cli {
@@ -101,6 +103,25 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   if (vm.count("inflight")) out.inflight = true;
   if (vm.count("no-inflight")) out.inflight = false;
   return std::nullopt;
+}
+
+// A pre-fork server's master (nginx, a pre-fork Apache) calls nothing: its children, running
+// the same program, do the work. Say so when a watch saw no call at all.
+void hint_children(pid_t pid, const std::vector<CallCounts>& totals) {
+  for (auto& c : totals)
+    if (c.calls) return;
+  auto exe_of = [](pid_t p) {
+    struct stat st {};
+    if (::stat(fmt::format("/proc/{}/exe", p).c_str(), &st) != 0) return std::pair<dev_t, ino_t>{0, 0};
+    return std::pair<dev_t, ino_t>{st.st_dev, st.st_ino};
+  };
+  std::vector<pid_t> same;
+  for (pid_t child : targets__descendants(pid))
+    if (exe_of(child) == exe_of(pid) && exe_of(pid).second) same.push_back(child);
+  if (same.empty()) return;
+  fmt::print(stderr, "note: pid {} made no call, but {} of its child process(es) run the same program (pid {}{}): the "
+             "work is probably theirs (a master and its workers); watch them too with --children\n",
+             pid, same.size(), same.front(), same.size() > 1 ? ", ..." : "");
 }
 
 double unix_now() {
@@ -279,6 +300,7 @@ int run_watch(const WatchArgs& a) {
     sample.interval_s = std::chrono::duration<double>(clock::now() - start).count();
     sample.total = sample.interval = *counts;
     print_sample(sample, a.json);
+    hint_children(a.pid, *counts);
     break;
   }
   if (watch) watch->detach();
