@@ -227,3 +227,23 @@ TEST_CASE("a patch's uncovered places round-trip, capped and strictly parsed", "
   text.insert(text.find("patch "), "uncov inlined tax checkout_a a.c 12\n");
   CHECK_FALSE(registry__decode(framed(text)));
 }
+
+TEST_CASE("the fix's sha256 and the owner pid round-trip; records without them still decode", "[registry][targets]") {
+  Registry r = sample();
+  r.owner = 4242;
+  r.patches[0].sha256 = std::string(64, 'a');
+  auto back = registry__decode(registry__encode(r));
+  REQUIRE(back);
+  CHECK(back->owner == 4242);
+  CHECK(back->patches[0].sha256 == std::string(64, 'a'));
+
+  auto older = registry__decode(registry__encode(sample()));  // 13-word patch lines, no owner line
+  REQUIRE(older);
+  CHECK(older->owner == 0);
+  CHECK(older->patches[0].sha256.empty());
+
+  r.patches[0].sha256 = "not-a-digest";
+  auto bad = registry__decode(registry__encode(r));
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().what.find("sha256") != std::string::npos);
+}

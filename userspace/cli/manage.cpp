@@ -7,6 +7,7 @@
 
 #include "cli/cli.hpp"
 #include "cli/progress.hpp"
+#include "cli/targets.hpp"
 #include "common/audit.hpp"
 #include "common/json.hpp"
 #include "patch/engine.hpp"
@@ -68,10 +69,11 @@ std::string patches_json(const Registry& r) {
   std::string out;
   for (auto& p : r.patches)
     out += fmt::format("{}{{\"id\":{},\"lib\":{},\"state\":\"{}\",\"released\":{},\"applied_ns\":{},\"reverted_ns\":{},"
-                       "\"consistency\":\"{}\",\"functions\":{},\"uncovered\":{},\"uncovered_more\":{}}}",
+                       "\"consistency\":\"{}\",\"functions\":{},\"uncovered\":{},\"uncovered_more\":{},\"sha256\":{}}}",
                        out.empty() ? "" : ",", p.id, json__quote(p.library), patch_state__name(p.state), p.released,
                        p.applied_ns, p.reverted_ns, p.consistency, patch_functions_json(p.functions),
-                       uncovered_json(p.uncovered), p.uncovered_more);
+                       uncovered_json(p.uncovered), p.uncovered_more,
+                       p.sha256.empty() ? std::string("null") : json__quote(p.sha256));
   return "[" + out + "]";
 }
 
@@ -87,11 +89,13 @@ std::string registry_json(pid_t pid, const Registry& r) {
 }  // namespace
 
 int verb_list(const Args& args) {
+  if (auto code = run_for_targets("list", args)) return *code;  // several processes, or every patched one
   po::options_description desc("list options");
   pid_t pid = 0;
   desc.add_options()("pid,p", po::value<pid_t>(&pid)->required(), "target process")(
       "all", "also the reverted and released patches the registry keeps, and how many it summarised")(
       "json", "print JSON (every kept record, with its state)");
+  add_target_options(desc);
   po::variables_map vm;
   if (auto code = parse("list", args, desc, nullptr, vm, "--pid PID [--all] [--json]")) return *code;
   if (!recover_first(pid, true)) return 1;
@@ -110,6 +114,7 @@ int verb_list(const Args& args) {
 
 int verb_revert(const Args& args) {
   if (std::find(args.begin(), args.end(), "--persist") != args.end()) return revert_persisted(args);
+  if (auto code = run_for_targets("revert", args)) return *code;
   po::options_description desc("revert options");
   RevertOptions opts;
   std::string consistency = "strict";
@@ -120,6 +125,7 @@ int verb_revert(const Args& args) {
       "consistency", po::value<std::string>(&consistency), "strict (default) or entry, as for patch")(
       "timeout", po::value<double>(&timeout_s), "seconds to wait for quiescence (default 10)")(
       "json", "print JSON");
+  add_target_options(desc);
   po::variables_map vm;
   const char* synopsis = "--pid PID (--id N | --all) [--consistency strict|entry] [--timeout SEC] [--json]";
   if (auto code = parse("revert", args, desc, nullptr, vm, synopsis)) return *code;

@@ -2,6 +2,7 @@
 #include <fmt/core.h>
 
 #include "cli/cli.hpp"
+#include "cli/targets.hpp"
 #include "process/maps.hpp"
 #include "cli/progress.hpp"
 #include "common/audit.hpp"
@@ -72,6 +73,7 @@ Result<Consistency> parse_consistency(const std::string& s) {
 std::string patch_functions_json(const std::vector<FunctionRecord>& functions) { return functions_json(functions); }
 
 int verb_patch(const Args& args) {
+  if (auto code = run_for_targets("patch", args)) return *code;  // --exe, --unit, several pids
   po::options_description desc("patch options");
   PatchOptions opts;
   std::string consistency = "strict";
@@ -91,6 +93,7 @@ int verb_patch(const Args& args) {
       "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
       "persist", "also record the set in the state directory (/var/lib/hotfix) for `hotfix-ctl agent` to apply to every new process of this executable")(
       "dry-run", "check everything apply checks (binding fix.so's symbols included), print the plan and stop")("json", "print the result as JSON");
+  add_target_options(desc);
   po::variables_map vm;
   if (auto code = parse("patch", args, desc, "pattern", vm, kSynopsis)) return *code;
   auto mode = parse_consistency(consistency);

@@ -15,6 +15,7 @@
 #include <map>
 
 #include "cli/cli.hpp"
+#include "cli/targets.hpp"
 #include "cli/stop.hpp"
 #include "common/json.hpp"
 #include "common/unique_fd.hpp"
@@ -55,6 +56,7 @@ std::optional<int> parse_stats(const Args& args, StatsArgs& out) {
       "duration,d", po::value<double>(&out.duration), "stop after SEC seconds; with --callers: the sampling window (default 1)")(
       "callers", "sample who calls each replacement (a uprobe on its entry, only for the window) and print the top stacks")(
       "json", "one JSON object per report")("prometheus", "Prometheus text format (node_exporter textfile collector)");
+  add_target_options(desc);
   po::variables_map vm;
   if (auto code = parse("stats", args, desc, nullptr, vm, kSynopsis)) return code;
   auto usage = [](std::string what) {
@@ -445,6 +447,7 @@ int run_interval(const StatsArgs& a, const std::vector<const PatchRecord*>& patc
 }  // namespace
 
 int verb_stats(const Args& args) {
+  if (auto code = run_for_targets("stats", args)) return *code;
   StatsArgs a;
   if (auto code = parse_stats(args, a)) return *code;
   if (auto alive = process__check_alive(a.pid); !alive)

@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 
 #include "cli/cli.hpp"
 #include "cli/stop.hpp"
+#include "cli/targets.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/budget.hpp"
 #include "observe/report.hpp"
@@ -21,6 +23,7 @@
 #include "patch/watchstubs.hpp"
 #include "process/maps.hpp"
 #include "process/pidns.hpp"
+#include "process/targets.hpp"
 #include "symbols/pattern.hpp"
 
 namespace hotfix::cli {
@@ -79,10 +82,15 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
       ("top", po::value<long>()->default_value(20), "table rows: with more functions than this, the busiest N (never-called ones hidden, and counted); 0 = all")
       ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
+<<<<<<< HEAD
       ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws")
       ("max-overhead", po::value<double>()->default_value(kDefaultMaxOverheadPct),
        "budget: % of one CPU the probes may cost the target (estimated: calls/s x measured cost of a hit); "
        "above it the hottest functions lose their return probe, then their probes, and one line says so");
+=======
+      ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
+  add_target_options(desc);
+>>>>>>> reach-multi
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kCost);
@@ -111,6 +119,25 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
   if (!(out.max_overhead > 0) || !std::isfinite(out.max_overhead))
     return usage(fmt::format("bad --max-overhead {}: give a share of one CPU in percent, > 0", out.max_overhead));
   return std::nullopt;
+}
+
+// A pre-fork server's master (nginx, a pre-fork Apache) calls nothing: its children, running
+// the same program, do the work. Say so when a watch saw no call at all.
+void hint_children(pid_t pid, const std::vector<CallCounts>& totals) {
+  for (auto& c : totals)
+    if (c.calls) return;
+  auto exe_of = [](pid_t p) {
+    struct stat st {};
+    if (::stat(fmt::format("/proc/{}/exe", p).c_str(), &st) != 0) return std::pair<dev_t, ino_t>{0, 0};
+    return std::pair<dev_t, ino_t>{st.st_dev, st.st_ino};
+  };
+  std::vector<pid_t> same;
+  for (pid_t child : targets__descendants(pid))
+    if (exe_of(child) == exe_of(pid) && exe_of(pid).second) same.push_back(child);
+  if (same.empty()) return;
+  fmt::print(stderr, "note: pid {} made no call, but {} of its child process(es) run the same program (pid {}{}): the "
+             "work is probably theirs (a master and its workers); watch them too with --children\n",
+             pid, same.size(), same.front(), same.size() > 1 ? ", ..." : "");
 }
 
 double unix_now() {
@@ -321,6 +348,7 @@ int run_watch(const WatchArgs& a) {
     sample.interval_s = std::chrono::duration<double>(clock::now() - start).count();
     sample.total = sample.interval = *counts;
     print_sample(sample, a.json);
+    hint_children(a.pid, *counts);
     break;
   }
   if (watch) watch->detach();
@@ -331,6 +359,7 @@ int run_watch(const WatchArgs& a) {
 }  // namespace
 
 int verb_watch(const Args& args) {
+  if (auto code = run_for_targets("watch", args)) return *code;
   WatchArgs a;
   if (auto code = parse_watch(args, a)) return *code;
   return run_watch(a);

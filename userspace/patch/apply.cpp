@@ -489,6 +489,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   record.handle = injection.handle;
   record.load_base = load_base;
   record.consistency = consistency__name(p.options.consistency);
+  record.sha256 = sha256;
   if (counters) record.counters = counters->address, record.counters_len = counters->length;
   record.uncovered = p.uncovered;  // the registry keeps kMaxRecordedUncovered of them, and counts the rest
   for (auto& s : p.switches) {

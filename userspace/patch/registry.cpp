@@ -127,13 +127,15 @@ bool parse_number(const std::string& s, T& out, int base, uint64_t max = std::nu
 
 std::string encode_text(const Registry& r) {
   std::string t = fmt::format("hotfix-registry 1\nnext_id {}\n", r.next_id);
+  if (r.owner) t += fmt::format("owner {}\n", r.owner);
   if (r.pruned.count)  // released patches folded into one line (registry__compact)
     t += fmt::format("pruned {} {} {} {}\n", r.pruned.count, r.pruned.first_id, r.pruned.last_id,
                      r.pruned.last_reverted_ns);
   for (auto& p : r.patches) {
-    t += fmt::format("patch {} {} {} {} {} {} {:#x} {:#x} {} {} {:#x} {:#x}\n", p.id, patch_state__name(p.state),
+    t += fmt::format("patch {} {} {} {} {} {} {:#x} {:#x} {} {} {:#x} {:#x}{}\n", p.id, patch_state__name(p.state),
                      p.applied_ns, p.reverted_ns, escape(p.library), escape(p.loaded_copy), p.handle, p.load_base,
-                     p.released ? 1 : 0, escape(p.consistency), p.counters, p.counters_len);
+                     p.released ? 1 : 0, escape(p.consistency), p.counters, p.counters_len,
+                     p.sha256.empty() ? "" : " " + p.sha256);  // a 14th word: older records have 13
     for (auto& f : p.functions)
       t += fmt::format("func {:#x} {:#x} {:#x} {} {} {}{}{}\n", f.old_address, f.new_address, f.island, hex(f.original),
                        hex(f.written), escape(f.mangled),
@@ -228,6 +230,8 @@ Result<Registry> decode_text(const std::string& text) {
     if (kind == "next_id") {
       if (w.size() != 2 || !parse_number(w[1], r.next_id, 10, kMaxId) || r.next_id == 0) return bad(line, "next_id");
       seen_next_id = true;
+    } else if (kind == "owner") {
+      if (w.size() != 2 || !parse_number(w[1], r.owner, 10, 1u << 22) || r.owner <= 0) return bad(line, "owner");
     } else if (kind == "pruned") {
       auto& pr = r.pruned;
       if (w.size() != 5 || !parse_number(w[1], pr.count, 10, kMaxId) || !parse_number(w[2], pr.first_id, 10, kMaxId) ||
@@ -236,7 +240,7 @@ Result<Registry> decode_text(const std::string& text) {
           !r.patches.empty())
         return bad(line, "pruned summary");
     } else if (kind == "patch") {
-      if (w.size() != 13) return bad(line, "patch record");
+      if (w.size() != 13 && w.size() != 14) return bad(line, "patch record");
       PatchRecord p;
       int released = 0;
       if (!parse_number(w[1], p.id, 10, kMaxId) || p.id == 0) return bad(line, "patch id");
@@ -253,6 +257,11 @@ Result<Registry> decode_text(const std::string& text) {
       if (!parse_number(w[11], p.counters, 16) || !parse_number(w[12], p.counters_len, 16)) return bad(line, "counters");
       if (r.find(p.id)) return bad(line, "patch id (a duplicate)");
       if (!r.patches.empty() && p.id < r.patches.back().id) return bad(line, "patch id (out of order)");
+      if (w.size() == 14 && (w[13].size() != 64 || !std::all_of(w[13].begin(), w[13].end(), [](char c) {
+                               return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+                             })))
+        return bad(line, "sha256");
+      if (w.size() == 14) p.sha256 = w[13];
       p.released = released != 0;
       r.patches.push_back(std::move(p));
     } else if (kind == "func" && !r.patches.empty()) {
@@ -441,6 +450,7 @@ Result<Registry> registry__read(pid_t pid) {
 Result<void> registry__write(const ProcessMemory& mem, uint64_t address, const Registry& r) {
   Registry compacted = r;
   registry__compact(compacted);
+  compacted.owner = mem.pid();  // whoever writes a registry writes it for the process it is mapped in
   auto bytes = registry__encode(compacted);
   if (bytes.size() > kRegistrySize) {
     size_t held = std::count_if(compacted.patches.begin(), compacted.patches.end(), [](auto& p) { return !p.released; });

@@ -78,6 +78,9 @@ struct PatchRecord {
   std::vector<FunctionRecord> functions;
   std::vector<UncoveredPlace> uncovered;  // at most kMaxRecordedUncovered
   uint64_t uncovered_more = 0;            // places beyond those, not recorded one by one
+  // sha256 of fix.so as the user gave it (what `sha256sum fix.so` prints), "" in records
+  // written before it was kept: a fleet tool sees that the same fix is applied already.
+  std::string sha256;
 };
 
 // Released patches beyond the newest kKeptReleased, folded into one line (registry__compact):
@@ -119,6 +122,11 @@ struct Registry {
   std::vector<PatchRecord> patches;  // in id order
   PrunedSummary pruned;
   std::vector<WatchRecord> watches;  // counting trampolines of live (or killed) watches
+  // The process whose registry this is (registry__write records it). A forked child shares
+  // its parent's mapping (MAP_SHARED): an owner other than the reader means the record was
+  // inherited and must be adopted (patch/adopt.hpp) before the child's own use. 0: written by
+  // a hotfix-ctl before owners were recorded (taken as the reader's own).
+  pid_t owner = 0;
 
   PatchRecord* find(uint32_t id);
   // The watch trampoline whose jump sits at `address`, if any.
