@@ -82,15 +82,11 @@ std::optional<int> parse_watch(const Args& args, WatchArgs& out) {
       ("json", "one JSON object per line per interval, and a final one with \"final\":true")
       ("top", po::value<long>()->default_value(20), "table rows: with more functions than this, the busiest N (never-called ones hidden, and counted); 0 = all")
       ("inflight", "return probes even on C++ code (in-flight and latency; unsafe if an exception crosses them)")
-<<<<<<< HEAD
       ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws")
       ("max-overhead", po::value<double>()->default_value(kDefaultMaxOverheadPct),
        "budget: % of one CPU the probes may cost the target (estimated: calls/s x measured cost of a hit); "
        "above it the hottest functions lose their return probe, then their probes, and one line says so");
-=======
-      ("no-inflight", "entry probes only: cheaper, no in-flight or latency, safe for code that throws");
   add_target_options(desc);
->>>>>>> reach-multi
   po::variables_map vm;
   if (auto code = parse("watch", args, desc, "pattern", vm, kSynopsis)) {
     if (*code == 0) fmt::print("{}", kCost);
