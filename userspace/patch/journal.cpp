@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -266,6 +268,35 @@ std::vector<JournalRecord> Journal::read() const {
 void Journal::remove() {
   ::unlink(path_.c_str());
   ::rmdir(dir_.c_str());
+}
+
+std::vector<uint64_t> journal__parse_addresses(const std::string& list) {
+  std::vector<uint64_t> out;
+  for (size_t i = 0; i < list.size();) {
+    size_t comma = std::min(list.find(',', i), list.size());
+    JournalRecord r;
+    r.set("v", list.substr(i, comma - i));
+    if (uint64_t v = r.number("v")) out.push_back(v);
+    i = comma + 1;
+  }
+  return out;
+}
+
+std::optional<std::vector<uint8_t>> journal__parse_bytes(const std::string& s) {
+  std::vector<uint8_t> out;
+  for (size_t i = 0; i < s.size();) {
+    if (s[i] == ' ') {
+      ++i;
+      continue;
+    }
+    if (i + 1 >= s.size() || !std::isxdigit(static_cast<unsigned char>(s[i])) ||
+        !std::isxdigit(static_cast<unsigned char>(s[i + 1])))
+      return std::nullopt;
+    out.push_back(static_cast<uint8_t>(std::stoul(s.substr(i, 2), nullptr, 16)));
+    i += 2;
+  }
+  if (out.empty() || out.size() > 64) return std::nullopt;
+  return out;
 }
 
 }  // namespace hotfix

@@ -83,4 +83,10 @@ class Journal {
   uint64_t next_seq_ = 1;
 };
 
+// Values recorded in journal fields: a comma list of hex addresses ("0x7f..,0x7f..", as the
+// "known" pages are written; zeros and bad words are skipped), and hex_bytes' "e9 12 34 56 78"
+// (nullopt unless 1-64 whole bytes).
+std::vector<uint64_t> journal__parse_addresses(const std::string& list);
+std::optional<std::vector<uint8_t>> journal__parse_bytes(const std::string& s);
+
 }  // namespace hotfix

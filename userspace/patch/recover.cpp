@@ -47,34 +47,8 @@ std::string starts_of(pid_t pid, bool (*pick)(const Mapping&)) {
 }
 
 std::set<uint64_t> parse_starts(const std::string& list) {
-  std::set<uint64_t> out;
-  size_t i = 0;
-  while (i < list.size()) {
-    size_t comma = list.find(',', i);
-    if (comma == std::string::npos) comma = list.size();
-    JournalRecord r;
-    r.set("v", list.substr(i, comma - i));
-    if (uint64_t v = r.number("v")) out.insert(v);
-    i = comma + 1;
-  }
-  return out;
-}
-
-std::optional<std::vector<uint8_t>> parse_hex(const std::string& s) {
-  std::vector<uint8_t> out;
-  for (size_t i = 0; i < s.size();) {
-    if (s[i] == ' ') {
-      ++i;
-      continue;
-    }
-    if (i + 1 >= s.size() || !std::isxdigit(static_cast<unsigned char>(s[i])) ||
-        !std::isxdigit(static_cast<unsigned char>(s[i + 1])))
-      return std::nullopt;
-    out.push_back(static_cast<uint8_t>(std::stoul(s.substr(i, 2), nullptr, 16)));
-    i += 2;
-  }
-  if (out.empty() || out.size() > 64) return std::nullopt;
-  return out;
+  auto starts = journal__parse_addresses(list);
+  return {starts.begin(), starts.end()};
 }
 
 // One attempt of one operation on one patch id: its records since its last "begin".
@@ -134,7 +108,7 @@ struct Site {
 std::vector<Site> sites_of(const Op& o, const char* step, bool undo) {
   std::vector<Site> out;
   for (auto* r : o.all(step)) {
-    auto expected = parse_hex(r->get("expected")), bytes = parse_hex(r->get("bytes"));
+    auto expected = journal__parse_bytes(r->get("expected")), bytes = journal__parse_bytes(r->get("bytes"));
     if (!expected || !bytes || expected->size() != bytes->size() || !r->number("address")) continue;
     if (undo) out.push_back({r->number("address"), *bytes, *expected});
     else out.push_back({r->number("address"), *expected, *bytes});

@@ -41,37 +41,6 @@ uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 JournalRecord jr(uint32_t id, const char* step) { return journal__record("watch", id, step); }
 
-// "0x1,0x2" (recover__anonymous_pages) back to addresses.
-std::vector<uint64_t> parse_address_list(const std::string& list) {
-  std::vector<uint64_t> out;
-  for (size_t i = 0; i < list.size();) {
-    size_t comma = std::min(list.find(',', i), list.size());
-    JournalRecord r;
-    r.set("v", list.substr(i, comma - i));
-    if (uint64_t v = r.number("v")) out.push_back(v);
-    i = comma + 1;
-  }
-  return out;
-}
-
-// hex_bytes' "e9 12 34 56 78" back to bytes.
-std::optional<std::vector<uint8_t>> parse_hex_bytes(const std::string& s) {
-  std::vector<uint8_t> out;
-  for (size_t i = 0; i < s.size();) {
-    if (s[i] == ' ') {
-      ++i;
-      continue;
-    }
-    if (i + 1 >= s.size() || !std::isxdigit(static_cast<unsigned char>(s[i])) ||
-        !std::isxdigit(static_cast<unsigned char>(s[i + 1])))
-      return std::nullopt;
-    out.push_back(static_cast<uint8_t>(std::stoul(s.substr(i, 2), nullptr, 16)));
-    i += 2;
-  }
-  if (out.empty() || out.size() > 64) return std::nullopt;
-  return out;
-}
-
 // The file's bytes at `fn`'s entry, read where the target sees the file (its mount namespace).
 std::optional<std::vector<uint8_t>> file_bytes(pid_t pid, const Function& fn, size_t n) {
   UniqueFd fd(::open(fmt::format("/proc/{}/root{}", pid, fn.object).c_str(), O_RDONLY | O_CLOEXEC));
@@ -517,12 +486,12 @@ Result<std::string> watchstubs__recover(Tracee& t, Journal& j, uint32_t id, cons
   std::string known_bpf;
   for (auto& r : records) {
     if (r.step == "switching") {
-      auto expected = parse_hex_bytes(r.get("expected")), bytes = parse_hex_bytes(r.get("bytes"));
+      auto expected = journal__parse_bytes(r.get("expected")), bytes = journal__parse_bytes(r.get("bytes"));
       if (expected && bytes && expected->size() == bytes->size() && !expected->empty())
         d.sites.push_back({fmt::format("the function at {:#x}", r.number("address")), r.number("address"), 0, *expected, *bytes});
     } else if (r.step == "stub-mapping") {
       unrecorded_page = true;
-      for (auto a : parse_address_list(r.get("known"))) known_anon.insert(a);
+      for (auto a : journal__parse_addresses(r.get("known"))) known_anon.insert(a);
     } else if (r.step == "stub") {
       unrecorded_page = false;
       d.pages.push_back({r.number("address"), r.number("length")});
@@ -536,7 +505,7 @@ Result<std::string> watchstubs__recover(Tracee& t, Journal& j, uint32_t id, cons
   }
   // Killed right after a mmap, before its record: the one new mapping of that kind, still empty.
   if (auto maps = process__read_maps(t.pid()); maps && (unrecorded_page || unrecorded_counters)) {
-    auto bpf_known = parse_address_list(known_bpf);
+    auto bpf_known = journal__parse_addresses(known_bpf);
     for (auto& m : *maps) {
       bool anon_x = m.path.empty() && m.perms == "r-xp" && m.end - m.start == kPage;
       if (unrecorded_page && anon_x && !known_anon.count(m.start) &&
