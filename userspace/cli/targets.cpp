@@ -269,6 +269,11 @@ std::optional<int> run_for_targets(const std::string& verb, const Args& args) {
   bool single = s.pid_words.size() == 1 && s.pid_words[0].find(',') == std::string::npos && s.spec.exes.empty() &&
                 s.spec.units.empty() && !s.spec.children;
   bool host_wide = verb == "list" && s.pid_words.empty() && s.spec.empty();
+  // Host-wide list takes only list's own flags; anything else is the verb parser's to refuse
+  // (a usage error, exit 2), before any process is looked at.
+  if (host_wide)
+    for (auto& w : s.rest)
+      if (w != "--json" && w != "--all") return std::nullopt;
   if (single || (!host_wide && s.pid_words.empty() && s.spec.empty())) return std::nullopt;
   auto pids = parse_pids(s.pid_words);
   if (!pids) return report(pids.error());

@@ -22,6 +22,7 @@
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "patch/switch.hpp"
+#include "process/fdpass.hpp"
 #include "process/maps.hpp"
 #include "process/memory.hpp"
 #include "process/ptrace.hpp"
@@ -77,8 +78,11 @@ Result<UniqueFd> create_counter_map(uint32_t n) {
 }
 
 // The target's fd of our map: pinned for a moment where only the target's user can open it.
+// A target without bpffs (a container) is handed our fd over a socketpair instead, as the
+// patch counters are (process/fdpass.hpp).
 Result<int> target_open_map(Tracee& t, pid_t tid, int map_fd) {
   HOTFIX_CHECK(bpffs__ensure_mounted());
+  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, map_fd);
   std::string path = fmt::format("{}/hotfix-watch-{}-{}", kBpffsMount, t.pid(), ::getpid());
   ::unlink(path.c_str());
   if (bpf_obj_pin(map_fd, path.c_str()) != 0)
