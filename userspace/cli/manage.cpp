@@ -43,8 +43,9 @@ void print_patch(const PatchRecord& p) {
   fmt::print("patch {}  {}  applied {}  {}  ({} consistency)\n", p.id, state_of(p), when(p.applied_ns),
              one_line(p.library), p.consistency);
   for (auto& f : p.functions)
-    fmt::print("    {}  {:#x} -> {:#x}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
-               f.island ? fmt::format(" (via island {:#x})", f.island) : "");
+    fmt::print("    {}  {:#x} -> {:#x}{}{}\n", symbol__demangle(f.mangled), f.old_address, f.new_address,
+               f.island ? fmt::format(" (via island {:#x})", f.island) : "",
+               f.trampoline ? fmt::format(" (counted by trampoline {:#x})", f.trampoline) : "");
   fmt::print("{}", uncovered_lines(p.uncovered, p.uncovered_more, "    "));
 }
 
