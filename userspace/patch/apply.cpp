@@ -284,8 +284,16 @@ Result<bool> write_replacement_trampoline(Tracee& t, pid_t tid, Undo& undo, Jour
   uint64_t size = std::max<uint64_t>(s.entry.replacement_size, 1);
   auto body = HOTFIX_TRY(t.memory().read(s.new_address, size));
   // Refusals do not depend on where the trampoline goes (see arch.hpp): ask before mapping.
-  if (auto dry = arch::encode_counting_trampoline(body, s.new_address, s.new_address, counter); !dry) {
+  auto dry = arch::encode_counting_trampoline(body, s.new_address, s.new_address, counter);
+  if (!dry) {
     s.uncounted = dry.error().what;
+    return false;
+  }
+  // Probes on the replacement (watch, stats --callers) go right after the moved instructions:
+  // every call must pass there, with a known stack. A branch among them would skip it.
+  if (!arch::stack_depth_after(body, s.new_address, dry->covered)) {
+    s.uncounted = fmt::format("its first instructions ({}) branch or move the stack, so a probe after them would miss calls",
+                              dry->disasm);
     return false;
   }
   uint64_t at = HOTFIX_TRY(island_for(t, tid, undo, journal, id, islands, s.new_address, arch::counting_trampoline_max_size()));
