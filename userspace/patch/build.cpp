@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/spawn.hpp"
 #include "patch/fixlib.hpp"
 #include "patch/stamp.hpp"
 #include "process/maps.hpp"
@@ -156,29 +157,9 @@ std::string find_program(const std::string& name) {
   return "";
 }
 
-// Run argv, return its stdout (empty on any failure).
+// Run argv, return its stdout without trailing blanks (empty on any failure).
 std::string capture(const std::vector<std::string>& argv) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) return "";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-  std::vector<char*> args;
-  for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = 0;
-  int rc = posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  ::close(fds[1]);
-  std::string out;
-  if (rc == 0) {
-    char buf[256];
-    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-  }
-  ::close(fds[0]);
+  std::string out = spawn__capture(argv).out;
   while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
   return out;
 }

@@ -5,44 +5,22 @@
 #include <fmt/core.h>
 #include <gelf.h>
 #include <libelf.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 
+#include "common/spawn.hpp"
 #include "common/unique_fd.hpp"
-
-extern char** environ;
 
 namespace hotfix {
 
 namespace {
 
-// dpkg-query's stdout ("" on any failure); its stderr is dropped.
+// dpkg-query's stdout ("" on any failure).
 std::string dpkg_query_owner(const std::string& path) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) return "";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-  const char* argv[] = {"dpkg-query", "-S", path.c_str(), nullptr};
-  pid_t pid = 0;
-  int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, const_cast<char* const*>(argv), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  ::close(fds[1]);
-  std::string out;
-  if (rc == 0) {
-    char buf[512];
-    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) out.clear();
-  }
-  ::close(fds[0]);
-  return out;
+  auto c = spawn__capture({"dpkg-query", "-S", path});
+  return c.exited_zero ? c.out : "";
 }
 
 bool has_symtab(const std::string& path) {
