@@ -16,11 +16,6 @@ using namespace std::chrono;
 
 namespace {
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(60));
-}
-
 std::vector<std::string> patch_args(pid_t pid, const std::string& fn, std::vector<std::string> extra = {}) {
   std::vector<std::string> a = {"patch", "--pid", std::to_string(pid), "--lib", fixture("abics_fix.so"), fn};
   a.insert(a.end(), extra.begin(), extra.end());

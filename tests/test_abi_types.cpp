@@ -50,11 +50,6 @@ std::string build_fix(const ScratchDir& dir, const std::string& name, const std:
   return out;
 }
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 // A fixture target, its functions' entries, and what a refusal must leave exactly as it was.
 struct Target {
   Child child;

@@ -41,11 +41,6 @@ struct StateDir {
   }
 };
 
-RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(60)) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), timeout);
-}
-
 std::string target() { return fixture("agent_target"); }
 std::string fix() { return fixture("agent_fix.so"); }
 

@@ -82,11 +82,6 @@ void expect_untouched(Target& t, const Snapshot& before) {
   CHECK(t.answer("price 2") == 7);
 }
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args));
-}
-
 // --no-abi-check: the fixes are compiled the plain way, and GCC may vectorise a replacement
 // (checkout_a) or use another register (scale) where the original did not; their callers
 // cannot rely on that (noipa, or through pointers), and the -fipa-ra check is tested elsewhere.

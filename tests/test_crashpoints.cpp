@@ -78,12 +78,6 @@ std::vector<std::string> crash_names(const std::string& err) {
   return names;
 }
 
-RunResult ctl_run(std::vector<std::string> args, const std::string& env = "") {
-  args.insert(args.begin(), ctl());
-  if (!env.empty()) args.insert(args.begin(), {"/usr/bin/env", env});
-  return run(std::move(args), seconds(60));
-}
-
 // The ids of the old-code probe links pinned for `pid` now (bpftool shows no pid for a
 // uprobe_multi link, so we follow the ones we pinned until they are gone).
 std::set<std::string> pinned_link_ids(pid_t pid) {

@@ -42,11 +42,6 @@ std::string status_of(pid_t pid, const std::string& key) {
 
 long tracer_of(pid_t pid) { return std::stol("0" + status_of(pid, "TracerPid")); }
 
-RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(60)) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), timeout);
-}
-
 // One line on stderr, "hotfix-ctl: ..." naming the problem, and the exit code.
 void expect_refused(const RunResult& r, int code, const std::string& needle) {
   INFO("exit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);

@@ -79,11 +79,6 @@ struct Contained {
   std::string ask(const std::string& cmd) { return child.request(cmd); }
 };
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args));
-}
-
 uint64_t entry_of(pid_t pid, const std::string& name) {
   auto table = SymbolTable::for_pid(pid);
   REQUIRE(table);

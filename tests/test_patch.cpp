@@ -33,11 +33,6 @@ bool maps_contain(pid_t pid, const std::string& needle) {
   return read_file("/proc/" + std::to_string(pid) + "/maps").find(needle) != std::string::npos;
 }
 
-RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), timeout);
-}
-
 int json_int(const std::string& json, const std::string& key) {
   std::smatch m;
   if (!std::regex_search(json, m, std::regex("\"" + key + "\":([0-9]+)"))) return -1;

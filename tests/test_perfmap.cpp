@@ -38,11 +38,6 @@ struct Target {
   std::string map_path() const { return hotfix::perfmap__path(pid()); }
 };
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 std::vector<hotfix::PerfMapEntry> ours(pid_t pid) {
   std::vector<hotfix::PerfMapEntry> out;
   for (auto& e : hotfix::perfmap__read(pid))

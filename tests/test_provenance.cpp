@@ -43,11 +43,6 @@ struct Scratch {
   }
 };
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 // The running fixture, with what a refusal must leave as it was.
 struct Target {
   Child child;

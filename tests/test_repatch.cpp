@@ -85,11 +85,6 @@ struct Patchee {
   }
 };
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 int json_int(const std::string& json, const std::string& key) {
   std::smatch m;
   if (!std::regex_search(json, m, std::regex("\"" + key + "\":([0-9]+)"))) return -1;

@@ -20,12 +20,6 @@ using namespace std::chrono;
 
 namespace {
 
-RunResult ctl_run(std::vector<std::string> args, const std::string& env = "") {
-  args.insert(args.begin(), ctl());
-  if (!env.empty()) args.insert(args.begin(), {"/usr/bin/env", env});
-  return run(std::move(args), seconds(120));
-}
-
 struct Target {
   Child child{{fixture("repl_target")}};
   pid_t pid = child.pid();

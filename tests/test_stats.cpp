@@ -48,11 +48,6 @@ struct Target {
   std::string ask(const std::string& cmd) { return child.request(cmd); }
 };
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args));
-}
-
 Function function_of(pid_t pid, const std::string& name) {
   auto table = SymbolTable::for_pid(pid);
   REQUIRE(table);

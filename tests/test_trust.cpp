@@ -70,11 +70,6 @@ void build_evil(const std::string& out, const std::string& marker) {
             {"-DMARKER=\"" + marker + "\""});
 }
 
-RunResult ctl_run(std::vector<std::string> args, milliseconds timeout = seconds(120)) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), timeout);
-}
-
 struct Target {
   Child child;
   explicit Target(std::vector<std::string> argv = {fixture("trust_target")}) : child(std::move(argv)) {

@@ -104,26 +104,7 @@ struct WatchCtl {
   }
 };
 
-// Links of our own watch programs that exist now.
-std::set<uint32_t> watch_links() {
-  std::set<uint32_t> ours;
-  for (uint32_t id : bpf__link_ids()) {
-    int fd = bpf_link_get_fd_by_id(id);
-    if (fd < 0) continue;
-    bpf_link_info link{};
-    uint32_t len = sizeof link;
-    if (bpf_obj_get_info_by_fd(fd, &link, &len) == 0) {
-      int prog = bpf_prog_get_fd_by_id(link.prog_id);
-      bpf_prog_info info{};
-      uint32_t plen = sizeof info;
-      if (prog >= 0 && bpf_obj_get_info_by_fd(prog, &info, &plen) == 0 && std::string(info.name).rfind("watch_", 0) == 0)
-        ours.insert(id);
-      if (prog >= 0) ::close(prog);
-    }
-    ::close(fd);
-  }
-  return ours;
-}
+std::set<uint32_t> watch_links() { return bpf_links_of("watch_"); }
 
 }  // namespace
 

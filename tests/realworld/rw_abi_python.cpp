@@ -10,15 +10,6 @@ using namespace hotfix::test;
 using namespace hotfix::test::realworld;
 using namespace std::chrono;
 
-namespace {
-
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
-}  // namespace
-
 TEST_CASE("python3: the ABI check judges a fix of the interpreter's _Py_HashPointer and says so") {
   require_root();
   require_program("/usr/bin/python3", "python3");

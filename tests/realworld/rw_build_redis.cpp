@@ -24,11 +24,6 @@ void aeMain(struct aeEventLoop *eventLoop) {
 }
 )";
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 std::string build_id_of(const std::string& path) {
   auto table = hotfix::SymbolTable::for_file(path);
   REQUIRE(table);

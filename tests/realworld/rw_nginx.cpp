@@ -23,11 +23,6 @@ using namespace std::chrono;
 
 namespace {
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 struct Response {
   pid_t worker = 0;  // X-Worker: nginx's $pid
   bool etag = false;

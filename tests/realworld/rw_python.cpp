@@ -14,11 +14,6 @@ using namespace std::chrono;
 
 namespace {
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 // The next `n` lines all equal `expected` (after skipping ones printed before the change).
 void expect_ticks(Child& py, const std::string& expected, int n = 5) {
   auto first = py.wait_for(expected, seconds(20));

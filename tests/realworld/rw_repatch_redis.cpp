@@ -36,11 +36,6 @@ std::string ping(int port) {
   return r.out;
 }
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 }  // namespace
 
 TEST_CASE("redis-server: a fix with a file-static counter, applied, reverted and applied again", "[realworld][repatch]") {

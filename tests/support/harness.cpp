@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
+#include <bpf/bpf.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -14,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+
+#include "observe/watch.hpp"
 
 namespace hotfix::test {
 
@@ -179,6 +182,37 @@ RunResult run(std::vector<std::string> argv, milliseconds timeout) {
   r.out += c.drain_stdout();
   r.err += c.drain_stderr();
   return r;
+}
+
+RunResult ctl_run(std::vector<std::string> args, milliseconds timeout) {
+  args.insert(args.begin(), ctl());
+  return run(std::move(args), timeout);
+}
+
+RunResult ctl_run(std::vector<std::string> args, const std::string& env, milliseconds timeout) {
+  args.insert(args.begin(), ctl());
+  if (!env.empty()) args.insert(args.begin(), {"/usr/bin/env", env});
+  return run(std::move(args), timeout);
+}
+
+std::set<uint32_t> bpf_links_of(const std::string& prefix) {
+  std::set<uint32_t> ours;
+  for (uint32_t id : hotfix::bpf__link_ids()) {
+    int fd = bpf_link_get_fd_by_id(id);
+    if (fd < 0) continue;
+    bpf_link_info link{};
+    uint32_t len = sizeof link;
+    if (bpf_obj_get_info_by_fd(fd, &link, &len) == 0) {
+      int prog = bpf_prog_get_fd_by_id(link.prog_id);
+      bpf_prog_info info{};
+      uint32_t plen = sizeof info;
+      if (prog >= 0 && bpf_obj_get_info_by_fd(prog, &info, &plen) == 0 && std::string(info.name).rfind(prefix, 0) == 0)
+        ours.insert(id);
+      if (prog >= 0) ::close(prog);
+    }
+    ::close(fd);
+  }
+  return ours;
 }
 
 std::vector<unsigned char> read_memory(pid_t pid, unsigned long addr, size_t len) {

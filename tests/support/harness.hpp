@@ -60,6 +60,14 @@ struct RunResult {
 };
 // Run a command to completion (with a timeout) and capture everything.
 RunResult run(std::vector<std::string> argv, std::chrono::milliseconds timeout = std::chrono::seconds(120));
+// Run hotfix-ctl with `args` to completion; `env` ("NAME=value", e.g. a crash point) is set for it alone.
+RunResult ctl_run(std::vector<std::string> args, std::chrono::milliseconds timeout = std::chrono::seconds(120));
+RunResult ctl_run(std::vector<std::string> args, const std::string& env,
+                  std::chrono::milliseconds timeout = std::chrono::seconds(120));
+
+// The BPF links that exist now whose program's name starts with `prefix` ("watch_" for watch's
+// probes): other tests on the machine make links of their own, so a test compares these sets.
+std::set<uint32_t> bpf_links_of(const std::string& prefix);
 
 // Bytes of `pid`'s memory at `addr` (process_vm_readv).
 std::vector<unsigned char> read_memory(pid_t pid, unsigned long addr, size_t len);
