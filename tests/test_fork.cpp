@@ -293,3 +293,42 @@ TEST_CASE("hotfix-ctl killed at every step of an adoption: parent and child both
   revert(f.parent.pid());
   CHECK(f.parent.request("call 1") == "ok answer=3");
 }
+
+TEST_CASE("a fork inherits a watch's trampoline: its calls are not the parent's, and it goes when the watch ends", "[fork]") {
+  require_root();
+  Fixture f;
+  const auto file = file_bytes(f.parent.pid(), f.answer, 5);
+  Child watch({ctl(), "watch", "--pid", std::to_string(f.parent.pid()), "answer", "--duration", "6", "--interval", "1",
+               "--json"});
+  for (int i = 0; i < 500 && read_memory(f.parent.pid(), f.answer, 5) == file; ++i)
+    std::this_thread::sleep_for(milliseconds(10));
+  const auto jump = read_memory(f.parent.pid(), f.answer, 5);
+  REQUIRE(jump != file);  // the watch's trampoline is in
+  auto child = f.fork();
+  REQUIRE(read_memory(child->pid(), f.answer, 5) == jump);
+  auto listed = hctl({"list", "--pid", std::to_string(child->pid())});
+  INFO("list child: " << listed.out << listed.err);
+  REQUIRE(listed.exit_code == 0);
+  CHECK(listed.err.find("inherited watch") != std::string::npos);
+  REQUIRE(child->request("call 50") == "ok answer=3");  // counted in the child's own map, not the watch's
+  REQUIRE(f.parent.request("call 7") == "ok answer=3");
+  REQUIRE(watch.wait(seconds(30)) == std::optional<int>(0));
+  std::string out = watch.drain_stdout();
+  INFO("watch: " << out);
+  std::smatch m;
+  std::string last;
+  for (auto& l : lines_of(out))
+    if (l.find("\"final\":true") != std::string::npos) last = l;
+  REQUIRE(std::regex_search(last, m, std::regex("\"calls\":([0-9]+)")));
+  CHECK(std::stoull(m[1]) == 7);
+  CHECK(read_memory(f.parent.pid(), f.answer, 5) == file);  // the watch took its trampoline out of the parent
+  CHECK(read_memory(child->pid(), f.answer, 5) == jump);    // and never touched the child
+  // The child's next verb removes what the ended watch left there.
+  auto again = hctl({"list", "--pid", std::to_string(child->pid())});
+  INFO("list child again: " << again.out << again.err);
+  REQUIRE(again.exit_code == 0);
+  CHECK(again.err.find("removed what an ended watch") != std::string::npos);
+  CHECK(read_memory(child->pid(), f.answer, 5) == file);
+  CHECK(child->request("call 1") == "ok answer=3");
+  CHECK(registry_fds(child->pid()) == 0);
+}
