@@ -16,6 +16,7 @@
 #include <regex>
 #include <thread>
 
+#include "patch/adopt.hpp"
 #include "support/harness.hpp"
 
 using namespace hotfix::test;
@@ -331,4 +332,28 @@ TEST_CASE("a fork inherits a watch's trampoline: its calls are not the parent's,
   CHECK(read_memory(child->pid(), f.answer, 5) == file);
   CHECK(child->request("call 1") == "ok answer=3");
   CHECK(registry_fds(child->pid()) == 0);
+}
+
+TEST_CASE("adopt__mismatch: a record the child's text no longer agrees with is named", "[fork]") {
+  hotfix::Registry r;
+  hotfix::PatchRecord p;
+  p.id = 1;
+  hotfix::FunctionRecord fr;
+  fr.mangled = "answer";
+  fr.old_address = 0x1000;
+  fr.original = {0x55, 0x48, 0x89, 0xe5, 0x90};
+  fr.written = {0xe9, 1, 2, 3, 4};
+  p.functions.push_back(fr);
+  r.patches.push_back(p);
+  std::vector<uint8_t> live = fr.written;
+  auto read = [&](uint64_t, size_t) { return std::optional(live); };
+  CHECK(hotfix::adopt__mismatch(r, read).empty());  // active, jump there
+  live = fr.original;                                // patched in the parent after the fork
+  CHECK(hotfix::adopt__mismatch(r, read).find("patch 1 is active in the record but its jump is not at answer") == 0);
+  r.patches[0].state = hotfix::PatchState::reverted;  // reverted: the file's bytes agree
+  CHECK(hotfix::adopt__mismatch(r, read).empty());
+  live = fr.written;  // reverted in the parent after the fork: the child still has the jump
+  CHECK(hotfix::adopt__mismatch(r, read).find("patch 1 is reverted in the record but its jump is still at answer") == 0);
+  auto unreadable = [](uint64_t, size_t) { return std::optional<std::vector<uint8_t>>(); };
+  CHECK(hotfix::adopt__mismatch(r, unreadable).find("cannot be read") != std::string::npos);
 }
