@@ -84,6 +84,9 @@ std::string registry_json(pid_t pid, const Registry& r) {
   if (r.pruned.count)
     extra += fmt::format(",\"pruned\":{{\"count\":{},\"first_id\":{},\"last_id\":{},\"last_reverted_ns\":{}}}",
                          r.pruned.count, r.pruned.first_id, r.pruned.last_id, r.pruned.last_reverted_ns);
+  // owner: the process the record was written for; another pid's is a fork's inherited record
+  // not adopted yet (patch/adopt.hpp).
+  if (r.owner) extra += fmt::format(",\"owner\":{}", r.owner);
   return fmt::format("{{\"pid\":{}{},\"patches\":{}{}}}", pid, pidns__json_field(pid), patches_json(r), extra);
 }
 
@@ -105,6 +108,10 @@ int verb_list(const Args& args) {
   if (!registry->authentic)  // shown, never acted on (revert refuses)
     fmt::print(stderr, "hotfix-ctl: warning: the hotfix registry of pid {} is not root's: {}; what follows may be forged\n",
                pid, registry->authenticity);
+  if (registry->owner && registry->owner != pid)  // adoption skipped: another hotfix-ctl holds the pid
+    fmt::print(stderr, "hotfix-ctl: note: pid {} shows the record it inherited from pid {} (a fork), not adopted yet "
+                       "because another hotfix-ctl works on it; hint: run `hotfix-ctl list --pid {}` again\n",
+               pid, registry->owner, pid);
   for (auto& b : foreign_breakpoints(pid, *registry))
     fmt::print(stderr, "hotfix-ctl: warning: {}; hint: stop that tool only after restarting the service\n",
                one_line(foreign_breakpoint_text(pid, b)));

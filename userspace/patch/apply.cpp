@@ -22,6 +22,7 @@
 #include "patch/golang.hpp"
 #include "patch/provenance.hpp"
 #include "common/crashpoint.hpp"
+#include "patch/adopt.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "observe/liveness.hpp"
@@ -555,6 +556,9 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
 }  // namespace
 
 Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) {
+  // The registry written below must be this process's alone: not a fork's inherited one, and
+  // not shared with a fork not adopted yet (patch/adopt.hpp).
+  for (auto& line : HOTFIX_TRY(adopt__before_write(p.options.pid))) progress(line);
   auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
   bool explained = false;
   auto out = apply_held(tracee, p, progress, explained);

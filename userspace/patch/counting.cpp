@@ -72,12 +72,19 @@ Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters) 
 Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path) { return remote_obj_get(t, tid, path); }
 
 Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions) {
+  return counting__map_at(t, tid, id, nfunctions, 0);
+}
+
+Result<TargetCounters> counting__map_at(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions, uint64_t address) {
   TargetCounters tc;
   tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));
   auto mapped = [&]() -> Result<void> {
     int fd = HOTFIX_TRY(open_in_target(t, tid, tc.counters));
     tc.length = tc.counters.mmap_size();
-    auto at = remote__mmap(t, tid, 0, tc.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    // MAP_FIXED replaces what is at `address` in one step: a counting island's `lock inc`
+    // finds either the old page or the new one there, never a hole.
+    int flags = MAP_SHARED | (address ? MAP_FIXED : 0);
+    auto at = remote__mmap(t, tid, address, tc.length, PROT_READ | PROT_WRITE, flags, fd, 0);
     (void)remote__close(t, tid, fd);  // the mapping keeps the map alive
     tc.address = HOTFIX_TRY(std::move(at));
     return {};

@@ -25,6 +25,10 @@ struct TargetCounters {
 // bpf(BPF_OBJ_GET) of its pin and mmap(MAP_SHARED) on `tid`, which must be stopped.
 Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions);
 
+// The same, mapped at `address` with MAP_FIXED (0: anywhere), replacing what is there: a forked
+// child's inherited mapping of its parent's counters becomes its own (patch/adopt.hpp).
+Result<TargetCounters> counting__map_at(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions, uint64_t address);
+
 // The target opens the BPF object pinned at `path` itself (a remote bpf(BPF_OBJ_GET) on `tid`,
 // stopped): its fd in the target. Also used by watch's trampolines (patch/watchstubs.hpp).
 Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path);

@@ -1,6 +1,7 @@
 // Recovery of interrupted operations (see recover.hpp for the rule).
 #include "patch/recover.hpp"
 #include "patch/preserve.hpp"
+#include "patch/adopt.hpp"
 
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -96,6 +97,7 @@ bool finished(const Op& o) {
   if (o.op == "revert") return o.has("done") || o.has("aborted");
   if (o.op == "release") return o.has("released");
   if (o.op == "watch") return o.has("done");  // a live watch's op is unfinished too: see recover__run
+  if (o.op == "adopt") return true;           // adopt__run, before everything else, finishes those
   return true;  // an operation this build does not know: not ours to judge
 }
 
@@ -413,7 +415,10 @@ bool released_in_registry(pid_t pid, uint32_t id) {
 }  // namespace
 
 Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progress, bool wait) {
-  std::vector<std::string> lines;
+  // A fork's inherited record first: everything below writes the registry, which must be the
+  // process's own, not its parent's (patch/adopt.hpp).
+  std::vector<std::string> lines = HOTFIX_TRY(adopt__run(pid, wait));
+  size_t adopted = lines.size();
   bool release = false;
   {
     auto opened = Journal::open_existing(pid, wait);
@@ -459,7 +464,7 @@ Result<std::vector<std::string>> recover__run(pid_t pid, const ProgressFn& progr
         release = true;
       }
     }
-    if (!lines.empty() && !release)
+    if (lines.size() > adopted && !release)
       if (auto registry = registry__read(pid)) recover__forget_if_clean(j, *registry);
   }
   if (release) {  // the release of reverted patches, as revert does it (with its own journal records)

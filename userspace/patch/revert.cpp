@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "common/crashpoint.hpp"
+#include "patch/adopt.hpp"
 #include "patch/engine.hpp"
 #include "patch/island_names.hpp"
 #include "patch/code.hpp"
@@ -232,6 +233,7 @@ Result<void> revert_held(Tracee& tracee, Journal& journal, const SymbolTable& ta
 
 Result<std::vector<RevertOutcome>> patch__revert(const RevertOptions& opts, const ProgressFn& progress) {
   HOTFIX_CHECK(process__check_privileges(false, true));
+  for (auto& line : HOTFIX_TRY(adopt__before_write(opts.pid))) progress(line);  // this process's record alone
   auto registry = HOTFIX_TRY(registry__read(opts.pid));
   HOTFIX_CHECK(registry__require_authentic(registry, opts.pid));  // its bytes and addresses are what we write
   auto registry_at = registry__locate(opts.pid);

@@ -19,6 +19,7 @@
 #include "observe/probe_safety.hpp"
 #include "patch/consistency.hpp"
 #include "patch/counting.hpp"
+#include "patch/adopt.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "patch/switch.hpp"
@@ -334,6 +335,9 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
                                        std::vector<TrampolineRefusal>& refused) {
   WatchStubs out;
   out.pid_ = pid;
+  // The registry gets our record: it must be this process's alone (patch/adopt.hpp).
+  for (auto& line : HOTFIX_TRY(adopt__before_write(pid)))
+    if (opts.progress) opts.progress(line);
   auto journal = HOTFIX_TRY(Journal::open(pid));
   auto registry = HOTFIX_TRY(registry__read(pid));
   HOTFIX_CHECK(registry__require_authentic(registry, pid));
@@ -467,6 +471,9 @@ Result<std::vector<std::string>> WatchStubs::remove(milliseconds wait,
   if (!installed_) return std::vector<std::string>{};
   installed_ = false;
   if (!process__alive(pid_)) return std::vector<std::string>{};
+  // Forks made while we watched keep their trampolines and must keep their record of them.
+  for (auto& line : HOTFIX_TRY(adopt__before_write(pid_)))
+    if (progress) progress(line);
   auto journal = HOTFIX_TRY(Journal::open(pid_));
   auto tracee = HOTFIX_TRY(Tracee::seize(pid_));
   TakeDown d{record_.stubs, record_.pages, {record_.counters, record_.counters_len}};

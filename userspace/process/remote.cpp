@@ -429,29 +429,33 @@ Result<uint64_t> remote__mmap_near(Tracee& t, pid_t tid, uint64_t near, uint64_t
               "the address space around the function is full; the patch cannot use a jump island there");
 }
 
-Result<RemoteMemfd> remote__map_memfd(Tracee& t, pid_t tid, const std::string& name, uint64_t size, int prot) {
+Result<int> remote__memfd_create(Tracee& t, pid_t tid, const std::string& name, uint64_t size) {
   uint64_t scratch = HOTFIX_TRY(remote__mmap(t, tid, 0, page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
-  auto body = [&]() -> Result<RemoteMemfd> {
+  auto body = [&]() -> Result<int> {
     std::vector<uint8_t> cname(name.begin(), name.end());
     cname.push_back(0);
     HOTFIX_CHECK(t.memory().write(scratch, cname));
-    RemoteMemfd out;
-    out.size = page_up(size);
-    out.fd = static_cast<int>(HOTFIX_TRY(checked(remote__syscall(t, tid, SYS_memfd_create, {scratch, MFD_CLOEXEC}), "memfd_create", t.pid())));
-    auto mapped = checked(remote__syscall(t, tid, SYS_ftruncate, {static_cast<uint64_t>(out.fd), out.size}), "ftruncate", t.pid());
-    if (mapped) {
-      auto addr = remote__mmap(t, tid, 0, out.size, prot, MAP_SHARED, out.fd, 0);
-      if (addr) {
-        out.address = *addr;
-        return out;
-      }
-      mapped = std::unexpected(addr.error());
-    }
-    (void)remote__close(t, tid, out.fd);
-    return std::unexpected(mapped.error());
+    int fd = static_cast<int>(HOTFIX_TRY(checked(remote__syscall(t, tid, SYS_memfd_create, {scratch, MFD_CLOEXEC}), "memfd_create", t.pid())));
+    auto sized = checked(remote__syscall(t, tid, SYS_ftruncate, {static_cast<uint64_t>(fd), page_up(size)}), "ftruncate", t.pid());
+    if (sized) return fd;
+    (void)remote__close(t, tid, fd);
+    return std::unexpected(sized.error());
   };
   auto out = body();
   (void)remote__munmap(t, tid, scratch, page_size());
+  return out;
+}
+
+Result<RemoteMemfd> remote__map_memfd(Tracee& t, pid_t tid, const std::string& name, uint64_t size, int prot) {
+  RemoteMemfd out;
+  out.size = page_up(size);
+  out.fd = HOTFIX_TRY(remote__memfd_create(t, tid, name, size));
+  auto addr = remote__mmap(t, tid, 0, out.size, prot, MAP_SHARED, out.fd, 0);
+  if (!addr) {
+    (void)remote__close(t, tid, out.fd);
+    return std::unexpected(addr.error());
+  }
+  out.address = *addr;
   return out;
 }
 

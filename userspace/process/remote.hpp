@@ -34,6 +34,10 @@ Result<void> remote__close(Tracee& t, pid_t tid, int fd);
 // `near` can reach any byte of them), in a gap of /proc/PID/maps, with MAP_FIXED_NOREPLACE.
 Result<uint64_t> remote__mmap_near(Tracee& t, pid_t tid, uint64_t near, uint64_t len, int prot);
 
+// A memfd "name" (close-on-exec) sized `size` (rounded up to pages) in the target, not mapped:
+// its fd there. The tracer reaches its pages through /proc/PID/fd/<fd>.
+Result<int> remote__memfd_create(Tracee& t, pid_t tid, const std::string& name, uint64_t size);
+
 // A shared memfd mapping in the target: memfd "name" (visible in /proc/PID/fd as
 // "/memfd:name"), sized `size`, mapped MAP_SHARED with `prot`. The fd stays open in the target
 // so the tracer can map the same pages through /proc/PID/fd/<fd>.
