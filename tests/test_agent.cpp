@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -323,4 +324,60 @@ TEST_CASE("patch --persist refuses what it cannot persist, before changing the t
   persist_from(t2);
   CHECK(ctl_run({"revert", "--persist", "--all", "--binary", target()}).exit_code == 0);
   CHECK(ctl_run({"persisted", "--json"}).out.find("\"sets\":[]") != std::string::npos);
+}
+
+TEST_CASE("patch --persist with --exe records one set for the binary, and the agent patches new processes with it") {
+  require_root();
+  StateDir state;
+  std::vector<std::unique_ptr<Child>> running;
+  for (int i = 0; i < 3; ++i) {
+    running.push_back(std::make_unique<Child>(std::vector<std::string>{target()}));
+    REQUIRE(running.back()->read_line() == "first 1");
+  }
+  // Three hotfix-ctl runs (in parallel), one per process, each asked to persist.
+  auto r = ctl_run({"patch", "--exe", target(), "--lib", fix(), "--persist", "--observe", "0", "--json"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("\"processes\":3,\"ok\":3,\"failed\":0") != std::string::npos);
+  std::regex set_of(R"("persisted":\{"set":(\d+),)");
+  std::set<std::string> sets_named;
+  for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), set_of); it != std::sregex_iterator(); ++it)
+    sets_named.insert((*it)[1]);
+  CHECK(sets_named.size() == 1);  // every run names the same set
+  auto listed = ctl_run({"persisted", "--json"});
+  INFO(listed.out);
+  REQUIRE(listed.exit_code == 0);
+  std::regex id(R"(\{"id":(\d+),)");
+  std::vector<std::string> sets;
+  for (auto it = std::sregex_iterator(listed.out.begin(), listed.out.end(), id); it != std::sregex_iterator(); ++it)
+    sets.push_back((*it)[1]);
+  REQUIRE(sets.size() == 1);  // not one per process
+  CHECK(sets_named.count(sets[0]));
+  CHECK(listed.out.find("\"ok\":true") != std::string::npos);
+  for (auto& c : running) {
+    c->send("x");
+    CHECK(c->read_line() == "value 2");
+    CHECK(patches_in(c->pid()) == 1);
+  }
+
+  // Persisting the same fix again (another process) reuses the set.
+  Child later({target()});
+  REQUIRE(later.read_line() == "first 1");
+  auto again = ctl_run({"patch", "--pid", std::to_string(later.pid()), "--lib", fix(), "--persist", "--observe", "0"});
+  INFO(again.out << again.err);
+  REQUIRE(again.exit_code == 0);
+  CHECK(again.out.find("already persisted as set " + sets[0]) != std::string::npos);
+  auto relisted = ctl_run({"persisted", "--json"}).out;
+  CHECK(relisted.find("{\"id\":" + sets[0] + ",") != std::string::npos);
+  CHECK(std::distance(std::sregex_iterator(relisted.begin(), relisted.end(), id), std::sregex_iterator()) == 1);
+
+  auto agent = start_agent();
+  Child fresh({target()});
+  CHECK(fresh.read_line() == "first 2");  // the fixed code from its first call
+  REQUIRE(agent->wait_for("pid " + std::to_string(fresh.pid()) + " (agent_target): continued with set(s)"));
+  CHECK(patches_in(fresh.pid()) == 1);
+  for (auto& c : running) CHECK(patches_in(c->pid()) == 1);  // the start sweep patched none twice
+  agent->signal(SIGTERM);
+  CHECK(agent->wait(seconds(20)) == 0);
+  wait_for_watchdogs();
 }

@@ -1,13 +1,17 @@
 // tools/fleet: the Ansible role applied with ansible-playbook to localhost (connection local)
-// on two real stats_target processes -- apply (changed), apply again (ok, nothing changed),
-// revert (changed), revert again (ok) -- and the YAML of the role and of the Kubernetes
-// DaemonSet linted. SKIP (exit 4) without ansible-playbook or yamllint (tools/check installs both).
+// on real stats_target processes -- apply (changed), apply again (ok, nothing changed),
+// revert (changed), revert again (ok) -- by pid and by --exe with --persist (one recorded set,
+// a process started between runs is the only one patched, one the agent patched counts as
+// done, revert removes the set), and the YAML of the role and of the Kubernetes DaemonSet
+// linted. SKIP (exit 4) without ansible-playbook or yamllint (tools/check installs both).
 #include <signal.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <memory>
 #include <regex>
 
 #include "support/harness.hpp"
@@ -53,15 +57,16 @@ struct Playbook {
   long changed = -1, failed = -1;
 };
 
-Playbook playbook(const ScratchDir& dir, const std::string& state) {
+Playbook playbook(const ScratchDir& dir, const std::string& state, const std::vector<std::string>& extra = {}) {
   std::string tmp = (dir.path / "tmp").string();
-  auto r = run({"/usr/bin/env", "ANSIBLE_NOCOLOR=1", "ANSIBLE_RETRY_FILES_ENABLED=0",
+  std::vector<std::string> argv = {"/usr/bin/env", "ANSIBLE_NOCOLOR=1", "ANSIBLE_RETRY_FILES_ENABLED=0",
                 "ANSIBLE_PYTHON_INTERPRETER=/usr/bin/python3", "ANSIBLE_LOCAL_TEMP=" + tmp,
                 "ANSIBLE_REMOTE_TEMP=" + tmp, "HOME=" + tmp, "/usr/bin/ansible-playbook", "-i", "localhost,", "-c",
                 "local", kPlaybook, "-e", "hotfix_become=false", "-e", "hotfix_ctl=" + ctl(), "-e",
                 "hotfix_fix=" + fixture("stats_fix.so"), "-e", "hotfix_binary=" + fixture("stats_target"), "-e",
-                "hotfix_fix_dir=" + (dir.path / "fixes").string(), "-e", "hotfix_state=" + state},
-               240s);
+                "hotfix_fix_dir=" + (dir.path / "fixes").string(), "-e", "hotfix_state=" + state};
+  for (auto& e : extra) argv.insert(argv.end(), {"-e", e});
+  auto r = run(argv, 240s);
   Playbook p{r.exit_code, r.out + r.err};
   std::smatch m;
   if (std::regex_search(p.out, m, std::regex(R"(localhost\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+))"))) {
@@ -79,14 +84,53 @@ struct Target {
     child.wait();
   }
   std::string call1() { return child.request("call 1"); }
-  size_t active_patches() {
-    auto r = run({ctl(), "list", "--pid", std::to_string(child.pid()), "--json"});
+  std::string listing() { return run({ctl(), "list", "--pid", std::to_string(child.pid()), "--json"}).out; }
+  size_t active_patches() { return count_of(listing(), "\"state\":\"active\""); }
+  pid_t pid() const { return child.pid(); }
+
+  static size_t count_of(const std::string& text, const std::string& what) {
     size_t n = 0;
-    for (size_t at = r.out.find("\"state\":\"active\""); at != std::string::npos; at = r.out.find("\"state\":\"active\"", at + 1))
-      ++n;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
     return n;
   }
 };
+
+// A private state directory for persisted sets (HOTFIX_STATE_DIR), root's and 0755 as the
+// store's trust rule wants; the role passes it to hotfix-ctl through hotfix_env.
+struct StateDir {
+  std::string path;
+  StateDir() {
+    char tmpl[] = "/tmp/hotfix-fleet-state-XXXXXX";
+    path = ::mkdtemp(tmpl);
+    ::chmod(path.c_str(), 0755);
+    ::setenv("HOTFIX_STATE_DIR", path.c_str(), 1);  // for the hotfix-ctl runs of the test itself
+  }
+  ~StateDir() {
+    ::unsetenv("HOTFIX_STATE_DIR");
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string env_var() const { return R"({"hotfix_env": {"HOTFIX_STATE_DIR": ")" + path + R"("}})"; }
+};
+
+std::string fix_sha256() {
+  auto r = run({"/usr/bin/sha256sum", fixture("stats_fix.so")});
+  return r.out.substr(0, 64);
+}
+
+// The ids of the persisted sets (hotfix-ctl persisted --json).
+std::vector<std::string> persisted_ids() {
+  auto r = run({ctl(), "persisted", "--json"});
+  std::vector<std::string> ids;
+  std::regex id(R"(\{"id":(\d+),)");
+  for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), id); it != std::sregex_iterator(); ++it)
+    ids.push_back((*it)[1]);
+  return ids;
+}
+
+bool reported(const Playbook& p, pid_t pid, const std::string& action) {
+  return p.out.find("pid " + std::to_string(pid) + ": " + action) != std::string::npos;
+}
 
 }  // namespace
 
@@ -155,4 +199,96 @@ TEST_CASE("ansible-playbook applies a fix to every process of a binary once, and
   CHECK(revert_again.changed == 0);
   CHECK(a.child.running());
   CHECK(b.child.running());
+}
+
+TEST_CASE("ansible-playbook with hotfix_select exe and hotfix_persist: one set, new processes, the agent, revert",
+          "[fleet][ansible][exe]") {
+  require_tool("/usr/bin/ansible-playbook", "ansible-core");
+  ScratchDir dir;
+  StateDir state;
+  const std::vector<std::string> exe = {"hotfix_select=exe", "hotfix_persist=true", state.env_var()};
+  const std::string sha = fix_sha256();
+  REQUIRE(sha.size() == 64);
+  std::vector<std::unique_ptr<Target>> targets;
+  for (int i = 0; i < 3; ++i) targets.push_back(std::make_unique<Target>());
+  for (auto& t : targets) REQUIRE(t->call1() == "ok 8");
+
+  // First run: every process patched by one `patch --pid A,B,C --persist`, one set recorded.
+  auto apply = playbook(dir, "present", exe);
+  INFO(apply.out);
+  REQUIRE(apply.exit_code == 0);
+  CHECK(apply.failed == 0);
+  CHECK(apply.changed >= 1);
+  for (auto& t : targets) {
+    CHECK(reported(apply, t->pid(), "patched"));
+    CHECK(t->call1() == "ok 200008");
+    auto listed = t->listing();
+    INFO(listed);
+    CHECK(Target::count_of(listed, "\"state\":\"active\"") == 1);
+    CHECK(listed.find("\"sha256\":\"" + sha + "\"") != std::string::npos);  // what idempotency compares
+  }
+  auto sets = persisted_ids();
+  REQUIRE(sets.size() == 1);  // one set for the binary, not one per process
+  CHECK(apply.out.find("persisted as set " + sets[0]) != std::string::npos);
+
+  // Second run: nothing to do.
+  auto again = playbook(dir, "present", exe);
+  INFO(again.out);
+  REQUIRE(again.exit_code == 0);
+  CHECK(again.changed == 0);
+  for (auto& t : targets) {
+    CHECK(reported(again, t->pid(), "ok, patch"));
+    CHECK(t->active_patches() == 1);
+  }
+  CHECK(persisted_ids() == sets);
+
+  // A process started between runs (no agent): the next run patches it, and only it.
+  targets.push_back(std::make_unique<Target>());
+  Target& late = *targets.back();
+  REQUIRE(late.call1() == "ok 8");
+  auto third = playbook(dir, "present", exe);
+  INFO(third.out);
+  REQUIRE(third.exit_code == 0);
+  CHECK(third.changed >= 1);
+  CHECK(reported(third, late.pid(), "patched"));
+  for (size_t i = 0; i < 3; ++i) CHECK(reported(third, targets[i]->pid(), "ok, patch"));
+  CHECK(late.call1() == "ok 200008");
+  for (auto& t : targets) CHECK(t->active_patches() == 1);
+  CHECK(persisted_ids() == sets);
+
+  // One started while the agent runs is patched by the agent (from the set's copy): the role
+  // sees the same fix (its sha256) and leaves it alone.
+  {
+    Child agent({ctl(), "agent"});
+    REQUIRE(agent.wait_for("start: ", 30s));
+    targets.push_back(std::make_unique<Target>());
+    CHECK(targets.back()->call1() == "ok 200008");
+    REQUIRE(agent.wait_for("pid " + std::to_string(targets.back()->pid()) + " (stats_target): continued with set(s)"));
+    agent.signal(SIGTERM);
+    CHECK(agent.wait(20s) == 0);
+  }
+  auto fourth = playbook(dir, "present", exe);
+  INFO(fourth.out);
+  REQUIRE(fourth.exit_code == 0);
+  CHECK(fourth.changed == 0);
+  CHECK(reported(fourth, targets.back()->pid(), "ok, patch"));
+  CHECK(targets.back()->active_patches() == 1);
+
+  // Revert by the same role: the set is removed and every process, the agent's too, reverted.
+  auto revert = playbook(dir, "absent", exe);
+  INFO(revert.out);
+  REQUIRE(revert.exit_code == 0);
+  CHECK(revert.changed >= 1);
+  CHECK(revert.out.find("persisted set " + sets[0] + " (" + fixture("stats_target") + "): removed") != std::string::npos);
+  CHECK(persisted_ids().empty());
+  for (auto& t : targets) {
+    CHECK(reported(revert, t->pid(), "reverted"));
+    CHECK(t->call1() == "ok 8");
+    CHECK(t->active_patches() == 0);
+  }
+  auto revert_again = playbook(dir, "absent", exe);
+  INFO(revert_again.out);
+  REQUIRE(revert_again.exit_code == 0);
+  CHECK(revert_again.changed == 0);
+  for (auto& t : targets) CHECK(t->child.running());
 }

@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <fstream>
+#include <set>
 #include <regex>
 
 #include "support/harness.hpp"
@@ -179,4 +181,72 @@ TEST_CASE("a target in its own mount and pid namespaces is watched, patched, cou
     CHECK(after.out.find("has no active hotfix patches") != std::string::npos);
   }
   CHECK(t.child.running());
+}
+
+namespace {
+
+// "N -> what" for every fd of `pid`: what a kill must not change.
+std::set<std::string> fds_of(pid_t pid) {
+  std::set<std::string> out;
+  std::error_code ec;
+  for (auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    char buf[4096];
+    ssize_t n = ::readlink(e.path().c_str(), buf, sizeof buf - 1);
+    out.insert(e.path().filename().string() + " -> " + (n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?"));
+  }
+  return out;
+}
+
+std::vector<std::string> crash_names(const std::string& err) {
+  std::vector<std::string> names;
+  std::regex line("crashpoint ([0-9]+) (.*)");
+  for (auto& l : lines_of(err)) {
+    std::smatch m;
+    if (std::regex_match(l, m, line)) names.push_back(m[2]);
+  }
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("a kill at every crash point of the counters' fd handoff leaves no fd of ours in the target",
+          "[namespaces][crash]") {
+  require_unshare();
+  Contained t;
+  const std::string pid = std::to_string(t.host_pid);
+  REQUIRE(t.ask("call 1") == "ok 8");
+  const auto fds_before = fds_of(t.host_pid);
+  const std::vector<std::string> patch = {ctl(), "patch", "--pid", pid, "--lib", fixture("stats_fix.so"), "--observe", "0"};
+  auto with_env = [&](const std::string& env) {
+    std::vector<std::string> argv = {"/usr/bin/env", env};
+    argv.insert(argv.end(), patch.begin(), patch.end());
+    return run(argv, 60s);
+  };
+  auto listed = with_env("HOTFIX_CRASH_LIST=1");
+  INFO(listed.out << listed.err);
+  REQUIRE(listed.exit_code == 0);
+  REQUIRE(ctl_run({"revert", "--pid", pid, "--all"}).exit_code == 0);
+  CHECK(fds_of(t.host_pid) == fds_before);
+  auto names = crash_names(listed.err);
+  size_t first = 0, last = 0;  // the points from the counters' intent to their mapping
+  for (size_t k = 0; k < names.size(); ++k) {
+    if (names[k] == "patch: before counters") first = k + 1;
+    if (names[k] == "patch: after counters") last = k + 1;
+  }
+  REQUIRE(first > 0);
+  REQUIRE(last > first + 10);  // remote calls of the handoff: mmap, socketpair, recvmsg, closes, munmap, mmap
+  for (size_t k = first; k <= last; ++k) {
+    std::string when = "patch killed at crash point " + std::to_string(k) + " (" + names[k - 1] + ")";
+    INFO(when);
+    auto killed = with_env("HOTFIX_CRASH_AT=" + std::to_string(k));
+    INFO(killed.out << killed.err);
+    REQUIRE((killed.exit_code == 128 + SIGKILL || killed.exit_code == -SIGKILL));
+    auto recovered = ctl_run({"revert", "--pid", pid, "--all"});
+    INFO(recovered.out << recovered.err);
+    REQUIRE(recovered.exit_code == 0);
+    CHECK(fds_of(t.host_pid) == fds_before);
+    CHECK(read_file("/proc/" + pid + "/maps").find("bpf-map") == std::string::npos);
+    CHECK(status_field(t.host_pid, "TracerPid") == 0);
+    REQUIRE(t.ask("call 1") == "ok 8");
+  }
 }

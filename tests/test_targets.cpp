@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -64,6 +65,12 @@ TEST_CASE("three processes of one binary: patched with --exe, listed, reverted",
   REQUIRE(listed.exit_code == 0);
   CHECK(count(listed.out, "\"state\":\"active\"") == 3);
   CHECK(count(listed.out, "\"sha256\":\"") == 3);  // the fix's digest, for a fleet tool
+
+  auto stats = hctl({"stats", "--exe", fixture("patchee"), "--json"});
+  INFO("stats: " << stats.out << stats.err);
+  CHECK(stats.exit_code == 0);
+  CHECK(stats.out.find("\"summary\":{\"verb\":\"stats\",\"processes\":3,\"ok\":3,\"failed\":0") != std::string::npos);
+  CHECK(count(stats.out, "{\"verb\":\"stats\",\"pid\":") == 3);  // one line per process, then the summary
 
   auto host = hctl({"list"});  // no target: every patched process of the host
   REQUIRE(host.exit_code == 0);
@@ -144,4 +151,107 @@ TEST_CASE("--unit reads the unit's cgroup from cgroupfs", "[targets]") {
   CHECK(r.out.find("\"pid\":" + std::to_string(a.pid()) + ",") != std::string::npos);
   CHECK(missing.exit_code == 1);
   CHECK(missing.err.find("no cgroup named") != std::string::npos);
+}
+
+namespace {
+
+// Processes whose parent is `parent` and whose command line holds `word` (NUL-separated).
+std::vector<pid_t> children_with(pid_t parent, const std::string& word) {
+  std::vector<pid_t> out;
+  for (auto& e : std::filesystem::directory_iterator("/proc")) {
+    std::string name = e.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (status_field(std::stoi(name), "PPid") != parent) continue;
+    std::string cmdline = read_file("/proc/" + name + "/cmdline");
+    for (auto& c : cmdline) c = c ? c : ' ';
+    if (cmdline.find(word) != std::string::npos) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a failed process makes exit 1 with a summary that says which and why; the others are done", "[targets]") {
+  require_root();
+  Target a;
+  Child other({"/bin/sleep", "60"});  // has no c_answer: its patch fails
+  std::string both = std::to_string(a.pid()) + "," + std::to_string(other.pid());
+  auto r = hctl({"patch", "--pid", both, "--lib", fixture("fix_v1.so"), "c_answer", "--observe", "0", "--json"});
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.out.find("\"processes\":2,\"ok\":1,\"failed\":1,\"exited\":0") != std::string::npos);
+  CHECK(r.out.find("\"failures\":[{\"pid\":" + std::to_string(other.pid()) + ",\"error\":\"") != std::string::npos);
+  CHECK(r.out.find("{\"verb\":\"patch\",\"pid\":" + std::to_string(a.pid()) + ",\"comm\":\"patchee\",\"status\":\"ok\"") !=
+        std::string::npos);
+  // One stderr line names the failed process and the reason.
+  auto err = lines_of(r.err);
+  REQUIRE(!err.empty());
+  CHECK(err.back().find("hotfix-ctl patch: 1 of 2 process(es) failed: " + std::to_string(other.pid()) + " (") == 0);
+  auto listed = hctl({"list", "--pid", std::to_string(a.pid()), "--json"});
+  CHECK(count(listed.out, "\"state\":\"active\"") == 1);  // the good one was patched all the same
+
+  // The text summary: a table row per process, the failed one with its reason.
+  auto text = hctl({"revert", "--pid", both, "--id", "1"});  // the sleep has no patch 1
+  INFO(text.out << text.err);
+  CHECK(text.exit_code == 1);
+  CHECK(text.out.find("summary: revert on 2 process(es): 1 ok, 1 failed, 0 exited meanwhile") != std::string::npos);
+  std::regex failed_row("\\n  " + std::to_string(other.pid()) + " +sleep +failed +\\S");
+  CHECK(std::regex_search(text.out, failed_row));
+  std::regex ok_row("\\n  " + std::to_string(a.pid()) + " +patchee +ok");
+  CHECK(std::regex_search(text.out, ok_row));
+  other.signal(SIGKILL);
+  other.wait();
+}
+
+TEST_CASE("patch --exe: a process that exits while it is being patched is reported, not fatal", "[targets]") {
+  require_root();
+  Target a, b;
+  auto victim = std::make_unique<Target>();
+  pid_t gone = victim->pid();
+  // A long observe window: the victim is killed while its hotfix-ctl run is under way.
+  Child run({hotfix::test::ctl(), "patch", "--exe", fixture("patchee"), "--lib", fixture("fix_v1.so"), "c_answer",
+             "--observe", "5", "--json"});
+  bool seen = false;
+  for (int i = 0; i < 500 && !seen; ++i) {
+    seen = !children_with(run.pid(), "--pid " + std::to_string(gone) + " ").empty();
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(seen);
+  victim.reset();  // killed and reaped mid-way
+  auto code = run.wait(std::chrono::seconds(120));
+  std::string out = run.drain_stdout(), err = run.drain_stderr();
+  INFO(out << err);
+  CHECK(code == 0);
+  CHECK(out.find("\"processes\":3,\"ok\":2,\"failed\":0,\"exited\":1") != std::string::npos);
+  CHECK(out.find("\"exits\":[{\"pid\":" + std::to_string(gone) + ",") != std::string::npos);
+  CHECK(out.find("\"pid\":" + std::to_string(gone) + ",\"comm\":\"patchee\",\"status\":\"exited\"") != std::string::npos);
+  for (auto* t : {&a, &b}) CHECK(count(hctl({"list", "--pid", std::to_string(t->pid()), "--json"}).out, "\"state\":\"active\"") == 1);
+  CHECK(hctl({"revert", "--exe", fixture("patchee"), "--all"}).exit_code == 0);
+}
+
+TEST_CASE("watch on a pre-fork master that calls nothing suggests --children; --children watches the workers",
+          "[targets][watch]") {
+  require_root();
+  Child server({fixture("prefork_server")});
+  auto ready = server.wait_for("ready ");
+  REQUIRE(ready);
+  std::istringstream in(*ready);
+  std::string word;
+  pid_t master = 0, w1 = 0, w2 = 0;
+  in >> word >> master >> w1 >> w2;
+  REQUIRE(master == server.pid());
+  auto alone = hctl({"watch", "--pid", std::to_string(master), "serve_one", "--duration", "1"});
+  INFO(alone.out << alone.err);
+  CHECK(alone.exit_code == 0);
+  CHECK(alone.err.find("note: pid " + std::to_string(master) + " made no call, but 2 of its child process(es) run the "
+                       "same program") != std::string::npos);
+  CHECK(alone.err.find("watch them too with --children") != std::string::npos);
+
+  auto all = hctl({"watch", "--pid", std::to_string(master), "--children", "serve_one", "--duration", "1", "--json"});
+  INFO(all.out << all.err);
+  CHECK(all.exit_code == 0);
+  CHECK(all.out.find("\"summary\":{\"verb\":\"watch\",\"processes\":3,\"ok\":3,\"failed\":0") != std::string::npos);
+  for (pid_t w : {w1, w2}) CHECK(all.out.find("{\"verb\":\"watch\",\"pid\":" + std::to_string(w) + ",") != std::string::npos);
+  server.close_stdin();
+  CHECK(server.wait() == 0);
 }

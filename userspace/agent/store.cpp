@@ -239,6 +239,13 @@ PersistedSet read_set(int bid_dir, const std::string& build_id, uint32_t id, con
   return s;
 }
 
+// Would `a` (recorded) patch a new process exactly as `b` (to record) does?
+bool same_set(const PersistedSet& a, const PersistedSet& b) {
+  return a.problem.empty() && a.build_id == b.build_id && a.binary == b.binary && a.sha256 == b.sha256 &&
+         a.object == b.object && a.patterns == b.patterns && a.consistency == b.consistency &&
+         a.abi_check == b.abi_check && a.count == b.count && a.allow_uncovered == b.allow_uncovered;
+}
+
 uint64_t realtime_ns() {
   timespec ts{};
   ::clock_gettime(CLOCK_REALTIME, &ts);
@@ -265,6 +272,18 @@ Result<PersistedSet> persist__record(PersistedSet set, std::span<const uint8_t> 
     if (p.find('\n') != std::string::npos) return usage_error("a pattern holds a newline");
   auto top = HOTFIX_TRY(open_persisted(true));
   auto lock = HOTFIX_TRY(lock_store(top.get()));
+  set.sha256 = sha256__hex(fix_bytes);
+  // Under the lock: parallel `patch --persist` runs of one --exe find each other's set.
+  std::string bid_path = persist__dir() + "/" + set.build_id;
+  if (auto d = open_dir_at(top.get(), set.build_id, bid_path, false))
+    for (auto& name : entries_of(d->get()))
+      if (auto n = number_of(name); n && *n < UINT32_MAX) {
+        PersistedSet there = read_set(d->get(), set.build_id, static_cast<uint32_t>(*n), bid_path + "/" + name);
+        if (same_set(there, set) && persist__verify(there)) {
+          there.existing = true;
+          return there;
+        }
+      }
   uint64_t next = std::max<uint64_t>(read_counter(top.get(), "next-id"), 1);
   for (auto& bid : entries_of(top.get()))  // never reuse an id, even if next-id was lost
     if (is_hex(bid))
@@ -272,9 +291,7 @@ Result<PersistedSet> persist__record(PersistedSet set, std::span<const uint8_t> 
         for (auto& name : entries_of(d->get()))
           if (auto n = number_of(name)) next = std::max(next, *n + 1);
   set.id = static_cast<uint32_t>(next);
-  set.sha256 = sha256__hex(fix_bytes);
   if (!set.created_ns) set.created_ns = realtime_ns();
-  std::string bid_path = persist__dir() + "/" + set.build_id;
   auto bid = HOTFIX_TRY(open_dir_at(top.get(), set.build_id, bid_path, true));
   set.dir = bid_path + "/" + std::to_string(set.id);
   auto dir = HOTFIX_TRY(open_dir_at(bid.get(), std::to_string(set.id), set.dir, true));

@@ -48,11 +48,17 @@ struct PersistedSet {
   // Filled in by persist__list:
   std::string dir;      // <root>/persisted/<build-id>/<id>
   std::string problem;  // why this set cannot be used (unreadable, not root's, tampered...), "" if fine
+  // Filled in by persist__record: an identical set (same build-id, binary, fix bytes, patterns,
+  // object and options) was recorded already and is returned instead of a second one.
+  bool existing = false;
 
   std::string fix_path() const { return dir + "/fix.so"; }
 };
 
-// Record `set` (id and dir are assigned) with a root-owned copy of `fix_bytes`.
+// Record `set` (id and dir are assigned) with a root-owned copy of `fix_bytes`. When an
+// identical set is recorded already (and its copy is intact), that one is returned with
+// `existing` set and nothing is written: `patch --persist --exe`, which records once per
+// process, and a repeated `patch --persist` keep one set per fix and binary.
 Result<PersistedSet> persist__record(PersistedSet set, std::span<const uint8_t> fix_bytes);
 
 // Every set under the root, in id order. A set that fails a check is listed with `problem`

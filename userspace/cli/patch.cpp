@@ -182,7 +182,8 @@ int verb_patch(const Args& args) {
       return 1;
     }
     persist = *recorded;
-    persisted_json = fmt::format(",\"persisted\":{{\"set\":{},\"copy\":{}}}", persist->id, json__quote(persist->fix_path()));
+    persisted_json = fmt::format(",\"persisted\":{{\"set\":{},\"copy\":{},\"existing\":{}}}", persist->id,
+                                 json__quote(persist->fix_path()), persist->existing);
   }
   if (json) {
     fmt::print("{{\"id\":{},\"pause_us\":{:.1f},\"attempts\":{},\"sha256\":\"{}\",\"functions\":{},\"notes\":{},"
@@ -195,8 +196,9 @@ int verb_patch(const Args& args) {
     fmt::print("applied patch {} to pid {}: {} function(s), pause {:.1f} us, {} attempt(s)\n", outcome->id,
                opts.pid, outcome->functions.size(), outcome->pause.count() / 1000.0, outcome->attempts);
     if (persist)
-      fmt::print("persisted as set {} for {} (build-id {}): `hotfix-ctl agent` applies it to every new process\n",
-                 persist->id, persist->binary, persist->build_id.substr(0, 12));
+      fmt::print("{} as set {} for {} (build-id {}): `hotfix-ctl agent` applies it to every new process\n",
+                 persist->existing ? "already persisted" : "persisted", persist->id, persist->binary,
+                 persist->build_id.substr(0, 12));
     if (!prepared->uncovered.empty())
       fmt::print("{} place(s) not covered (--allow-uncovered):\n{}", prepared->uncovered.size(),
                  uncovered_lines(prepared->uncovered, 0, "  "));

@@ -476,7 +476,13 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
       HOTFIX_CHECK(journal.append(jr("counters").set("pins", patchcount__dir(pid, p.id)).set("known", recover__bpf_map_pages(pid))));
       undo.counters = p.id;
       crashpoint("patch: before counters");
-      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size())));
+      // Every fd and page the mapping makes in the target is journaled before the next step,
+      // so that recovery closes exactly those (a kill midway must leave no fd of ours there).
+      auto note = [&](const CountingLeftovers& left) {
+        auto r = jr("counters-handoff");
+        (void)journal.append(recover__note_handoff(r, left));
+      };
+      counters = HOTFIX_TRY(counting__map_into(tracee, tid, p.id, static_cast<uint32_t>(p.switches.size()), note));
       undo.mappings.push_back({counters->address, counters->length});
       crashpoint("patch: after counters");
       HOTFIX_CHECK(journal.append(jr("counters-mapped").set("address", counters->address).set("length", counters->length)));

@@ -1,5 +1,6 @@
 #include "patch/counting.hpp"
 
+#include <bpf/bpf.h>
 #include <linux/bpf.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -57,8 +58,8 @@ std::pair<uid_t, gid_t> filesystem_ids(pid_t pid) {
 // new_hits as an fd of the target. A target in another mount namespace (a container) that has
 // no bpffs is handed our own fd (process/fdpass.hpp); otherwise it opens the pin,
 // which keeps the path visible in an strace of the target and needs no socket.
-Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters) {
-  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, counters.new_hits.get());
+Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters, const FdpassNote& note) {
+  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, counters.new_hits.get(), note);
   auto [uid, gid] = filesystem_ids(t.pid());
   std::string path = counters.new_hits_path;
   if (uid != 0) path = HOTFIX_TRY(patchcount__handoff(counters, uid, gid));
@@ -71,15 +72,26 @@ Result<int> open_in_target(Tracee& t, pid_t tid, const PatchCounters& counters) 
 
 Result<int> counting__remote_obj_get(Tracee& t, pid_t tid, const std::string& path) { return remote_obj_get(t, tid, path); }
 
-Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions) {
-  return counting__map_at(t, tid, id, nfunctions, 0);
+Result<TargetCounters> counting__map_into(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions,
+                                          const CountingNote& note) {
+  return counting__map_at(t, tid, id, nfunctions, 0, note);
 }
 
-Result<TargetCounters> counting__map_at(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions, uint64_t address) {
+Result<TargetCounters> counting__map_at(Tracee& t, pid_t tid, uint32_t id, uint32_t nfunctions, uint64_t address,
+                                        const CountingNote& note) {
   TargetCounters tc;
   tc.counters = HOTFIX_TRY(patchcount__create(t.pid(), id, nfunctions));
+  CountingLeftovers left;
+  bpf_map_info info{};
+  uint32_t info_len = sizeof info;
+  if (::bpf_obj_get_info_by_fd(tc.counters.new_hits.get(), &info, &info_len) == 0) left.map_id = info.id;
+  if (note) note(left);
+  auto handoff_note = [&](const FdpassLeftovers& h) {
+    left.handoff = h;
+    if (note) note(left);
+  };
   auto mapped = [&]() -> Result<void> {
-    int fd = HOTFIX_TRY(open_in_target(t, tid, tc.counters));
+    int fd = HOTFIX_TRY(open_in_target(t, tid, tc.counters, handoff_note));
     tc.length = tc.counters.mmap_size();
     // MAP_FIXED replaces what is at `address` in one step: a counting island's `lock inc`
     // finds either the old page or the new one there, never a hole.

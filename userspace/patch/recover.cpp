@@ -257,6 +257,20 @@ Leftovers find_leftovers(pid_t pid, const Op& o) {
   return l;
 }
 
+std::vector<int> fds_of_map(pid_t pid, uint64_t map_id) {
+  std::vector<int> out;
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(fmt::format("/proc/{}/fdinfo", pid), ec)) {
+    std::ifstream in(e.path());
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("map_id:", 0) == 0) {
+        if (std::strtoull(line.c_str() + 7, nullptr, 10) == map_id) out.push_back(std::atoi(e.path().filename().c_str()));
+        break;
+      }
+  }
+  return out;
+}
+
 Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const ProgressFn& progress) {
   const pid_t pid = t.pid();
   auto jr = [&](const char* step) { return journal__record("patch", o.id, step); };
@@ -293,10 +307,13 @@ Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const Progress
   crashpoint("recover: library unloaded");
   leftovers = find_leftovers(pid, o);  // again: the loader may have moved nothing, but be exact
   size_t pages = leftovers.islands.size() + leftovers.counters.size() + leftovers.registry.size();
-  if (pages) {
+  const JournalRecord* handoff = o.last("counters-handoff");
+  auto fd_leftovers = handoff ? recover__handoff_leftovers(t, *handoff) : HandoffLeftovers{};
+  if (pages || !fd_leftovers.empty()) {
     HOTFIX_CHECK(j.append(jr("unmapping").set("mappings", pages)));
     pid_t tid = t.threads().front().tid;
     HOTFIX_CHECK(t.stop_thread(tid));
+    recover__release_handoff(t, tid, fd_leftovers);
     // A page holding unwind information this patch may have registered stays (patch/preserve.hpp).
     std::set<uint64_t> keep;
     for (uint64_t frame : preserve__journaled_frames(o.records, o.id)) keep.insert(frame & ~(kPage - 1));
@@ -307,6 +324,8 @@ Result<std::string> roll_back(Tracee& t, Journal& j, const Op& o, const Progress
     HOTFIX_CHECK(t.resume_thread(tid));
     crashpoint("recover: unmapped");
   }
+  if (!fd_leftovers.fds.empty()) did.push_back(fmt::format("{} fd(s) of the counters' handoff closed", fd_leftovers.fds.size()));
+  if (fd_leftovers.scratch) did.push_back("the handoff's scratch page unmapped");
   if (!leftovers.islands.empty()) did.push_back(fmt::format("{} island(s) unmapped", leftovers.islands.size()));
   if (!leftovers.counters.empty()) did.push_back("counters unmapped");
   if (!leftovers.registry.empty()) did.push_back("empty registry unmapped");
@@ -357,6 +376,48 @@ Result<std::string> finish_revert(Tracee& t, Journal& j, const Op& o, const Prog
 }
 
 }  // namespace
+
+JournalRecord& recover__note_handoff(JournalRecord& r, const CountingLeftovers& left) {
+  std::string sockets;
+  for (int i = 0; i < 2; ++i)
+    if (left.handoff.sockets[i] >= 0)
+      sockets += fmt::format("{}{}:{}", sockets.empty() ? "" : ",", left.handoff.sockets[i], left.handoff.inodes[i]);
+  return r.set("map_id", static_cast<uint64_t>(left.map_id)).set("scratch", left.handoff.scratch).set("sockets", sockets);
+}
+
+// Fds of the map (by map id: the target never opens our map by itself), the pair while each
+// fd is still that inode, the pair the scratch page names, and the page while an anonymous
+// read-write mapping is there.
+HandoffLeftovers recover__handoff_leftovers(Tracee& t, const JournalRecord& snapshot) {
+  const pid_t pid = t.pid();
+  HandoffLeftovers l;
+  if (uint64_t id = snapshot.number("map_id")) l.fds = fds_of_map(pid, id);
+  auto add = [&](int fd) {
+    if (std::find(l.fds.begin(), l.fds.end(), fd) == l.fds.end()) l.fds.push_back(fd);
+  };
+  std::string sockets = snapshot.get("sockets");
+  for (size_t at = 0; at < sockets.size();) {
+    size_t comma = sockets.find(',', at);
+    std::string one = sockets.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    int fd = -1;
+    unsigned long long inode = 0;
+    if (std::sscanf(one.c_str(), "%d:%llu", &fd, &inode) == 2 && inode && fdpass__socket_inode(pid, fd) == inode) add(fd);
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  if (uint64_t page = snapshot.number("scratch"))
+    if (auto maps = process__read_maps(pid))
+      for (auto& m : *maps)
+        if (m.contains(page) && m.path.empty() && m.perms == "rw-p") l.scratch = page;
+  if (l.scratch)
+    for (int fd : fdpass__sockets_in_scratch(t, l.scratch)) add(fd);
+  return l;
+}
+
+void recover__release_handoff(Tracee& t, pid_t tid, const HandoffLeftovers& l) {
+  for (int fd : l.fds) (void)remote__close(t, tid, fd);
+  if (l.scratch) (void)remote__munmap(t, tid, l.scratch, kPage);
+}
 
 std::string recover__anonymous_pages(pid_t pid) { return starts_of(pid, is_island_like); }
 std::string recover__bpf_map_pages(pid_t pid) { return starts_of(pid, is_bpf_map); }

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "patch/counting.hpp"
 #include "common/error.hpp"
 #include "observe/patchcount.hpp"
 #include "patch/engine.hpp"
@@ -57,5 +58,17 @@ void recover__forget_if_clean(Journal& journal, const Registry& registry);
 // Is `path` mapped in `pid`? Is [address, +length) still the kind of mapping we made there?
 bool recover__is_mapped(pid_t pid, const std::string& path);
 bool recover__still_ours(pid_t pid, uint64_t address, uint64_t length, bool bpf_map);
+// What mapping a counter map into the target left there (patch/counting.hpp), as journaled
+// ("counters-handoff" records, one snapshot per step, by patch and watch), and found again
+// by recovery: the fds to close and the scratch page to unmap. Only what is provably ours.
+JournalRecord& recover__note_handoff(JournalRecord& r, const CountingLeftovers& left);
+struct HandoffLeftovers {
+  std::vector<int> fds;
+  uint64_t scratch = 0;
+  bool empty() const { return fds.empty() && !scratch; }
+};
+HandoffLeftovers recover__handoff_leftovers(Tracee& t, const JournalRecord& snapshot);
+// Close and unmap them on `tid` (stopped).
+void recover__release_handoff(Tracee& t, pid_t tid, const HandoffLeftovers& l);
 
 }  // namespace hotfix

@@ -81,9 +81,9 @@ Result<UniqueFd> create_counter_map(uint32_t n) {
 // The target's fd of our map: pinned for a moment where only the target's user can open it.
 // A target without bpffs (a container) is handed our fd over a socketpair instead, as the
 // patch counters are (process/fdpass.hpp).
-Result<int> target_open_map(Tracee& t, pid_t tid, int map_fd) {
+Result<int> target_open_map(Tracee& t, pid_t tid, int map_fd, const FdpassNote& note) {
   HOTFIX_CHECK(bpffs__ensure_mounted());
-  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, map_fd);
+  if (fdpass__target_lacks_bpffs(t.pid(), kBpffsMount)) return fdpass__send_to_target(t, tid, map_fd, note);
   std::string path = fmt::format("{}/hotfix-watch-{}-{}", kBpffsMount, t.pid(), ::getpid());
   ::unlink(path.c_str());
   if (bpf_obj_pin(map_fd, path.c_str()) != 0)
@@ -105,6 +105,7 @@ struct TakeDown {
   std::vector<WatchStubRecord> sites;
   std::vector<std::pair<uint64_t, uint64_t>> pages;
   std::pair<uint64_t, uint64_t> counters{0, 0};
+  HandoffLeftovers handoff;  // fds and scratch page a killed counters' handoff left
 };
 
 Result<void> update_registry(Tracee& t, const std::function<void(Registry&)>& change) {
@@ -204,6 +205,7 @@ Result<std::vector<std::string>> take_down(Tracee& t, Journal& j, uint32_t id, c
       if (recover__still_ours(t.pid(), a, len, false)) HOTFIX_CHECK(remote__munmap(t, tid, a, len));
     if (d.counters.first && recover__still_ours(t.pid(), d.counters.first, d.counters.second, true))
       HOTFIX_CHECK(remote__munmap(t, tid, d.counters.first, d.counters.second));
+    recover__release_handoff(t, tid, d.handoff);
     crashpoint("watch: trampolines freed");
     HOTFIX_CHECK(j.append(jr(id, "released")));
     HOTFIX_CHECK(update_registry(t, [&](Registry& r) { forget_watch(r, id); }));
@@ -382,7 +384,19 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
   auto prepared = [&]() -> Result<uint64_t> {
     HOTFIX_CHECK(journal.append(jr(id, "counters-mapping").set("known", recover__bpf_map_pages(pid))));
     crashpoint("watch: before counters");
-    int fd = HOTFIX_TRY(target_open_map(tracee, tid, out.map_.get()));
+    // Each fd and page the handoff makes in the target is journaled (recover.hpp), so that a
+    // kill midway leaves none of them behind.
+    CountingLeftovers left;
+    bpf_map_info info{};
+    uint32_t info_len = sizeof info;
+    if (bpf_obj_get_info_by_fd(out.map_.get(), &info, &info_len) == 0) left.map_id = info.id;
+    auto note = [&](const FdpassLeftovers& h) {
+      left.handoff = h;
+      auto r = jr(id, "counters-handoff");
+      (void)journal.append(recover__note_handoff(r, left));
+    };
+    note(left.handoff);
+    int fd = HOTFIX_TRY(target_open_map(tracee, tid, out.map_.get(), note));
     auto at = remote__mmap(tracee, tid, 0, out.view_len_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     (void)remote__close(tracee, tid, fd);  // the mapping keeps the map alive
     rec.counters = HOTFIX_TRY(std::move(at));
@@ -512,6 +526,8 @@ Result<std::string> watchstubs__recover(Tracee& t, Journal& j, uint32_t id, cons
     } else if (r.step == "counters-mapped") {
       unrecorded_counters = false;
       d.counters = {r.number("address"), r.number("length")};
+    } else if (r.step == "counters-handoff") {
+      d.handoff = recover__handoff_leftovers(t, r);  // the last snapshot counts
     }
   }
   // Killed right after a mmap, before its record: the one new mapping of that kind, still empty.

@@ -8,6 +8,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <array>
+#include <cstdio>
 #include <cstring>
 
 #include "common/unique_fd.hpp"
@@ -108,21 +110,60 @@ Result<int> receive_fd(Tracee& t, pid_t tid, uint64_t scratch, int sock) {
 
 }  // namespace
 
-Result<int> fdpass__send_to_target(Tracee& t, pid_t tid, int fd) {
+std::vector<int> fdpass__sockets_in_scratch(Tracee& t, uint64_t scratch) {
+  std::vector<int> out;
+  auto pair = read_value<std::array<int, 2>>(t, scratch + kPairAt);
+  if (!pair) return out;
+  for (int fd : *pair)
+    if (fd >= 0 && fdpass__socket_inode(t.pid(), fd)) out.push_back(fd);
+  return out;
+}
+
+uint64_t fdpass__socket_inode(pid_t pid, int fd) {
+  char link[128];
+  ssize_t n = ::readlink(fmt::format("/proc/{}/fd/{}", pid, fd).c_str(), link, sizeof link - 1);
+  if (n <= 0) return 0;
+  link[n] = 0;
+  unsigned long long inode = 0;
+  return std::sscanf(link, "socket:[%llu]", &inode) == 1 ? inode : 0;
+}
+
+Result<int> fdpass__send_to_target(Tracee& t, pid_t tid, int fd, const FdpassNote& note) {
   const uint64_t page = static_cast<uint64_t>(::getpagesize());
+  FdpassLeftovers left;
+  auto tell = [&] {
+    if (note) note(left);
+  };
   uint64_t scratch = HOTFIX_TRY(remote__mmap(t, tid, 0, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
   int pair[2] = {-1, -1};
+  // No fd yet: the pair's slot says so. socketpair writes the fds there before it returns,
+  // so from here on recovery finds them in the page even if we are killed before `tell`.
+  if (auto ok = write_value(t, scratch + kPairAt, pair); !ok) {
+    (void)remote__munmap(t, tid, scratch, page);
+    return std::unexpected(ok.error());
+  }
+  left.scratch = scratch;
+  tell();
   auto passed = [&]() -> Result<int> {
     HOTFIX_TRY(checked_call(t, tid, SYS_socketpair, {AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, scratch + kPairAt},
                             "socketpair"));
     auto sv = HOTFIX_TRY(t.memory().read(scratch + kPairAt, sizeof pair));
     std::memcpy(pair, sv.data(), sizeof pair);
+    for (int i = 0; i < 2; ++i) left.sockets[i] = pair[i], left.inodes[i] = fdpass__socket_inode(t.pid(), pair[i]);
+    tell();
     UniqueFd ours = HOTFIX_TRY(take_end(t.pid(), pair[1]));
     HOTFIX_CHECK(send_fd(ours.get(), fd));
     return receive_fd(t, tid, scratch, pair[0]);
   }();
+  // The slot is cleared before the closes: once closed, those numbers may be the target's own.
+  // The ones told (fd and inode) still name ours until each is closed.
+  const int none[2] = {-1, -1};
+  (void)write_value(t, scratch + kPairAt, none);
   for (int end : pair)
     if (end >= 0) (void)remote__close(t, tid, end);
+  // Told before the munmap: once unmapped, the target may map something of its own there.
+  left = FdpassLeftovers{};
+  tell();
   (void)remote__munmap(t, tid, scratch, page);
   return passed;
 }
