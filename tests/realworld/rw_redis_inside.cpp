@@ -60,7 +60,9 @@ TEST_CASE("redis: the idle event loop is inside aeMain and aeProcessEvents from 
     auto fs = symbols__select(*table, {"aeMain", "aeProcessEvents"});
     REQUIRE(fs);
     REQUIRE(fs->size() == 2);
+    auto began = steady_clock::now();
     auto s = inside__snapshot(redis.pid(), *fs);
+    double look_ms = duration<double, std::milli>(steady_clock::now() - began).count();
     INFO((s ? "" : s.error().line()));
     REQUIRE(s);
     for (auto& n : s->notes) INFO(n);
@@ -69,9 +71,9 @@ TEST_CASE("redis: the idle event loop is inside aeMain and aeProcessEvents from 
     CHECK(s->functions[main_loop].known());
     CHECK(s->functions[events].threads == 0);  // the clone runs, not the exported aeProcessEvents
     CHECK(s->functions[events].known());
-    std::printf("redis idle: %zu threads looked at, %zu read without stopping, %zu stopped (longest %.3f ms)\n",
-                s->looked_at, s->read_blocked, s->stopped,
-                duration<double, std::milli>(s->longest_stop).count());
+    std::printf("redis idle: %zu threads looked at, %zu read without stopping, %zu stopped (longest %.3f ms); "
+                "snapshot %.1f ms (libdw's module view included)\n",
+                s->looked_at, s->read_blocked, s->stopped, duration<double, std::milli>(s->longest_stop).count(), look_ms);
     CHECK(s->read_blocked >= 1);
   }
 

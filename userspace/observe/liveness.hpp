@@ -20,8 +20,8 @@ struct Liveness {
   // Threads inside at the end of the window, from a look at every thread (observe/inside.hpp):
   // those that entered before the probes too. -1: not measured.
   int64_t inflight = -1;
-  size_t inside_unknown = 0;  // threads whose stack could not be read far enough (inflight is then a lower bound)
   bool probed = true;         // false: the kernel refused to probe it (calls unknown, not zero)
+  size_t inside_unknown = 0;  // threads whose stack could not be read far enough (inflight is then a lower bound)
   bool live() const { return calls > 0 || inflight > 0; }
 };
 
