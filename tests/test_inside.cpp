@@ -159,3 +159,34 @@ TEST_CASE("inside: patch's observe window reports a thread parked inside the fun
   check_untouched(t.pid());
   REQUIRE(t.child.request("release") == "ok released 1");
 }
+
+TEST_CASE("inside: a blocked stack that cannot be unwound from pc and sp alone is unknown, not 0") {
+  require_root();
+  Target t;
+  REQUIRE(t.child.request("parkfp") == "ok parked fp");
+  auto fs = functions_of(t.pid(), {"pk_park_fp", "parker_fp", "pk_tick"});
+  auto s = inside__snapshot(t.pid(), fs);
+  REQUIRE(s);
+  for (auto& n : s->notes) INFO(n);
+  CHECK(s->functions[0].threads == 1);  // its frame is reached: read()'s CFA is sp-based
+  CHECK(s->functions[1].threads == 0);  // its caller is beyond pk_park_fp's rbp-based CFA ...
+  CHECK(s->functions[1].unknown == 1);  // ... so: unknown
+  CHECK(inside__describe(s->functions[1]) == "unknown (1 thread unknown)");
+  CHECK(s->functions[2].known());       // no word of pk_tick on any stack: known absent
+  CHECK(s->functions[2].threads == 0);
+  CHECK(s->stopped == 0);
+  CHECK(!s->notes.empty());
+  check_untouched(t.pid());
+
+  // Asked to, the look stops that thread briefly for all its registers, and then knows.
+  InsideOptions stop;
+  stop.stop_blocked_if_needed = true;
+  s = inside__snapshot(t.pid(), fs, stop);
+  REQUIRE(s);
+  CHECK(s->functions[0].threads == 1);
+  CHECK(s->functions[1].threads == 1);
+  CHECK(s->functions[1].known());
+  CHECK(s->stopped == 1);
+  check_untouched(t.pid());
+  REQUIRE(t.child.request("releasefp") == "ok released 1");  // its read() was restarted, not failed
+}

@@ -502,9 +502,19 @@ ConsistencyChecker::StackView ConsistencyChecker::State::survey_one(const Segmen
   stats.unwind_us += micros_since(t1);
   for (const Frame& f : walk.frames)
     if (find_range(functions, f.lookup)) view.frames.push_back(f.lookup);
-  if (walk.whole()) return view;
-  view.complete = false;
   uint64_t reached = this->reached(walk);
+  // Words above the last frame the unwind reached that point into a function, but not at its
+  // first byte (a thread's start routine is kept above its outermost frame; a return address
+  // never points there): a live return address the unwind missed, or a stale word.
+  std::vector<uint64_t> beyond;
+  for (auto [slot, value] : candidates)
+    if (slot >= reached && !(find_range(functions, value) && find_range(functions, value)->begin == value))
+      beyond.push_back(value);
+  // libdw can end an unwind as if at the outermost frame when a frame's rule needs a register
+  // it does not have (pc_sp_only: rbp below a frame-pointer function): a whole unwind counts
+  // only with no such word beyond it. (With a signal frame, "above" proves nothing: trust it.)
+  if (walk.whole() && (saw_sigframe || beyond.empty())) return view;
+  view.complete = false;
   for (auto [slot, value] : candidates)
     if (slot >= reached) view.unproven.push_back(value);
   view.unread = !g.scanned_all() || other_stack_unread;
