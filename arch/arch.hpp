@@ -30,6 +30,7 @@ Result<void> regs__write(pid_t tid, const RegsBuffer& in);    // PTRACE_SETREGS
 uint64_t regs__pc(const RegsBuffer& r);
 uint64_t regs__sp(const RegsBuffer& r);
 void regs__set_pc(RegsBuffer& r, uint64_t pc);
+void regs__set_sp(RegsBuffer& r, uint64_t sp);
 
 // Was the thread stopped inside an interrupted system call that the kernel would restart?
 bool regs__in_restartable_syscall(const RegsBuffer& r);

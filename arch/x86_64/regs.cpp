@@ -52,6 +52,7 @@ Result<void> regs__write(pid_t tid, const RegsBuffer& in) {
 uint64_t regs__pc(const RegsBuffer& r) { return r.get().u.rip; }
 uint64_t regs__sp(const RegsBuffer& r) { return r.get().u.rsp; }
 void regs__set_pc(RegsBuffer& r, uint64_t pc) { r.get().u.rip = pc; }
+void regs__set_sp(RegsBuffer& r, uint64_t sp) { r.get().u.rsp = sp; }
 
 bool regs__in_restartable_syscall(const RegsBuffer& r) {
   const auto& u = r.get().u;

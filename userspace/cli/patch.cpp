@@ -8,6 +8,7 @@
 #include "common/audit.hpp"
 #include "common/json.hpp"
 #include "common/sha256.hpp"
+#include "observe/inside.hpp"
 #include "patch/engine.hpp"
 #include "process/environment.hpp"
 #include "agent/agent.hpp"
@@ -48,9 +49,9 @@ std::string notes_json(const std::vector<PlanNote>& notes) {
 void print_liveness(const std::vector<FunctionLiveness>& live, double seconds) {
   fmt::print("observed for {:.2f} s (uprobes):\n", seconds);
   for (auto& f : live)
-    fmt::print("  {:<50} {:>10.1f} calls/s  {:<5} {}\n", f.name, f.calls_per_s, f.calls_per_s > 0 ? "live" : "idle",
-               f.inflight < 0 ? std::string("threads inside: n/a (C++ code: no return probes)")
-                              : fmt::format("threads inside: {}", f.inflight));
+    fmt::print("  {:<50} {:>10.1f} calls/s  {:<5} {}\n", f.name, f.calls_per_s, f.calls_per_s > 0 || f.inflight > 0 ? "live" : "idle",
+               f.inflight < 0 ? std::string("threads inside: n/a (the threads could not be looked at)")
+                              : "threads inside: " + inside__describe(InsideCount{f.inflight, f.inflight, f.inside_unknown}));
 }
 
 std::string functions_json(const std::vector<FunctionRecord>& functions) {

@@ -16,6 +16,7 @@
 #include "cli/targets.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/budget.hpp"
+#include "observe/inside.hpp"
 #include "observe/report.hpp"
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
@@ -179,6 +180,18 @@ std::string mechanisms(size_t trampolines, const std::optional<Watch>& watch) {
   return fmt::format("trampolines ({}) and {} ({})", trampolines, probes, probed);
 }
 
+// "in-flight includes 1 thread already inside (a look at 7 threads: 6 read without stopping,
+// 1 stopped alone for 0.2 ms)".
+std::string seed_line(const InsideSnapshot& s) {
+  std::string stopped = s.stopped ? fmt::format(", {} stopped alone for at most {:.1f} ms", s.stopped,
+                                                std::chrono::duration<double, std::milli>(s.longest_stop).count())
+                                  : std::string();
+  size_t inside = s.threads.size();
+  return fmt::format("in-flight includes threads already inside when the probes came: {} thread{} inside or unknown "
+                     "(a look at {} thread{}: {} read without stopping{})",
+                     inside, inside == 1 ? "" : "s", s.looked_at, s.looked_at == 1 ? "" : "s", s.read_blocked, stopped);
+}
+
 int run_watch(const WatchArgs& a) {
   if (auto ok = process__check_privileges(true, a.trampolines); !ok) return report(ok.error());
   auto stop = StopSources::open(a.pid);
@@ -255,6 +268,15 @@ int run_watch(const WatchArgs& a) {
     watch.emplace(std::move(*attached));
     if (!watch->skipped().empty()) fmt::print(stderr, "note: {}\n", watch__skipped_line(watch->skipped()));
   }
+  // Threads already inside when the probes came: one look at every thread seeds in-flight.
+  std::optional<InflightSeed> seed;
+  if (watch && watch->returns()) {
+    auto taken = InflightSeed::take(a.pid, *watch);
+    if (!taken) fmt::print(stderr, "note: in-flight counts only calls since attach: {}\n", taken.error().line());
+    else seed.emplace(std::move(*taken));
+    if (seed) fmt::print(stderr, "note: {}\n", seed_line(seed->first()));
+    if (seed) for (auto& n : seed->notes()) fmt::print(stderr, "note: in-flight: {}\n", n);
+  }
   // Rows: the trampolines' functions first, then the probed ones.
   std::vector<Function> all = stubs ? stubs->functions() : std::vector<Function>{};
   size_t ntramp = all.size();
@@ -276,6 +298,19 @@ int run_watch(const WatchArgs& a) {
     return out;
   };
   auto n = all.size();
+  // In-flight from before the probes, per row (the probed rows follow the trampolines').
+  auto fill_seed = [&] {
+    if (!seed) return;
+    if (auto r = seed->refresh(*watch); !r) {
+      fmt::print(stderr, "note: in-flight: threads inside from before attach no longer followed: {}\n", r.error().line());
+      seed.reset();
+      sample.seeded.clear(), sample.seeded_unknown.clear();
+      return;
+    }
+    sample.seeded.assign(n, 0), sample.seeded_unknown.assign(n, 0);
+    for (size_t i = 0; i < watch->functions().size(); ++i)
+      sample.seeded[ntramp + i] = seed->seeded(i), sample.seeded_unknown[ntramp + i] = seed->unknown(i);
+  };
   double attach_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "watching {} function{} in pid {} ({}) via {}, attached in {:.1f} ms; Ctrl-C to stop\n", n,
              n == 1 ? "" : "s", a.pid, pidns__comm_label(a.pid), mechanisms(ntramp, watch), attach_ms);
@@ -331,6 +366,7 @@ int run_watch(const WatchArgs& a) {
       sample.interval = *counts;
       for (size_t i = 0; i < n; ++i) sample.interval[i] -= previous[i];
       previous = *counts;
+      fill_seed();
       print_sample(sample, a.json);
       if (!keep_budget(sample.interval, sample.interval_s)) {
         exit_code = 1;
@@ -343,6 +379,8 @@ int run_watch(const WatchArgs& a) {
     sample.time = unix_now();
     sample.interval_s = std::chrono::duration<double>(clock::now() - start).count();
     sample.total = sample.interval = *counts;
+    if (why != Wake::target_exited) fill_seed();
+    else sample.seeded.clear(), sample.seeded_unknown.clear();
     print_sample(sample, a.json);
     hint_children(a.pid, *counts);
     break;

@@ -9,6 +9,7 @@
 #include "arch/arch.hpp"
 #include "common/unique_fd.hpp"
 #include "observe/budget.hpp"
+#include "observe/inside.hpp"
 #include "observe/patchcount.hpp"
 #include "observe/uprobe_multi.hpp"
 
@@ -34,6 +35,7 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
     l.calls = counts[j].calls, l.calls_per_s = counts[j].calls / seconds, l.probed = true;
     l.inflight = inflight ? counts[j].inflight() : -1;
   }
+  (void)liveness__threads_inside(pid, out);
   return out;
 }
 
@@ -93,7 +95,20 @@ Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Func
     l.calls = counts[j].calls, l.calls_per_s = rate[j], l.probed = true;
     l.inflight = inflight ? counts[j].inflight() : -1;
   }
+  if (auto why = liveness__threads_inside(pid, report.functions); !why.empty()) report.notes.push_back(why);
   return report;
+}
+
+std::string liveness__threads_inside(pid_t pid, std::vector<Liveness>& functions) {
+  std::vector<Function> fs;
+  for (auto& l : functions) fs.push_back(l.function);
+  auto seen = inside__snapshot(pid, fs);
+  if (!seen) return fmt::format("threads inside: from the probes only (calls since they attached): {}", seen.error().line());
+  for (size_t i = 0; i < functions.size(); ++i) {
+    functions[i].inflight = seen->functions[i].threads;
+    functions[i].inside_unknown = seen->functions[i].unknown;
+  }
+  return {};
 }
 
 namespace {

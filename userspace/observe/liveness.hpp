@@ -17,8 +17,11 @@ struct Liveness {
   Function function;
   uint64_t calls = 0;         // during the window
   double calls_per_s = 0;
-  int64_t inflight = -1;      // threads inside at the end of the window (that entered during it); -1: not measured
+  // Threads inside at the end of the window, from a look at every thread (observe/inside.hpp):
+  // those that entered before the probes too. -1: not measured.
+  int64_t inflight = -1;
   bool probed = true;         // false: the kernel refused to probe it (calls unknown, not zero)
+  size_t inside_unknown = 0;  // threads whose stack could not be read far enough (inflight is then a lower bound)
   bool live() const { return calls > 0 || inflight > 0; }
 };
 
@@ -27,6 +30,11 @@ struct Liveness {
 // never on Go code.
 Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Function>& functions,
                                                 std::chrono::milliseconds window);
+
+// Threads inside each function now, from one look at every thread (observe/inside.hpp), into
+// `functions` (inflight, inside_unknown). If the look fails, the probes' in-flight stays, and
+// the returned line says why ("" when it worked). The observe windows call it at their end.
+std::string liveness__threads_inside(pid_t pid, std::vector<Liveness>& functions);
 
 // How patch's observe window runs: a fixed window, or adaptive -- `first` (100 ms), extended by
 // steps of `first` up to `window` while some function has too few calls to judge (seen, but

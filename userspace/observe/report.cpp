@@ -41,6 +41,12 @@ std::vector<size_t> rows_by_calls(const WatchSample& s) {
   return rows;
 }
 
+// In flight: calls the probes saw enter and not return, plus threads inside from before.
+int64_t inflight_of(const WatchSample& s, size_t i) {
+  return s.total[i].inflight() + (i < s.seeded.size() ? s.seeded[i] : 0);
+}
+size_t inflight_unknown(const WatchSample& s, size_t i) { return i < s.seeded_unknown.size() ? s.seeded_unknown[i] : 0; }
+
 ReturnProbes returns_of(const WatchSample& s, size_t i) {
   if (i < s.returns.size()) return s.returns[i];
   return s.inflight_known ? ReturnProbes::on : ReturnProbes::off;
@@ -67,7 +73,7 @@ std::string watch__format_table(const WatchSample& s) {
     const auto& all = s.total[i];
     double rate = s.interval_s > 0 ? double(now.calls) / s.interval_s : 0;
     auto returns = returns_of(s, i);
-    std::string inflight = returns == ReturnProbes::on ? fmt::format("{}", all.inflight()) : "-";
+    std::string inflight = returns == ReturnProbes::on ? fmt::format("{}{}", inflight_of(s, i), inflight_unknown(s, i) ? "+?" : "") : "-";
     std::string latency = human_ns(now.mean_latency_ns());
     if (returns == ReturnProbes::go) inflight = latency = "n/a (Go)";
     out += fmt::format("{:<{}}  {:>10}  {:>10.1f}  {:>12}  {:>9}  {:>12}\n", symbols__shorten(labels[i], width), width,
@@ -89,9 +95,10 @@ std::string watch__format_json(const WatchSample& s) {
     const auto& all = s.total[i];
     if (!fns.empty()) fns += ",";
     fns += fmt::format(
-        R"({{"name":{},"mangled":{},"object":{},"address":"{:#x}","calls":{},"total":{},"inflight":{},"mean_latency_ns":{}{}}})",
+        R"({{"name":{},"mangled":{},"object":{},"address":"{:#x}","calls":{},"total":{},"inflight":{}{},"mean_latency_ns":{}{}}})",
         json__quote(f.name), json__quote(f.mangled), json__quote(f.object), f.address, now.calls, all.calls,
-        returns_of(s, i) == ReturnProbes::on ? fmt::format("{}", all.inflight()) : "null",
+        returns_of(s, i) == ReturnProbes::on ? fmt::format("{}", inflight_of(s, i)) : "null",
+        inflight_unknown(s, i) ? fmt::format(R"(,"inflight_unknown":{})", inflight_unknown(s, i)) : "",
         now.latency_samples ? fmt::format("{:.0f}", now.mean_latency_ns()) : "null",
         returns_of(s, i) == ReturnProbes::go ? R"(,"inflight_na":"Go")" : "");
   }

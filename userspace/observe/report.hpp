@@ -18,6 +18,11 @@ struct WatchSample {
   const std::vector<Function>* functions = nullptr;
   std::vector<CallCounts> interval;  // counts during the interval (the whole run when final)
   std::vector<CallCounts> total;     // counts since attach
+  // Per function (empty: none): frames of threads that were inside before the probes came
+  // and still are (observe/inside.hpp, InflightSeed), added to in-flight; and threads whose
+  // stacks could not be read, shown as "+?" ("inflight_unknown" in JSON).
+  std::vector<int64_t> seeded;
+  std::vector<size_t> seeded_unknown;
   // The table shows at most `top` rows (0: all). When there are more functions than that,
   // functions never called are hidden first and a last line counts what is not shown.
   size_t top = 20;

@@ -472,6 +472,14 @@ Result<std::vector<CallCounts>> Watch::read() const {
   return out;
 }
 
+uint64_t Watch::tracked_frames(pid_t tid, size_t i) const {
+  if (!skel_ || i >= slots_.size()) return 0;
+  watch_frame_key key{(static_cast<uint64_t>(pid_) << 32) | static_cast<uint32_t>(tid), slots_[i]};
+  watch_frame frame{};
+  if (bpf_map_lookup_elem(bpf_map__fd(skel_->maps.frames), &key, &frame) != 0) return 0;
+  return frame.depth;
+}
+
 std::vector<uint32_t> bpf__link_ids() {
   std::vector<uint32_t> ids;
   uint32_t id = 0;

@@ -87,6 +87,9 @@ class Watch {
 
   // Counters per function, in the order of functions(), summed over CPUs.
   Result<std::vector<CallCounts>> read() const;
+  // Calls of functions()[i] by thread `tid` that the probes saw enter and not return yet
+  // (the in-flight table; recursion counts each). 0 without return probes.
+  uint64_t tracked_frames(pid_t tid, size_t i) const;
   // Remove every probe now (the destructor does it too).
   void detach();
   // Cut probes back, per function of functions() (`cuts` in that order): the links of the

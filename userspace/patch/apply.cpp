@@ -154,7 +154,7 @@ Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, mil
   auto live = registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr);
   auto seen = HOTFIX_TRY(liveness__observe(p.options.pid, live, window));
   std::vector<FunctionLiveness> out;
-  for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight});
+  for (size_t i = 0; i < seen.size(); ++i) out.push_back({targets[i].name, seen[i].calls_per_s, seen[i].inflight, seen[i].inside_unknown});
   return out;
 }
 
@@ -167,7 +167,8 @@ Result<ObservedWindow> patch__observe_window(const PreparedPatch& p) {
   auto seen = HOTFIX_TRY(liveness__observe_window(p.options.pid, live, how));
   ObservedWindow out{{}, seen.seconds, std::move(seen.notes)};
   for (size_t i = 0; i < seen.functions.size(); ++i)
-    out.functions.push_back({targets[i].name, seen.functions[i].calls_per_s, seen.functions[i].inflight});
+    out.functions.push_back({targets[i].name, seen.functions[i].calls_per_s, seen.functions[i].inflight,
+                             seen.functions[i].inside_unknown});
   return out;
 }
 

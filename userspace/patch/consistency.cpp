@@ -166,10 +166,15 @@ struct ConsistencyChecker::State {
     return pread(s->mem.get(), result, sizeof *result, static_cast<off_t>(addr)) == sizeof *result;
   }
   static bool set_initial_registers(Dwfl_Thread* thread, void* thread_arg) {
-    const auto& regs = static_cast<const StoppedThread*>(thread_arg)->regs;
+    const auto* t = static_cast<const StoppedThread*>(thread_arg);
+    const auto& regs = t->regs;
     std::vector<uint64_t> dwarf = arch::regs__dwarf(regs);
     static_assert(sizeof(Dwarf_Word) == sizeof(uint64_t));
-    if (!dwfl_thread_state_registers(thread, 0, dwarf.size(), reinterpret_cast<const Dwarf_Word*>(dwarf.data())))
+    // A thread read without stopping it: the others are unknown, and an unknown register must
+    // stay undefined for libdw (a made-up value would send the unwind astray, not stop it).
+    unsigned first = t->pc_sp_only ? arch::dwarf_sp_register() : 0;
+    size_t count = t->pc_sp_only ? 1 : dwarf.size();
+    if (!dwfl_thread_state_registers(thread, first, count, reinterpret_cast<const Dwarf_Word*>(dwarf.data() + first)))
       return false;
     dwfl_thread_state_register_pc(thread, arch::regs__pc(regs));
     return true;
@@ -197,6 +202,16 @@ struct ConsistencyChecker::State {
   void find_restorers();
   const AddressRange* function_of_word(uint64_t w) const;
   void unwind(const Segment& g, std::vector<Blocker>& out);
+  struct Walk {
+    std::vector<Frame> frames;
+    int rc = 0;
+    bool runaway = false;
+    bool whole() const { return rc == 0 && !runaway; }
+  };
+  Walk walk(pid_t tid);
+  uint64_t reached(const Walk& w) const;
+  Result<std::vector<StackView>> survey(const std::vector<StoppedThread>& threads);
+  StackView survey_one(const Segment& g);
   const AddressRange* function_at_return_address(uint64_t ra) const;
 };
 
@@ -397,15 +412,10 @@ void ConsistencyChecker::State::scan_interrupted_stacks(const Segment& g, std::v
   if (sps.size() > 16) other_stack_unread = true;
 }
 
-// The confirmation: a real unwind (libdw, CFI) of one thread the scan could not clear.
-void ConsistencyChecker::State::unwind(const Segment& g, std::vector<Blocker>& out) {
-  ++stats.unwound;
-  const pid_t tid = g.thread->tid;
-  struct Walk {
-    std::vector<Frame> frames;
-    bool runaway = false;
-  } walk;
-  int rc = dwfl_getthread_frames(
+// libdw's unwind of one thread (its registers from `threads` or `current`), every frame.
+ConsistencyChecker::State::Walk ConsistencyChecker::State::walk(pid_t tid) {
+  Walk walk;
+  walk.rc = dwfl_getthread_frames(
       dwfl.get(), tid,
       [](Dwfl_Frame* frame, void* arg) {
         auto* w = static_cast<Walk*>(arg);
@@ -423,22 +433,35 @@ void ConsistencyChecker::State::unwind(const Segment& g, std::vector<Blocker>& o
         return int(DWARF_CB_OK);
       },
       &walk);
+  return walk;
+}
+
+// After an unwind that stopped early: every live return address of the frames it did not
+// reach lies at or above the last known stack pointer; words below it belong to the frames it
+// walked, whose return addresses it saw, so those are stale. With a signal frame on the stack
+// the frames may live on two stacks (sigaltstack), where "below" proves nothing: 0.
+uint64_t ConsistencyChecker::State::reached(const Walk& w) const {
+  uint64_t out = 0;
+  if (!saw_sigframe)
+    for (const Frame& f : w.frames)
+      if (f.sp) out = std::max(out, f.sp);
+  return out;
+}
+
+// The confirmation: a real unwind (libdw, CFI) of one thread the scan could not clear.
+void ConsistencyChecker::State::unwind(const Segment& g, std::vector<Blocker>& out) {
+  ++stats.unwound;
+  const pid_t tid = g.thread->tid;
+  Walk walk = this->walk(tid);
   for (size_t i = 0; i < walk.frames.size(); ++i)
     if (const AddressRange* f = find_range(functions, walk.frames[i].lookup)) {
       out.push_back(Blocker{tid, {}, int(i), walk.frames[i].pc, f->name, false});
       return;
     }
-  if (rc == 0 && !walk.runaway) return;  // a whole unwind, none of the functions on it
+  if (walk.whole()) return;  // a whole unwind, none of the functions on it
 
-  // The unwind stopped early. Every live return address of the frames it did not reach lies at
-  // or above the last known stack pointer; words below it belong to the frames it walked, whose
-  // return addresses it saw, so those are stale. Anything above is unproven: it blocks. With a
-  // signal frame on the stack the frames may live on two stacks (sigaltstack), where "below"
-  // proves nothing: every candidate blocks.
-  uint64_t reached = 0;
-  if (!saw_sigframe)
-    for (const Frame& f : walk.frames)
-      if (f.sp) reached = std::max(reached, f.sp);
+  // The unwind stopped early: anything above where it got is unproven, and blocks.
+  uint64_t reached = this->reached(walk);
   const int frame = int(walk.frames.size());
   for (auto [slot, value] : candidates) {
     if (slot < reached) continue;
@@ -451,6 +474,82 @@ void ConsistencyChecker::State::unwind(const Segment& g, std::vector<Blocker>& o
     for (const auto& f : functions) names += (names.empty() ? "" : " or ") + f.name;
     out.push_back(Blocker{tid, {}, frame, 0, names, true});
   }
+}
+
+// One thread for survey(): the same scan, then an unwind of every thread the scan cannot
+// clear, keeping every frame inside a function.
+ConsistencyChecker::StackView ConsistencyChecker::State::survey_one(const Segment& g) {
+  StackView view;
+  view.tid = g.thread->tid;
+  auto t0 = Clock::now();
+  candidates.clear();
+  saw_sigframe = other_stack_unread = false;
+  std::vector<uint64_t> interrupted_sps;
+  scan_words(buffer.get() + g.offset, g.got, g.lo, interrupted_sps);
+  if (!interrupted_sps.empty()) scan_interrupted_stacks(g, std::move(interrupted_sps));
+  stats.scan_us += micros_since(t0);
+  const uint64_t pc = arch::regs__pc(g.thread->regs);
+  if (g.scanned_all() && candidates.empty() && !other_stack_unread && arch::return_addresses_on_stack()) {
+    if (find_range(functions, pc)) view.frames.push_back(pc);  // only the innermost frame can be
+    return view;
+  }
+  ++stats.candidates;
+  ++stats.unwound;
+  auto t1 = Clock::now();
+  current = &g;
+  Walk walk = this->walk(view.tid);
+  current = nullptr;
+  stats.unwind_us += micros_since(t1);
+  for (const Frame& f : walk.frames)
+    if (find_range(functions, f.lookup)) view.frames.push_back(f.lookup);
+  uint64_t reached = this->reached(walk);
+  // Words above the last frame the unwind reached that point into a function, but not at its
+  // first byte (a thread's start routine is kept above its outermost frame; a return address
+  // never points there): a live return address the unwind missed, or a stale word.
+  std::vector<uint64_t> beyond;
+  for (auto [slot, value] : candidates)
+    if (slot >= reached && !(find_range(functions, value) && find_range(functions, value)->begin == value))
+      beyond.push_back(value);
+  // libdw can end an unwind as if at the outermost frame when a frame's rule needs a register
+  // it does not have (pc_sp_only: rbp below a frame-pointer function): a whole unwind counts
+  // only with no such word beyond it. (With a signal frame, "above" proves nothing: trust it.)
+  if (walk.whole() && (saw_sigframe || beyond.empty())) return view;
+  view.complete = false;
+  for (auto [slot, value] : candidates)
+    if (slot >= reached) view.unproven.push_back(value);
+  view.unread = !g.scanned_all() || other_stack_unread;
+  return view;
+}
+
+Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::State::survey(const std::vector<StoppedThread>& list) {
+  auto t0 = Clock::now();
+  stats = ConsistencyStats{};
+  stats.threads = list.size();
+  if (!maps_cover(list)) {
+    HOTFIX_CHECK(read_maps());
+    stats.maps_reread = true;
+  }
+  stats.maps_us = micros_since(t0);
+  threads = &list;
+  std::vector<StackView> out;
+  size_t next = 0;
+  while (next < list.size()) {
+    segments.clear();
+    size_t words = 0;
+    for (; next < list.size() && segments.size() < kBatchThreads; ++next) {
+      Segment g = plan_segment(list[next]);
+      if (words + g.wanted > kBatchBytes / 8 && !segments.empty()) break;
+      g.offset = words;
+      words += g.wanted;
+      segments.push_back(g);
+    }
+    reserve_buffer(words);
+    read_segments();
+    for (const Segment& g : segments) out.push_back(survey_one(g));
+  }
+  threads = nullptr;
+  stats.total_us = micros_since(t0);
+  return out;
 }
 
 Result<std::vector<Blocker>> ConsistencyChecker::State::check(const std::vector<StoppedThread>& list) {
@@ -545,6 +644,10 @@ Result<void> ConsistencyChecker::refresh() {
 }
 
 const ConsistencyStats& ConsistencyChecker::last_stats() const { return s_->stats; }
+
+Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::survey(const std::vector<StoppedThread>& threads) {
+  return s_->survey(threads);
+}
 
 Result<std::vector<Blocker>> consistency__check_strict(pid_t pid, const std::vector<StoppedThread>& threads,
                                                        const std::vector<AddressRange>& functions) {

@@ -28,6 +28,10 @@ struct AddressRange {
 struct StoppedThread {
   pid_t tid = 0;
   arch::RegsBuffer regs;
+  // Only the pc and stack pointer in `regs` are known: a thread read without stopping it,
+  // blocked in the kernel (/proc/TID/syscall, observe/inside.hpp). The unwinder then starts
+  // from those two alone, and stops where a frame's rule needs another register.
+  bool pc_sp_only = false;
 };
 
 struct Blocker {
@@ -84,6 +88,22 @@ class ConsistencyChecker {
   // mappings by itself when it meets a thread created since.
   Result<void> refresh();
   const ConsistencyStats& last_stats() const;
+
+  // Every frame of each thread that is in one of the functions, not just the first: for
+  // counting threads inside (observe/inside.hpp). The threads must hold still during the call
+  // (ptrace-stopped, or blocked in the kernel: the caller checks they did not move).
+  struct StackView {
+    pid_t tid = 0;
+    std::vector<uint64_t> frames;  // lookup address of every frame inside a function, innermost first
+    // No frame of a function is missing from `frames` (the unwind reached the stack's end, or
+    // the scan found no word on the whole stack that points into one).
+    bool complete = true;
+    // Otherwise: words above where the unwind stopped that point into a function (a live
+    // return address or a stale value: unproven), and whether part of the stack was not read.
+    std::vector<uint64_t> unproven;  // as found: a return address (or one past a function), or a saved pc
+    bool unread = false;
+  };
+  Result<std::vector<StackView>> survey(const std::vector<StoppedThread>& threads);
 
  private:
   struct State;

@@ -104,7 +104,8 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts);
 struct FunctionLiveness {
   std::string name;
   double calls_per_s = 0;
-  int64_t inflight = -1;  // -1: not measured
+  int64_t inflight = -1;  // threads inside at the end (observe/inside.hpp); -1: not measured
+  size_t inside_unknown = 0;  // threads that could not be read: inflight is a lower bound
 };
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, std::chrono::milliseconds window);
 // The observe window as PatchOptions asks (adaptive, within the overhead budget), with how long

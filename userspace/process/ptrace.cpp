@@ -739,4 +739,85 @@ Result<void> Tracee::detach() {
   return result;
 }
 
+// ---------------------------------------------------------------- one thread on its own
+
+namespace {
+// Threads seized by a ThreadHold::stop that gave up waiting: they will stop (the interrupt is
+// pending) and must then be let go. Only this (the tracer) thread can.
+std::vector<pid_t>& late_threads() {
+  static std::vector<pid_t> tids;
+  return tids;
+}
+
+// The wait status of `tid`'s next stop or exit, or 0 at `deadline`.
+int wait_thread(pid_t tid, TraceClock::time_point deadline) {
+  for (int spins = 0;; ++spins) {
+    int status = 0;
+    pid_t r = ::waitpid(tid, &status, __WALL | WNOHANG);
+    if (r == tid) return status;
+    if (r < 0 && errno != EINTR) return -1;
+    if (TraceClock::now() >= deadline) return 0;
+    // A running thread stops within microseconds of the interrupt: yield first, then sleep.
+    if (spins < 64) ::sched_yield();
+    else ::usleep(50);
+  }
+}
+}  // namespace
+
+void ThreadHold::release_late() {
+  auto& late = late_threads();
+  std::erase_if(late, [](pid_t tid) {
+    int status = 0;
+    pid_t r = ::waitpid(tid, &status, __WALL | WNOHANG);
+    if (r == 0) return false;  // not stopped yet
+    if (r == tid && WIFSTOPPED(status)) {
+      int sig = classify_stop(status) == StopKind::signal ? WSTOPSIG(status) : 0;
+      (void)ptrace_req(PTRACE_DETACH, tid, 0, static_cast<unsigned long>(sig));
+    }
+    return true;  // detached, exited, or no longer ours
+  });
+}
+
+size_t ThreadHold::late_count() { return late_threads().size(); }
+
+Result<ThreadHold> ThreadHold::stop(pid_t pid, pid_t tid, std::chrono::milliseconds timeout) {
+  release_late();
+  if (ptrace_req(PTRACE_SEIZE, tid, 0, 0) != 0) {
+    int err = errno;
+    pid_t tracer = process__tracer(tid);
+    return fail(fmt::format("cannot seize thread {} of process {}: {}", tid, pid, errno_text(err)),
+                tracer ? fmt::format("it is traced by pid {}; detach that tool first", tracer)
+                       : std::string("check that it still runs and that you are root"));
+  }
+  if (ptrace_req(PTRACE_INTERRUPT, tid) != 0) {
+    int err = errno;
+    late_threads().push_back(tid);  // seized: it must still be let go
+    release_late();
+    return fail(fmt::format("cannot interrupt thread {} of process {}: {}", tid, pid, errno_text(err)));
+  }
+  int status = wait_thread(tid, TraceClock::now() + timeout);
+  if (status == 0) {
+    late_threads().push_back(tid);
+    return fail(fmt::format("thread {} of process {} did not stop within {} ms (state {})", tid, pid, timeout.count(),
+                            status_field(tid, "State")),
+                "it is in uninterruptible sleep; it is let go as soon as it stops");
+  }
+  if (status < 0 || !WIFSTOPPED(status)) return fail(fmt::format("thread {} of process {} exited", tid, pid));
+  // A signal-delivery stop: the thread dequeued a signal on its way out of the kernel; its
+  // registers are its user state all the same, and the detach delivers the signal.
+  int sig = classify_stop(status) == StopKind::signal ? WSTOPSIG(status) : 0;
+  arch::RegsBuffer regs{};
+  if (auto r = arch::regs__read(tid, regs); !r) {
+    (void)ptrace_req(PTRACE_DETACH, tid, 0, static_cast<unsigned long>(sig));
+    return std::unexpected(r.error());
+  }
+  return ThreadHold(tid, sig, regs);
+}
+
+ThreadHold::ThreadHold(ThreadHold&& o) noexcept : tid_(o.tid_), signal_(o.signal_), regs_(o.regs_) { o.tid_ = 0; }
+
+ThreadHold::~ThreadHold() {
+  if (tid_) (void)ptrace_req(PTRACE_DETACH, tid_, 0, static_cast<unsigned long>(signal_));
+}
+
 }  // namespace hotfix

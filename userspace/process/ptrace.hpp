@@ -195,6 +195,33 @@ class Tracee {
   RealtimeBoost boost_;  // held from stop_all to resume_all/detach
 };
 
+// One thread of a process stopped on its own, while the object lives: PTRACE_SEIZE of that
+// thread alone, PTRACE_INTERRUPT, its registers read; the destructor lets it go (PTRACE_DETACH,
+// delivering a signal it dequeued meanwhile). The other threads are not touched. For looking
+// at a running thread's stack (observe/inside.hpp): hold it only as long as that takes.
+class ThreadHold {
+ public:
+  // Fails, leaving the thread running, if it cannot be seized (traced already, gone) or does
+  // not stop within `timeout` (then it is released as soon as it stops: release_late()).
+  static Result<ThreadHold> stop(pid_t pid, pid_t tid, std::chrono::milliseconds timeout);
+  ThreadHold(ThreadHold&& o) noexcept;
+  ThreadHold& operator=(ThreadHold&&) = delete;
+  ThreadHold(const ThreadHold&) = delete;
+  ~ThreadHold();
+  pid_t tid() const { return tid_; }
+  const arch::RegsBuffer& regs() const { return regs_; }
+  // Detach the threads whose stop came after stop() gave up on them (called by stop() too):
+  // until then they sit in their stop, so a caller that gave up calls this again soon.
+  static void release_late();
+  static size_t late_count();
+
+ private:
+  ThreadHold(pid_t tid, int signal, const arch::RegsBuffer& regs) : tid_(tid), signal_(signal), regs_(regs) {}
+  pid_t tid_ = 0;
+  int signal_ = 0;  // dequeued by the thread while we held it: delivered by the detach
+  arch::RegsBuffer regs_{};
+};
+
 // "already traced by pid 4242 (gdb)" check, usable before seizing: 0 if untraced.
 pid_t process__tracer(pid_t pid);
 
