@@ -222,3 +222,28 @@ TEST_CASE("a patch killed at any crash point of its observe window's trampolines
   REQUIRE(run({ctl(), "revert", "--pid", pid, "--all"}).exit_code == 0);
   CHECK(file_bytes_at(t.pid(), work.address));
 }
+
+TEST_CASE("observe window with --count uprobe: the budget moves a very hot function to a trampoline") {
+  require_root();
+  Child spin{{fixture("budget_spin")}};
+  REQUIRE(spin.request("ready").rfind("ok", 0) == 0);
+  Function hot = function_of(spin.pid(), "spin_hot"), cold = function_of(spin.pid(), "spin_cold");
+  ObserveWindow how{.window = 1s, .adaptive = false, .trampolines = false};
+  auto seen = liveness__observe_window(spin.pid(), {hot, cold}, how);
+  REQUIRE(seen);
+  std::string notes;
+  for (auto& n : seen->notes) notes += n + "\n";
+  INFO(notes);
+  CHECK(notes.find("moved to trampoline counting spin_hot") != std::string::npos);
+  REQUIRE(seen->functions.size() == 2);
+  CHECK(seen->functions[0].trampoline);
+  // Counted on after the move, by the trampoline: more calls than a uprobe (a trap of >= 1 us
+  // each) could ever see in a second.
+  CHECK(seen->functions[0].calls > 1000000);
+  CHECK(!seen->functions[1].trampoline);
+  CHECK(seen->functions[1].calls > 0);
+  CHECK(file_bytes_at(spin.pid(), hot.address));
+  CHECK(file_bytes_at(spin.pid(), cold.address));
+  CHECK(watches_empty(spin.pid()));
+  REQUIRE(spin.request("quit").rfind("ok", 0) == 0);
+}
