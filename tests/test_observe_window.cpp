@@ -247,3 +247,47 @@ TEST_CASE("observe window with --count uprobe: the budget moves a very hot funct
   CHECK(watches_empty(spin.pid()));
   REQUIRE(spin.request("quit").rfind("ok", 0) == 0);
 }
+
+TEST_CASE("a thread parked in a window's trampoline holds its page, not the patch; the next hotfix-ctl frees it") {
+  require_root();
+  Child t{{fixture("tramp_target")}};
+  REQUIRE(t.request("ready").rfind("ok", 0) == 0);
+  Function park = function_of(t.pid(), "park_first");
+  std::string pid = std::to_string(t.pid());
+  auto memory_before = stub_memory(t.pid());
+  // Once the window's jump is in, a thread enters park_first through the trampoline and blocks
+  // in the read(2) that the trampoline's relocated instructions make: its pc is in the page.
+  std::atomic<bool> parked{false};
+  std::thread parker([&] {
+    auto until = std::chrono::steady_clock::now() + 30s;
+    while (std::chrono::steady_clock::now() < until &&
+           read_memory(t.pid(), park.address, 1) != std::vector<unsigned char>{0xe9})
+      std::this_thread::sleep_for(1ms);
+    parked = t.request("park") == "ok";
+  });
+  auto r = run({ctl(), "patch", "--pid", pid, "--lib", fixture("tramp_fix.so"), "park_first", "--observe", "1.5",
+                "--no-abi-check", "--consistency", "entry"});
+  parker.join();
+  INFO(r.out << r.err);
+  REQUIRE(parked);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("s (trampolines):") != std::string::npos);
+  CHECK(r.out.find("the trampolines' memory stays mapped") != std::string::npos);
+  CHECK(r.out.find("applied patch") != std::string::npos);
+  CHECK(read_memory(t.pid(), park.address, 1) == std::vector<unsigned char>{0xe9});  // the patch's jump
+  CHECK(stub_memory(t.pid()).first > memory_before.first);  // the held page (and the patch's own)
+
+  // The parked thread leaves through the old code; the next hotfix-ctl frees the page and keeps
+  // the patch's jump (not "someone else's change").
+  REQUIRE(t.request("release") == "ok");
+  auto listed = run({ctl(), "list", "--pid", pid});
+  INFO(listed.out << listed.err);
+  REQUIRE(listed.exit_code == 0);
+  CHECK(listed.err.find("removed what an ended watch") != std::string::npos);
+  CHECK(listed.err.find("was changed since") == std::string::npos);
+  CHECK(watches_empty(t.pid()));
+  auto rev = run({ctl(), "revert", "--pid", pid, "--all"});
+  INFO(rev.out << rev.err);
+  REQUIRE(rev.exit_code == 0);
+  CHECK(file_bytes_at(t.pid(), park.address));
+}
