@@ -1,6 +1,7 @@
 // The overhead budget (observe/budget.hpp): the decision on its own, Watch::reduce on a real
 // process (counts stay exact for what is kept), and default `hotfix-ctl watch` on a function
-// called millions of times a second: its probe is dropped with one line, the target goes on.
+// called millions of times a second: it moves to a counting trampoline with one line (with
+// --count uprobe; by default it has one from the start), the target goes on.
 #include <signal.h>
 
 #include <catch2/catch.hpp>
@@ -118,10 +119,16 @@ TEST_CASE("Watch::reduce drops a return probe or a whole function and keeps the 
   REQUIRE(calls.request("quit").rfind("ok", 0) == 0);
 }
 
-TEST_CASE("watch by uprobes drops the probe of a very hot function in one line; the target keeps going") {
+TEST_CASE("watch by uprobes moves a very hot function to a trampoline in one line; the target keeps going") {
   require_root();
   Child spin{{fixture("budget_spin")}};
   REQUIRE(spin.request("ready").rfind("ok", 0) == 0);
+  auto table = SymbolTable::for_pid(spin.pid());
+  REQUIRE(table);
+  auto hot = symbols__select(*table, {"spin_hot"});
+  REQUIRE(hot);
+  REQUIRE(hot->size() == 1);
+  uint64_t entry = hot->front().address;
   Child watch{{ctl(), "watch", "--pid", std::to_string(spin.pid()), "spin_hot", "spin_cold", "--json", "--interval",
                "0.3", "--count", "uprobe"}};  // the budget is the uprobes'; trampolines cost a few ns
   // Lines on stderr until the budget's note (notes and the banner come first).
@@ -134,11 +141,11 @@ TEST_CASE("watch by uprobes drops the probe of a very hot function in one line; 
   }
   INFO(err);
   REQUIRE(!budget_line.empty());
-  CHECK(budget_line.find("dropped the probes of spin_hot") != std::string::npos);
+  CHECK(budget_line.find("moved to trampoline counting spin_hot") != std::string::npos);
   CHECK(budget_line.find("spin_cold") == std::string::npos);
 
-  // The target's own progress goes on, and the watch sees no more spin_hot calls while it
-  // still sees spin_cold's.
+  // The target's own progress goes on, and the watch still counts spin_hot (by its trampoline:
+  // the jump is at its entry) and spin_cold (by uprobe).
   auto before = progress_of(spin);
   std::string reports;
   for (int i = 0; i < 4; ++i) {
@@ -148,10 +155,14 @@ TEST_CASE("watch by uprobes drops the probe of a very hot function in one line; 
   }
   CHECK(progress_of(spin) > before);
   INFO(reports);
+  CHECK(read_memory(spin.pid(), entry, 1) == std::vector<unsigned char>{0xe9});
   std::string last = reports.substr(reports.rfind("{\"time\""));
-  CHECK(interval_calls(last, "spin_hot") == "0");
+  CHECK(interval_calls(last, "spin_hot") != "0");
+  CHECK(!interval_calls(last, "spin_hot").empty());
   watch.signal(SIGINT);
   REQUIRE(watch.wait(20s) == 0);
+  auto file = file_bytes(spin.pid(), entry, 16);
+  CHECK(read_memory(spin.pid(), entry, 16) == file);  // the trampoline is gone
   REQUIRE(spin.request("quit").rfind("ok", 0) == 0);
 }
 

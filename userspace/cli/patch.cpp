@@ -46,9 +46,12 @@ std::string notes_json(const std::vector<PlanNote>& notes) {
   return "[" + out + "]";
 }
 
-void print_liveness(const std::vector<FunctionLiveness>& live, double seconds) {
-  fmt::print("observed for {:.2f} s (uprobes):\n", seconds);
-  for (auto& f : live)
+void print_liveness(const ObservedWindow& w) {
+  std::string by = !w.uprobes ? "trampolines"
+                   : !w.trampolines ? "uprobes"
+                                    : fmt::format("trampolines: {}, uprobes: {}", w.trampolines, w.uprobes);
+  fmt::print("observed for {:.2f} s ({}):\n", w.seconds, by);
+  for (auto& f : w.functions)
     fmt::print("  {:<50} {:>10.1f} calls/s  {:<5} {}\n", f.name, f.calls_per_s, f.calls_per_s > 0 || f.inflight > 0 ? "live" : "idle",
                f.inflight < 0 ? std::string("threads inside: n/a (the threads could not be looked at)")
                               : "threads inside: " + inside__describe(InsideCount{f.inflight, f.inflight, f.inside_unknown}));
@@ -79,6 +82,7 @@ int verb_patch(const Args& args) {
   PatchOptions opts;
   std::string consistency = "strict";
   double timeout_s = 10, observe_s = 1;
+  std::string count_mode = "trampoline";
   desc.add_options()("pid,p", po::value<pid_t>(&opts.pid)->required(), "target process")(
       "lib,l", po::value<std::string>(&opts.library)->required(), "the fix library (fix.so)")(
       "pattern", po::value<std::vector<std::string>>(&opts.patterns), "functions to replace (default: all fix.so replaces)")(
@@ -89,6 +93,7 @@ int verb_patch(const Args& args) {
       "no-count", "do not count hits (no counting island, no probes on the old code's exits)")(
       "observe", po::value<double>(&observe_s), "seconds to watch the functions' liveness before acting (default: adaptive, 0.1 s, up to 1 s while counts are too few to judge; 0 to skip; a dry run only observes when this is given)")(
       "max-overhead", po::value<double>(&opts.max_overhead_pct), "observe window's probe budget, % of one CPU (default 2): the hottest functions' probes are cut above it")(
+      "count", po::value<std::string>(&count_mode), "how the observe window counts calls: trampoline (no trap, the default; uprobes only where a prologue cannot move) or uprobe")(
       "blind-retry", "strict mode: retry the stop on a timer instead of waiting for the uprobes to see no thread inside")(
       "allow-untrusted-lib", "load fix.so even if someone besides root and you could have changed it (recorded in the audit log)")(
       "allow-uncovered", "apply even where inlined copies, clones or aliases of a patched function run its code outside the entry jump (they are listed in the plan, list and stats)")(
@@ -109,6 +114,9 @@ int verb_patch(const Args& args) {
   if (observe_s < 0) return report(Error{"--observe must be 0 or more seconds", "", 2});
   opts.observe = std::chrono::milliseconds(static_cast<long>(observe_s * 1000));
   opts.observe_adaptive = !vm.count("observe");  // a window given is a window kept
+  if (count_mode != "trampoline" && count_mode != "uprobe")
+    return report(Error{fmt::format("bad --count {}: give trampoline or uprobe", count_mode), "", 2});
+  opts.observe_trampolines = count_mode == "trampoline";
   if (!(opts.max_overhead_pct > 0)) return report(Error{"--max-overhead must be a share of one CPU in percent, > 0", "", 2});
   opts.allow_untrusted_lib = vm.count("allow-untrusted-lib") > 0;
   opts.allow_uncovered = vm.count("allow-uncovered") > 0;
@@ -156,7 +164,7 @@ int verb_patch(const Args& args) {
     if (!observed) return refused(observed.error());
     if (!json) {
       for (auto& note : observed->notes) fmt::print("note: {}\n", note);
-      print_liveness(observed->functions, observed->seconds);
+      print_liveness(*observed);
     }
   }
   if (dry_run) {

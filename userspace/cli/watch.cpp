@@ -48,7 +48,8 @@ constexpr const char* kCost =
     "(no in-flight or latency columns). Watch hot functions briefly. See docs/performance.md.\n"
     "\nbudget: watch estimates its own cost (calls/s x this machine's measured cost of a hit) and\n"
     "keeps it under --max-overhead (default 2% of one CPU): the hottest functions lose their\n"
-    "return probe, then their probes, and one note says which (their counts stop there).\n"
+    "return probe, then (--count uprobe) move to a counting trampoline, else lose their probes\n"
+    "(their counts stop there); one note says which.\n"
     "\nexceptions: a C++ exception thrown through a function watched with return probes terminates\n"
     "the target (the uretprobe trampoline has no unwind info). So return probes are off by default\n"
     "for functions of objects with C++ exception tables; --inflight turns them on when you know\n"
@@ -149,28 +150,6 @@ void print_sample(const WatchSample& s, bool json) {
   std::fflush(stdout);
 }
 
-// One line naming the functions a uprobe counts instead of a trampoline, grouped by reason.
-std::string refused_line(const std::vector<TrampolineRefusal>& refused) {
-  std::vector<std::pair<std::string, std::vector<std::string>>> by_reason;
-  for (auto& r : refused) {
-    auto it = std::find_if(by_reason.begin(), by_reason.end(), [&](auto& b) { return b.first == r.reason; });
-    if (it == by_reason.end()) by_reason.push_back({r.reason, {}}), it = by_reason.end() - 1;
-    it->second.push_back(r.function.name);
-  }
-  std::string line = fmt::format("{} function{} counted by uprobe, not by a trampoline:", refused.size(),
-                                 refused.size() == 1 ? "" : "s");
-  size_t shown = 0;
-  for (auto& [reason, names] : by_reason) {
-    std::string list;
-    for (auto& n : names)
-      if (shown++ < 16) list += (list.empty() ? "" : ", ") + n;
-    if (!list.empty()) line += fmt::format(" {} ({});", list, reason);
-  }
-  if (shown > 16) line += fmt::format(" and {} more;", shown - 16);
-  line.pop_back();
-  return line;
-}
-
 // The mechanisms in the banner: "trampolines", "uprobe_multi", "trampolines (3) and uprobe_multi (1)".
 std::string mechanisms(size_t trampolines, const std::optional<Watch>& watch) {
   size_t probed = watch ? watch->functions().size() : 0;
@@ -244,15 +223,21 @@ int run_watch(const WatchArgs& a) {
     stubs.emplace(std::move(*installed));
     probed.clear();
     for (auto& r : refused) probed.push_back(r.function);
-    if (!refused.empty()) fmt::print(stderr, "note: {}\n", refused_line(refused));
+    if (!refused.empty()) fmt::print(stderr, "note: {}\n", watchstubs__refused_line(refused));
   }
+  // --count uprobe: the budget moves the hottest functions here (one batch, see limits.md).
+  std::optional<WatchStubs> moved;
+  std::vector<std::optional<size_t>> moved_slot;  // by watch function index: its slot in `moved`
   auto remove_stubs = [&] {
-    if (!stubs) return 0;
-    auto removed = stubs->remove(std::chrono::seconds(60), progress);
-    stubs.reset();
-    if (!removed) return report(removed.error());
-    for (auto& n : *removed) fmt::print(stderr, "note: {}\n", n);
-    return 0;
+    int code = 0;
+    for (auto* s : {&stubs, &moved}) {
+      if (!*s) continue;
+      auto removed = (*s)->remove(std::chrono::seconds(60), progress);
+      s->reset();
+      if (!removed) code = report(removed.error());
+      else for (auto& n : *removed) fmt::print(stderr, "note: {}\n", n);
+    }
+    return code;
   };
   std::optional<Watch> watch;
   // Measured before attaching (its own probes are on this program, not on the target).
@@ -293,6 +278,11 @@ int run_watch(const WatchArgs& a) {
       for (uint64_t c : stubs->read()) out.push_back(CallCounts{.calls = c});
     if (watch) {
       auto probes = HOTFIX_TRY(watch->read());
+      if (moved) {  // a moved function's row: its uprobe count (frozen) and its trampoline's since
+        auto more = moved->read();
+        for (size_t i = 0; i < probes.size() && i < moved_slot.size(); ++i)
+          if (moved_slot[i]) probes[i].calls += more[*moved_slot[i]];
+      }
       out.insert(out.end(), probes.begin(), probes.end());
     }
     return out;
@@ -331,6 +321,27 @@ int run_watch(const WatchArgs& a) {
   // every report; the uprobed functions' counts follow the trampolines' in `counts`.
   std::optional<WatchBudget> budget;
   if (watch && cost) budget.emplace(*watch, *cost, a.max_overhead);
+  // With --count uprobe every function could take a trampoline: the budget moves the hottest
+  // there (their uprobes are detached first). With trampolines on, the uprobed ones cannot.
+  if (budget && !a.trampolines)
+    budget->move_to_trampoline = [&](const std::vector<size_t>& which) {
+      std::vector<bool> ok(which.size(), false);
+      if (moved) return ok;  // one batch per watch
+      std::vector<Function> fs;
+      for (size_t j : which) fs.push_back(watch->functions()[j]);
+      std::vector<TrampolineRefusal> refused;
+      auto installed = WatchStubs::install(a.pid, fs, WatchStubOptions{.timeout = std::chrono::seconds(1)}, refused);
+      if (!installed) {
+        fmt::print(stderr, "note: cannot move functions to trampolines: {}\n", installed.error().line());
+        return ok;
+      }
+      moved.emplace(std::move(*installed));
+      moved_slot.assign(watch->functions().size(), std::nullopt);
+      for (size_t k = 0; k < moved->functions().size(); ++k)
+        for (size_t m = 0; m < which.size(); ++m)
+          if (watch->functions()[which[m]].address == moved->functions()[k].address) ok[m] = true, moved_slot[which[m]] = k;
+      return ok;
+    };
   auto early = budget ? start + std::chrono::milliseconds(100) : clock::time_point::max();
   auto keep_budget = [&](const std::vector<CallCounts>& counts, double seconds) {
     if (!budget) return true;

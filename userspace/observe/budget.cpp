@@ -263,21 +263,28 @@ Result<std::string> WatchBudget::check(const std::vector<CallCounts>& counts, do
   if (!(seconds > 0)) return std::string();
   ProbeCost cost = cost_;
   if (!move_to_trampoline) cost.trampoline_ns = 0;
+  else if (!(cost.trampoline_ns > 0)) cost.trampoline_ns = kTrampolineHitNs;
   std::vector<FunctionLoad> load;
   for (size_t i = 0; i < state_.size() && i < counts.size(); ++i)
     load.push_back({watch_.functions()[i].name, static_cast<double>(counts[i].calls) / seconds, state_[i]});
   auto d = budget__decide(load, cost, max_pct_);
   if (!d.changed()) return std::string();
   std::vector<ProbeCut> cuts(load.size(), ProbeCut::keep);
+  std::vector<size_t> moving;
   for (size_t i = 0; i < load.size(); ++i) {
     BudgetAction a = d.actions[i];
-    if (a == BudgetAction::move_to_trampoline && !move_to_trampoline(i)) a = d.actions[i] = BudgetAction::drop;
+    if (a == BudgetAction::move_to_trampoline) moving.push_back(i);
     cuts[i] = a == BudgetAction::drop_return ? ProbeCut::drop_return
               : a == BudgetAction::keep      ? ProbeCut::keep
-                                             : ProbeCut::drop;  // moved (uprobes no longer needed) or dropped
-    state_[i] = budget__after(state_[i], a);
+                                             : ProbeCut::drop;  // moved (its uprobes go first) or dropped
   }
   HOTFIX_CHECK(watch_.reduce(cuts));
+  if (!moving.empty()) {
+    auto moved = move_to_trampoline(moving);
+    for (size_t k = 0; k < moving.size(); ++k)
+      if (k >= moved.size() || !moved[k]) d.actions[moving[k]] = BudgetAction::drop;
+  }
+  for (size_t i = 0; i < load.size(); ++i) state_[i] = budget__after(state_[i], d.actions[i]);
   return budget__line(load, d, cost, max_pct_);
 }
 

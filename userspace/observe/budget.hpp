@@ -31,6 +31,11 @@ struct ProbeCost {
   bool cached = false;       // read from this boot's earlier measurement
 };
 
+// What a counted call costs with a counting trampoline (one `lock add`, two jumps): measured in
+// tools/bench (bench_watch, docs/performance.md) rather than here, since hotfix-ctl cannot put a
+// trampoline on itself. The budget uses it for functions it moves to trampolines.
+constexpr double kTrampolineHitNs = 5.0;
+
 // The machine's probe costs: measured once per boot (a few thousand calls of a function of this
 // program with an entry, then an entry and return uprobe, ~50 ms) and kept in
 // /run/hotfix/probe-cost; later calls read that. HOTFIX_PROBE_COST_NS="ENTRY,RETURN" sets them
@@ -96,11 +101,13 @@ class WatchBudget {
  public:
   WatchBudget(Watch& watch, ProbeCost cost, double max_pct);
 
-  // Trampoline counting plugs in here (issue 11 §1): given functions()[i] of the watch, start
-  // counting it with a trampoline and return true, or false if it cannot (the budget then
-  // drops its probes). While unset, ProbeCost::trampoline_ns is ignored and hot functions are
-  // dropped. The watch's uprobes of a moved function are detached by the budget afterwards.
-  std::function<bool(size_t)> move_to_trampoline;
+  // Trampoline counting plugs in here (issue 11 §1): given indexes into the watch's
+  // functions(), start counting them with trampolines (all in one stop) and say, for each,
+  // whether it could. Those that could not lose their probes all the same (dropped). The
+  // budget detaches their uprobes first: a trampoline is never written where a breakpoint
+  // sits, so the calls between the detach and the switch (a few ms) are not counted. While
+  // unset, ProbeCost::trampoline_ns is ignored and hot functions are dropped.
+  std::function<std::vector<bool>(const std::vector<size_t>&)> move_to_trampoline;
 
   Result<std::string> check(const std::vector<CallCounts>& counts, double seconds);
   double max_pct() const { return max_pct_; }

@@ -12,8 +12,9 @@
 #include "observe/inside.hpp"
 #include "observe/patchcount.hpp"
 #include "observe/uprobe_multi.hpp"
-
 #include "observe/probe_safety.hpp"
+#include "common/crashpoint.hpp"
+#include "patch/watchstubs.hpp"
 
 namespace hotfix {
 
@@ -41,60 +42,185 @@ Result<std::vector<Liveness>> liveness__observe(pid_t pid, const std::vector<Fun
 
 namespace {
 
-// Functions seen but too rarely to give a rate yet: why the window goes on.
-std::vector<size_t> unjudged(const std::vector<CallCounts>& counts, const Watch& watch) {
-  std::vector<size_t> out;
-  for (size_t j = 0; j < counts.size(); ++j)
-    if (watch.observed(j) && counts[j].calls > 0 && counts[j].calls < ObserveWindow::kJudgeCalls) out.push_back(j);
-  return out;
-}
+// Where each asked function's calls are counted during the window, and their totals.
+class WindowCounters {
+ public:
+  WindowCounters(pid_t pid, const std::vector<Function>& functions, const ObserveWindow& how)
+      : pid_(pid), functions_(functions), how_(how), stub_(functions.size()), probe_(functions.size()),
+        moved_(functions.size()) {}
+
+  // Trampolines for every function that can take one (one stop); the rest go to uprobes.
+  Result<void> start(std::vector<std::string>& notes) {
+    std::vector<size_t> rest;
+    if (how_.trampolines) {
+      std::vector<TrampolineRefusal> refused;
+      auto installed = WatchStubs::install(pid_, functions_, WatchStubOptions{.timeout = how_.install_timeout}, refused);
+      if (!installed) {
+        notes.push_back(fmt::format("no counting trampolines: {}; the window counts with uprobes",
+                                    installed.error().what));
+      } else {
+        stubs_.emplace(std::move(*installed));
+        for (size_t k = 0; k < stubs_->functions().size(); ++k) stub_[index_of(stubs_->functions()[k])] = k;
+        if (!refused.empty()) notes.push_back(watchstubs__refused_line(refused));
+      }
+    }
+    for (size_t i = 0; i < functions_.size(); ++i)
+      if (!stub_[i]) rest.push_back(i);
+    if (rest.empty()) return {};
+    std::vector<Function> probed;
+    for (size_t i : rest) probed.push_back(functions_[i]);
+    bool returns = probe__objects_with_exceptions(probed).empty();  // Go code: Watch never gives it any
+    auto cost = probe_cost__measured();  // before attaching: its probes are on this program
+    watch_.emplace(HOTFIX_TRY(Watch::attach(pid_, probed, WatchOptions{.returns = returns})));
+    for (size_t j = 0; j < watch_->functions().size(); ++j) probe_[rest[watch_->input_index(j)]] = j;
+    if (!cost) {
+      notes.push_back(fmt::format("no overhead budget: {}", cost.error().line()));
+      return {};
+    }
+    budget_.emplace(*watch_, *cost, how_.max_overhead_pct);
+    // In uprobe mode the budget moves the hottest functions to trampolines. With trampolines
+    // already on, the uprobed ones are those that cannot take one: the budget drops them.
+    if (!how_.trampolines)
+      budget_->move_to_trampoline = [this](const std::vector<size_t>& which) { return move(which); };
+    return {};
+  }
+
+  // Read every source; the budget looks at the uprobes' counts (and may cut or move them).
+  Result<void> sample(double seconds, std::vector<std::string>& notes) {
+    if (watch_) probe_counts_ = HOTFIX_TRY(watch_->read());
+    totals_.assign(functions_.size(), 0);
+    std::vector<uint64_t> stubbed = stubs_ ? stubs_->read() : std::vector<uint64_t>{};
+    std::vector<uint64_t> moved = moved_stubs_ ? moved_stubs_->read() : std::vector<uint64_t>{};
+    for (size_t i = 0; i < functions_.size(); ++i) {
+      if (stub_[i]) totals_[i] += stubbed[*stub_[i]];
+      if (probe_[i]) totals_[i] += probe_counts_[*probe_[i]].calls;  // frozen once dropped or moved
+      if (moved_[i]) totals_[i] += moved[*moved_[i]];
+    }
+    if (rates_.empty()) rates_.assign(functions_.size(), 0);
+    for (size_t i = 0; i < functions_.size(); ++i)
+      if (observing(i)) rates_[i] = static_cast<double>(totals_[i]) / seconds;
+    if (budget_) {
+      auto line = HOTFIX_TRY(budget_->check(probe_counts_, seconds));
+      if (!line.empty()) notes.push_back(line);
+    }
+    return {};
+  }
+
+  // Still counting function i (not dropped by the budget, not refused by the kernel).
+  bool observing(size_t i) const {
+    return stub_[i] || moved_[i] || (probe_[i] && watch_->observed(*probe_[i]));
+  }
+  uint64_t total(size_t i) const { return totals_[i]; }
+
+  // Uprobes off, then the trampolines' entries back to the file's bytes (one stop each set);
+  // their memory is freed once no thread can be inside it.
+  Result<void> stop(std::vector<std::string>& notes) {
+    budget_.reset();
+    if (watch_) watch_->detach();
+    for (auto* s : {&stubs_, &moved_stubs_}) {
+      if (!*s) continue;
+      auto removed = (*s)->remove(std::chrono::seconds(1));
+      if (!removed)
+        return fail(fmt::format("cannot remove the observe window's counting trampolines from pid {}: {}", pid_,
+                                removed.error().what),
+                    fmt::format("nothing was patched; run `hotfix-ctl recover --pid {}`, then retry", pid_));
+      for (auto& n : *removed) notes.push_back(n);
+    }
+    return {};
+  }
+
+  std::vector<Liveness> report() const {
+    std::vector<Liveness> out;
+    for (size_t i = 0; i < functions_.size(); ++i) {
+      Liveness l{functions_[i], totals_.empty() ? 0 : totals_[i], rates_.empty() ? 0 : rates_[i], -1, false};
+      l.trampoline = stub_[i] || moved_[i];
+      l.probed = l.trampoline || probe_[i];  // not probed: the kernel refused it (calls unknown)
+      if (probe_[i] && !moved_[i] && watch_->return_probes(*probe_[i]) == ReturnProbes::on)
+        l.inflight = probe_counts_[*probe_[i]].inflight();
+      out.push_back(std::move(l));
+    }
+    return out;
+  }
+  size_t trampolines() const { return static_cast<size_t>(std::count_if(stub_.begin(), stub_.end(), [](auto& s) { return s.has_value(); })) + moved_count_; }
+  size_t uprobes() const { return watch_ ? watch_->functions().size() : 0; }
+
+ private:
+  size_t index_of(const Function& f) const {
+    for (size_t i = 0; i < functions_.size(); ++i)
+      if (functions_[i].address == f.address) return i;
+    return 0;  // unreachable: WatchStubs and Watch hand back functions they were given
+  }
+
+  // The budget's move: their uprobes are detached already. One batch per window (every
+  // WatchStubs of a process shares its journal op); a later batch is dropped instead.
+  std::vector<bool> move(const std::vector<size_t>& which) {
+    std::vector<bool> ok(which.size(), false);
+    if (moved_stubs_) return ok;
+    std::vector<Function> fs;
+    for (size_t j : which) fs.push_back(watch_->functions()[j]);
+    std::vector<TrampolineRefusal> refused;
+    auto installed = WatchStubs::install(pid_, fs, WatchStubOptions{.timeout = how_.install_timeout}, refused);
+    if (!installed) return ok;
+    moved_stubs_.emplace(std::move(*installed));
+    for (size_t k = 0; k < moved_stubs_->functions().size(); ++k) {
+      size_t i = index_of(moved_stubs_->functions()[k]);
+      moved_[i] = k;
+      for (size_t m = 0; m < which.size(); ++m)
+        if (probe_[i] && *probe_[i] == which[m]) ok[m] = true;
+    }
+    moved_count_ = moved_stubs_->functions().size();
+    return ok;
+  }
+
+  pid_t pid_;
+  const std::vector<Function>& functions_;
+  const ObserveWindow& how_;
+  std::optional<WatchStubs> stubs_, moved_stubs_;
+  std::optional<Watch> watch_;
+  std::optional<WatchBudget> budget_;
+  std::vector<std::optional<size_t>> stub_, probe_, moved_;  // by asked index: slot in each source
+  std::vector<CallCounts> probe_counts_;
+  std::vector<uint64_t> totals_;
+  std::vector<double> rates_;  // calls/s, frozen for a function the budget dropped
+  size_t moved_count_ = 0;
+};
 
 }  // namespace
 
 Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Function>& functions,
                                                const ObserveWindow& how) {
-  bool returns = probe__objects_with_exceptions(functions).empty();
-  auto cost = probe_cost__measured();  // before attaching: its probes are on this program
-  auto watch = HOTFIX_TRY(Watch::attach(pid, functions, WatchOptions{.returns = returns}));
   ObserveReport report;
-  if (!cost) report.notes.push_back(fmt::format("no overhead budget: {}", cost.error().line()));
-  std::optional<WatchBudget> budget;
-  if (cost) budget.emplace(watch, *cost, how.max_overhead_pct);
+  WindowCounters counters(pid, functions, how);
+  HOTFIX_CHECK(counters.start(report.notes));
+  crashpoint("observe: in the window");  // a killed patch here leaves trampolines for the next hotfix-ctl
   auto began = steady_clock::now();
-  auto step = how.adaptive ? how.first : how.window;
-  if (budget && !how.adaptive) step = std::min(how.window, how.first);  // the budget looks early too
-  std::vector<CallCounts> counts;
-  std::vector<double> rate(functions.size(), 0);
-  std::string extended_for;  // the last function the window went on for  // calls/s, frozen for a function the budget dropped
+  auto step = how.adaptive ? how.first : std::min(how.window, how.first);  // the budget looks early too
+  std::string extended_for;  // the last function the window went on for
   for (auto next = began + step;; next += step) {
     std::this_thread::sleep_until(std::min(next, began + how.window));
-    counts = HOTFIX_TRY(watch.read());
     double seconds = duration<double>(steady_clock::now() - began).count();
-    for (size_t j = 0; j < counts.size(); ++j)
-      if (watch.observed(j)) rate[j] = counts[j].calls / seconds;
+    HOTFIX_CHECK(counters.sample(seconds, report.notes));
     report.seconds = seconds;
     bool at_bound = steady_clock::now() >= began + how.window;
-    if (budget) {
-      auto line = HOTFIX_TRY(budget->check(counts, seconds));
-      if (!line.empty()) report.notes.push_back(line);
-    }
-    auto waiting = unjudged(counts, watch);
-    if (at_bound || (how.adaptive && waiting.empty())) {
+    // Functions seen but too rarely to give a rate yet: why the window goes on.
+    std::optional<size_t> waiting;
+    for (size_t i = 0; i < functions.size() && !waiting; ++i)
+      if (counters.observing(i) && counters.total(i) > 0 && counters.total(i) < ObserveWindow::kJudgeCalls) waiting = i;
+    if (at_bound || (how.adaptive && !waiting)) {
       if (!extended_for.empty())
         report.notes.push_back(fmt::format("observe window extended to {:.2f} s (at most {:.1f} s): {} had fewer than {} calls",
                                            seconds, duration<double>(how.window).count(), extended_for,
                                            ObserveWindow::kJudgeCalls));
       break;
     }
-    if (how.adaptive && !waiting.empty()) extended_for = watch.functions()[waiting.front()].name;
+    if (how.adaptive && waiting) extended_for = functions[*waiting].name;
   }
-  for (auto& f : functions) report.functions.push_back({f, 0, 0, -1, false});
-  for (size_t j = 0; j < counts.size(); ++j) {
-    Liveness& l = report.functions[watch.input_index(j)];
-    bool inflight = watch.return_probes(j) == ReturnProbes::on;
-    l.calls = counts[j].calls, l.calls_per_s = rate[j], l.probed = true;
-    l.inflight = inflight ? counts[j].inflight() : -1;
-  }
+  report.trampolines = counters.trampolines();
+  report.uprobes = counters.uprobes();
+  report.functions = counters.report();
+  HOTFIX_CHECK(counters.stop(report.notes));
+  // Threads inside at the window's end, from one look at every thread (after the stubs are
+  // gone, so no stack runs through a stub page): the same answer for trampolines and uprobes.
   if (auto why = liveness__threads_inside(pid, report.functions); !why.empty()) report.notes.push_back(why);
   return report;
 }

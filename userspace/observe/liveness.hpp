@@ -22,6 +22,7 @@ struct Liveness {
   int64_t inflight = -1;
   bool probed = true;         // false: the kernel refused to probe it (calls unknown, not zero)
   size_t inside_unknown = 0;  // threads whose stack could not be read far enough (inflight is then a lower bound)
+  bool trampoline = false;    // counted by a counting trampoline (no return probes: in-flight from one look)
   bool live() const { return calls > 0 || inflight > 0; }
 };
 
@@ -38,19 +39,35 @@ std::string liveness__threads_inside(pid_t pid, std::vector<Liveness>& functions
 
 // How patch's observe window runs: a fixed window, or adaptive -- `first` (100 ms), extended by
 // steps of `first` up to `window` while some function has too few calls to judge (seen, but
-// fewer than kJudgeCalls). Either way the overhead budget (observe/budget.hpp) applies at every
-// step: the hottest functions' probes are cut, and they keep the rate measured until then.
+// fewer than kJudgeCalls).
+//
+// Counting (issue 11 §1): by default every function whose prologue can move gets a watch
+// counting trampoline (patch/watchstubs.hpp: the same checks, stop, registry record, journal and
+// exact removal as `watch`), all in one stop, removed in one stop at the end of the window --
+// before the patch writes its jumps on the same entries. A function refused one (prologue that
+// cannot move, patched by hotfix, Go code, someone else's breakpoint) is counted by a uprobe,
+// and a note names it. `trampolines = false` (`--count uprobe`) uses uprobes for all.
+//
+// The overhead budget (observe/budget.hpp) applies to the uprobes at every step: the hottest
+// functions move to trampolines (uprobe mode, one batch per window) or lose their probes, and
+// keep the rate measured until then.
 struct ObserveWindow {
   std::chrono::milliseconds window{1000};  // fixed length, or the adaptive bound
   bool adaptive = true;
   std::chrono::milliseconds first{100};
   double max_overhead_pct = 2.0;
+  bool trampolines = true;
+  // The stop that writes the trampolines' jumps waits this long for no thread to be inside the
+  // bytes they cover; then the window counts with uprobes instead (and says so).
+  std::chrono::milliseconds install_timeout{1000};
   static constexpr uint64_t kJudgeCalls = 20;
 };
 struct ObserveReport {
   std::vector<Liveness> functions;  // in the order asked
   double seconds = 0;               // how long it observed
   std::vector<std::string> notes;   // what it did: "extended to 0.4 s: ...", the budget's line
+  size_t trampolines = 0;           // functions counted by trampolines (moved by the budget included)
+  size_t uprobes = 0;               // functions counted by uprobes (at the start of the window)
 };
 Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Function>& functions,
                                                const ObserveWindow& how);

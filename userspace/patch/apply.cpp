@@ -163,12 +163,12 @@ Result<ObservedWindow> patch__observe_window(const PreparedPatch& p) {
   for (auto& s : p.switches) targets.push_back(s.entry.target);
   auto live = registry__live_functions(p.registry, p.table, targets, kFixCopyPrefix, nullptr);
   ObserveWindow how{.window = p.options.observe, .adaptive = p.options.observe_adaptive,
-                    .max_overhead_pct = p.options.max_overhead_pct};
+                    .max_overhead_pct = p.options.max_overhead_pct, .trampolines = p.options.observe_trampolines};
   auto seen = HOTFIX_TRY(liveness__observe_window(p.options.pid, live, how));
-  ObservedWindow out{{}, seen.seconds, std::move(seen.notes)};
+  ObservedWindow out{{}, seen.seconds, std::move(seen.notes), seen.trampolines, seen.uprobes};
   for (size_t i = 0; i < seen.functions.size(); ++i)
     out.functions.push_back({targets[i].name, seen.functions[i].calls_per_s, seen.functions[i].inflight,
-                             seen.functions[i].inside_unknown});
+                             seen.functions[i].inside_unknown, seen.functions[i].trampoline});
   return out;
 }
 
@@ -543,6 +543,9 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto commit_record = [&]() -> Result<void> {
     crashpoint("patch: in the stop, text written");
     record.applied_ns = realtime_ns();
+    // Watches since prepare (the observe window's, if its memory is still held; a concurrent
+    // `watch`) are in the target's registry, not in the snapshot: keep them.
+    if (auto now = registry__read(pid)) registry.watches = now->watches;
     registry.patches.push_back(record);
     registry.next_id = p.id + 1;
     HOTFIX_CHECK(registry__write(tracee.memory(), registry_at, registry));

@@ -41,6 +41,7 @@ struct PatchOptions {
   std::chrono::milliseconds observe = std::chrono::seconds(1);  // liveness window before acting
   bool observe_adaptive = true;   // observe from 100 ms, up to `observe` while counts are too few (observe/liveness.hpp)
   double max_overhead_pct = 2.0;  // the observe window's probe budget, % of one CPU (observe/budget.hpp)
+  bool observe_trampolines = true;  // the observe window counts with trampolines (--count trampoline|uprobe)
   bool quiesce_probes = true;  // strict mode: let entry/return uprobes pick the moment to stop
   bool allow_untrusted_lib = false;  // load a fix.so that fails the trust rule (patch/trust.hpp)
   bool allow_uncovered = false;      // apply even where inlined copies, clones or aliases keep old code (patch/coverage.hpp)
@@ -106,14 +107,17 @@ struct FunctionLiveness {
   double calls_per_s = 0;
   int64_t inflight = -1;  // threads inside at the end (observe/inside.hpp); -1: not measured
   size_t inside_unknown = 0;  // threads that could not be read: inflight is a lower bound
+  bool trampoline = false;  // counted by a counting trampoline in the observe window
 };
 Result<std::vector<FunctionLiveness>> patch__observe(const PreparedPatch& p, std::chrono::milliseconds window);
-// The observe window as PatchOptions asks (adaptive, within the overhead budget), with how long
-// it took and what it did (extended, cut probes), one line each.
+// The observe window as PatchOptions asks (adaptive, within the overhead budget; counting
+// trampolines by default, removed before this returns: observe/liveness.hpp), with how long it
+// took and what it did (extended, cut probes, functions counted by uprobe), one line each.
 struct ObservedWindow {
   std::vector<FunctionLiveness> functions;
   double seconds = 0;
   std::vector<std::string> notes;
+  size_t trampolines = 0, uprobes = 0;  // functions counted by each
 };
 Result<ObservedWindow> patch__observe_window(const PreparedPatch& p);
 

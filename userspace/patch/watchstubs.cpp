@@ -175,7 +175,11 @@ Result<std::vector<std::string>> take_down(Tracee& t, Journal& j, uint32_t id, c
             return std::any_of(writes.begin(), writes.end(), [&](auto& wr) { return wr.address == st.address; });
           });
     }));
-    return j.append(jr(id, "restored").set("sites", writes.size()));
+    // Which entries are the file's again: recovery must not take a later patch's jump there
+    // for a foreign change (the observe window restores its entries before the patch writes).
+    std::string restored_at;
+    for (auto& w : writes) restored_at += fmt::format("{}{:#x}", restored_at.empty() ? "" : ",", w.address);
+    return j.append(jr(id, "restored").set("sites", writes.size()).set("addresses", restored_at));
   };
   if (!writes.empty()) {
     auto guard = HOTFIX_TRY(make_guard(t.pid(), Consistency::entry, overwritten, {}));
@@ -495,6 +499,27 @@ Result<std::vector<std::string>> WatchStubs::remove(milliseconds wait,
   return or_target_gone(tracee, std::move(r));
 }
 
+std::string watchstubs__refused_line(const std::vector<TrampolineRefusal>& refused) {
+  std::vector<std::pair<std::string, std::vector<std::string>>> by_reason;
+  for (auto& r : refused) {
+    auto it = std::find_if(by_reason.begin(), by_reason.end(), [&](auto& b) { return b.first == r.reason; });
+    if (it == by_reason.end()) by_reason.push_back({r.reason, {}}), it = by_reason.end() - 1;
+    it->second.push_back(r.function.name);
+  }
+  std::string line = fmt::format("{} function{} counted by uprobe, not by a trampoline:", refused.size(),
+                                 refused.size() == 1 ? "" : "s");
+  size_t shown = 0;
+  for (auto& [reason, names] : by_reason) {
+    std::string list;
+    for (auto& n : names)
+      if (shown++ < 16) list += (list.empty() ? "" : ", ") + n;
+    if (!list.empty()) line += fmt::format(" {} ({});", list, reason);
+  }
+  if (shown > 16) line += fmt::format(" and {} more;", shown - 16);
+  line.pop_back();
+  return line;
+}
+
 bool watchstubs__owner_alive(const std::vector<JournalRecord>& records) {
   if (records.empty()) return false;
   auto* begin = &records.front();
@@ -509,7 +534,12 @@ Result<std::string> watchstubs__recover(Tracee& t, Journal& j, uint32_t id, cons
   std::set<uint64_t> known_anon;
   bool unrecorded_page = false, unrecorded_counters = false;
   std::string known_bpf;
+  std::set<uint64_t> restored;  // entries an earlier take-down put back already
+  for (auto& r : records)
+    if (r.step == "restored")
+      for (auto a : journal__parse_addresses(r.get("addresses"))) restored.insert(a);
   for (auto& r : records) {
+    if (r.step == "switching" && restored.count(r.number("address"))) continue;
     if (r.step == "switching") {
       auto expected = journal__parse_bytes(r.get("expected")), bytes = journal__parse_bytes(r.get("bytes"));
       if (expected && bytes && expected->size() == bytes->size() && !expected->empty())

@@ -90,6 +90,9 @@ class WatchStubs {
 // object is Go code.
 std::string watchstubs__refusal(const ProcessMemory& mem, const Registry& registry, const Function& fn, bool go);
 
+// One line naming the functions a uprobe counts instead of a trampoline, grouped by reason.
+std::string watchstubs__refused_line(const std::vector<TrampolineRefusal>& refused);
+
 // --- recovery (patch/recover.cpp, under the journal lock) ---
 // Is the watch of journal op "watch" `records` still running (its owner alive, same start)?
 bool watchstubs__owner_alive(const std::vector<JournalRecord>& records);
