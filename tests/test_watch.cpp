@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "observe/report.hpp"
 #include "observe/uprobe_multi.hpp"
@@ -267,6 +268,40 @@ TEST_CASE("no watch link outlives watch, even a SIGKILLed one") {
     auto after = watch_links();
     for (uint32_t id : after) CHECK(before.count(id) == 1);
   }
+}
+
+TEST_CASE("a SIGKILLed watch on perf uprobes leaves nothing attached: no link, no breakpoint") {
+  require_root();
+  Calls calls;
+  auto table = SymbolTable::for_pid(calls.pid());
+  REQUIRE(table);
+  auto fns = symbols__select(*table, {"c_add", "scale(int)"});
+  REQUIRE(fns);
+  REQUIRE(fns->size() == 2);
+  auto entry_bytes = [&] {
+    std::vector<unsigned char> out;
+    for (auto& f : *fns) out.push_back(read_memory(calls.pid(), f.address, 1).at(0));
+    return out;
+  };
+  std::vector<unsigned char> file;
+  for (auto& f : *fns) file.push_back(file_bytes(calls.pid(), f.address, 1).at(0));
+  REQUIRE(entry_bytes() == file);
+  auto before = watch_links();
+  {
+    ::setenv("HOTFIX_FORCE_PERF_UPROBES", "1", 1);
+    WatchCtl watch(calls.pid(), {"c_add", "scale(int)", "--count", "uprobe", "--inflight"});
+    ::unsetenv("HOTFIX_FORCE_PERF_UPROBES");
+    CHECK(watch.banner.find("via perf uprobes") != std::string::npos);
+    CHECK(entry_bytes() == std::vector<unsigned char>{0xcc, 0xcc});
+    watch.child.signal(SIGKILL);
+    REQUIRE(watch.child.wait(20s));
+  }
+  // The kernel drops a perf uprobe with the last file descriptor of its event: the killed
+  // watch's exit closed them all, so no breakpoint and no link is left.
+  for (int i = 0; i < 100 && entry_bytes() != file; ++i) std::this_thread::sleep_for(20ms);
+  CHECK(entry_bytes() == file);
+  for (uint32_t id : watch_links()) CHECK(before.count(id) == 1);
+  calls.call("c_add", 3);
 }
 
 TEST_CASE("attach layer: 1000 functions, one link per object and direction, exact counts") {

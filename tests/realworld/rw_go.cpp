@@ -143,6 +143,12 @@ TEST_CASE("Go: default watch counts a Go server's calls under load and it surviv
   CHECK(go.running());
   auto ping = run({"/usr/bin/curl", "-s", fmt::format("http://127.0.0.1:{}/ping", port)});
   CHECK(ping.out.rfind("ok ", 0) == 0);
+  // The table a user reads says why in-flight and latency are empty.
+  auto table = run({ctl(), "watch", "--pid", std::to_string(go.pid()), "main.handle", "--duration", "0.5"}, seconds(60));
+  INFO(table.out << table.err);
+  CHECK(table.exit_code == 0);
+  CHECK(table.out.find("n/a (Go)") != std::string::npos);
+  CHECK(go.running());
   std::printf("go server: %ld requests under watch, all counted\n", answered);
 }
 
