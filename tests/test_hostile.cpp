@@ -470,39 +470,6 @@ TEST_CASE("fork during the patch: the parent is patched, the child runs on untra
 
 // ---------------------------------------------------------------- another tool's breakpoint
 
-namespace {
-// A uprobe of "another tool" (what bpftrace and perf probe make): a perf uprobe event.
-struct ForeignUprobe {
-  int fd = -1;
-  ForeignUprobe(const std::string& path, uint64_t offset) {
-    int type = std::atoi(read_file("/sys/bus/event_source/devices/uprobe/type").c_str());
-    if (type <= 0) return;
-    perf_event_attr attr{};
-    attr.size = sizeof attr;
-    attr.type = static_cast<uint32_t>(type);
-    attr.config1 = reinterpret_cast<uint64_t>(path.c_str());
-    attr.config2 = offset;
-    fd = static_cast<int>(::syscall(SYS_perf_event_open, &attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC));
-    if (fd >= 0) ::ioctl(fd, PERF_EVENT_IOC_ENABLE, 0);
-  }
-  ~ForeignUprobe() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-uint64_t file_offset(pid_t pid, uint64_t addr, std::string& path) {
-  for (auto& line : lines_of(read_file("/proc/" + std::to_string(pid) + "/maps"))) {
-    unsigned long start, end, off;
-    char p[4096] = "";
-    if (std::sscanf(line.c_str(), "%lx-%lx %*s %lx %*s %*s %4095s", &start, &end, &off, p) == 4 && addr >= start && addr < end) {
-      path = p;
-      return addr - start + off;
-    }
-  }
-  return 0;
-}
-}  // namespace
-
 TEST_CASE("another tool's uprobe on a patched entry is named by list, stats and revert", "[hostile][breakpoint]") {
   require_root();
   auto target = std::make_unique<Target>();

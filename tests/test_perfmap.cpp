@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "observe/perfmap.hpp"
+#include "patch/registry.hpp"
 #include "support/harness.hpp"
 
 using namespace hotfix::test;
@@ -95,6 +96,88 @@ TEST_CASE("patch names its islands in /tmp/perf-PID.map, revert takes them out, 
   REQUIRE(r.exit_code == 0);
   CHECK(ours(t.pid()).empty());
   CHECK(read_file(t.map_path()) == "7f0000001000 40 jit::compiled_thing\n");
+}
+
+TEST_CASE("a replacement that cannot take a trampoline counts in a counting island, named in the perf map") {
+  require_root();
+  Child t({fixture("tramp_target")});
+  REQUIRE(t.request("ready").rfind("ok", 0) == 0);
+  const std::string path = hotfix::perfmap__path(t.pid());
+  std::filesystem::remove(path);
+  struct Cleanup {
+    std::string path;
+    ~Cleanup() { std::filesystem::remove(path); }
+  } cleanup{path};
+  auto r = ctl_run({"patch", "--pid", std::to_string(t.pid()), "--lib", fixture("tramp_fix.so"), "c_count", "--observe", "0"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  // The fix's c_count begins with a conditional branch (its early return): no trampoline there.
+  REQUIRE((r.out + r.err).find("calls into the replacement of c_count from inside " + fixture("tramp_fix.so") +
+                               " are not counted") != std::string::npos);
+  auto lines = ours(t.pid());
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].name == "hotfix island (counting): c_count -> tramp_fix.so");
+  CHECK(lines[0].size > 0);
+  std::string m = mapping_of(t.pid(), lines[0].start);
+  INFO(m);
+  CHECK(m.find("r-xp") != std::string::npos);
+  CHECK(m.find('/') == std::string::npos);
+  CHECK(t.request("call c_count 5") == "ok 2012");
+  r = ctl_run({"revert", "--pid", std::to_string(t.pid()), "--all"});
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(ours(t.pid()).empty());
+  CHECK(!std::filesystem::exists(path));
+  CHECK(t.request("call c_count 5") == "ok 5");
+}
+
+TEST_CASE("watch names its trampolines in the perf map; unwatch, and the recovery of a killed watch, take them out") {
+  require_root();
+  Child calls({fixture("calls")});
+  REQUIRE(calls.request("ready").rfind("ok", 0) == 0);
+  const pid_t pid = calls.pid();
+  const std::string path = hotfix::perfmap__path(pid);
+  write_foreign(path);
+  struct Cleanup {
+    std::string path;
+    ~Cleanup() { std::filesystem::remove(path); }
+  } cleanup{path};
+  for (int sig : {SIGINT, SIGKILL}) {
+    INFO("signal " << sig);
+    Child watch({ctl(), "watch", "--pid", std::to_string(pid), "c_add", "scale(int)", "--interval", "60"});
+    auto line = watch.read_stderr_line(seconds(30));
+    while (line && line->find("watching") == std::string::npos) line = watch.read_stderr_line(seconds(30));
+    REQUIRE(line);
+    REQUIRE(line->find("via trampolines") != std::string::npos);
+    auto registry = hotfix::registry__read(pid);
+    REQUIRE(registry);
+    REQUIRE(registry->watches.size() == 1);
+    std::set<uint64_t> stubs;
+    for (auto& st : registry->watches[0].stubs) stubs.insert(st.stub);
+    auto lines = ours(pid);
+    REQUIRE(lines.size() == 2);
+    std::set<std::string> names;
+    for (auto& l : lines) {
+      names.insert(l.name);
+      CHECK(stubs.count(l.start) == 1);
+      CHECK(l.size > 0);
+      std::string m = mapping_of(pid, l.start);  // anonymous and executable: perf looks the map up there
+      INFO(m);
+      CHECK(m.find("r-xp") != std::string::npos);
+      CHECK(m.find('/') == std::string::npos);
+    }
+    CHECK(names == std::set<std::string>{"hotfix watch trampoline: c_add", "hotfix watch trampoline: scale(int)"});
+    watch.signal(sig);
+    REQUIRE(watch.wait(seconds(60)));
+    if (sig == SIGKILL) {  // the trampolines are still in place, and named, until the next hotfix-ctl
+      CHECK(ours(pid).size() == 2);
+      auto r = ctl_run({"list", "--pid", std::to_string(pid)});
+      INFO(r.out << r.err);
+      CHECK(r.err.find("removed what an ended watch") != std::string::npos);
+    }
+    CHECK(ours(pid).empty());
+    CHECK(read_file(path) == "7f0000001000 40 jit::compiled_thing\n");
+  }
 }
 
 TEST_CASE("a perf map hotfix created goes away with its last line; gc forgets a dead pid's lines") {

@@ -1,10 +1,13 @@
 // hotfix-ctl watch's counting trampolines (patch/watchstubs.hpp) against real processes: exact
 // counts, the file's bytes back after unwatch and after a SIGKILLed watch, a thread parked inside
 // a trampoline holding its memory, and never a trampoline where someone else's breakpoint sits.
+#include <elf.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -77,6 +80,7 @@ struct WatchCtl {
 struct Entry {
   std::string name;
   uint64_t address = 0;
+  std::string object;
 };
 
 std::vector<Entry> entries(pid_t pid, const std::vector<std::string>& patterns) {
@@ -85,8 +89,23 @@ std::vector<Entry> entries(pid_t pid, const std::vector<std::string>& patterns) 
   auto fns = symbols__select(*table, patterns);
   REQUIRE(fns);
   std::vector<Entry> out;
-  for (auto& f : *fns) out.push_back({f.name, f.address});
+  for (auto& f : *fns) out.push_back({f.name, f.address, f.object});
   return out;
+}
+
+const Entry& named(const std::vector<Entry>& es, const std::string& name) {
+  auto it = std::find_if(es.begin(), es.end(), [&](auto& e) { return e.name == name; });
+  REQUIRE(it != es.end());
+  return *it;
+}
+
+// e_type of an ELF file: ET_DYN for a PIE executable or a shared library.
+int elf_type(const std::string& path) {
+  std::string head = read_file(path).substr(0, sizeof(Elf64_Ehdr));
+  REQUIRE(head.size() == sizeof(Elf64_Ehdr));
+  Elf64_Ehdr eh;
+  std::memcpy(&eh, head.data(), sizeof eh);
+  return eh.e_type;
 }
 
 // Every entry holds what its file holds (16 bytes: more than any jump covers).
@@ -136,6 +155,12 @@ TEST_CASE("default watch counts exactly with trampolines: C, C++, shared library
   const std::vector<std::string> names{"c_add", "pricing::discount", "Order::add", "scale(double)", "callee_work"};
   auto es = entries(calls.pid(), names);
   auto tes = entries(tramp.pid(), {"rip_first", "c_count"});
+  // What the kinds are: both programs are PIE (Debian's gcc default), callee_work is in a
+  // dlopen'ed shared library, rip_first's first instruction is a rip-relative load.
+  CHECK(elf_type(fixture("calls")) == ET_DYN);
+  CHECK(elf_type(fixture("tramp_target")) == ET_DYN);
+  CHECK(named(es, "callee_work").object.ends_with("/libcallee.so"));
+  CHECK(named(es, "c_add").object == fixture("calls"));
   {
     WatchCtl watch(calls.pid(), names);
     WatchCtl twatch(tramp.pid(), {"rip_first", "c_count"});
@@ -183,32 +208,45 @@ TEST_CASE("watch --count uprobe counts with uprobes, as before") {
   CHECK(run({ctl(), "watch", "--pid", std::to_string(calls.pid()), "c_add", "--count", "int3"}).exit_code == 2);
 }
 
-TEST_CASE("a SIGKILLed watch's trampolines are removed by the next hotfix-ctl on the pid") {
+TEST_CASE("a SIGKILLed watch's trampolines are removed by the next hotfix-ctl on the pid: list, watch, patch, gc") {
   require_root();
   Calls calls;
   auto es = entries(calls.pid(), {"c_add", "callee_work"});
+  const std::string pid = std::to_string(calls.pid());
   std::vector<std::pair<uint64_t, uint64_t>> pages;
-  for (const char* next : {"list", "watch"}) {
+  for (std::string next : {"list", "watch", "patch", "gc"}) {
     INFO(next);
+    uint32_t owner = 0;
     {
       WatchCtl watch(calls.pid(), {"c_add", "callee_work"});
       for (auto& e : es) CHECK(is_jump(calls.pid(), e));
       pages = registry_of(calls.pid()).watches.at(0).pages;
+      owner = static_cast<uint32_t>(watch.child.pid());
       watch.child.signal(SIGKILL);
       REQUIRE(watch.child.wait(20s));
     }
     calls.call("c_add", 10);  // the orphaned trampolines still count and return correctly
     for (auto& e : es) CHECK(is_jump(calls.pid(), e));
-    RunResult r = std::string(next) == "list"
-                      ? run({ctl(), "list", "--pid", std::to_string(calls.pid())})
-                      : run({ctl(), "watch", "--pid", std::to_string(calls.pid()), "c_add", "--duration", "0.3"});
+    RunResult r;
+    if (next == "list") r = run({ctl(), "list", "--pid", pid});
+    if (next == "watch") r = run({ctl(), "watch", "--pid", pid, "c_add", "--duration", "0.3"});
+    if (next == "patch") r = run({ctl(), "patch", "--pid", pid, "--lib", fixture("calls_fix.so"), "c_add", "--observe", "0"});
+    if (next == "gc") r = run({ctl(), "gc"});  // host-wide: it recovers every live pid a journal names
     INFO(r.out << r.err);
     CHECK(r.exit_code == 0);
-    CHECK(r.err.find("removed what an ended watch") != std::string::npos);
+    CHECK((r.out + r.err).find(fmt::format("removed what an ended watch (pid {}) left in pid {}", owner, pid)) !=
+          std::string::npos);
+    if (next == "patch") {  // the patch went in over the file's bytes: new calls run the fix
+      CHECK(calls.child.request("call c_add 1") == "ok 1001");
+      require_file_bytes(calls.pid(), {named(es, "callee_work")});
+      auto rev = run({ctl(), "revert", "--pid", pid, "--all"});
+      INFO(rev.out << rev.err);
+      REQUIRE(rev.exit_code == 0);
+    }
     require_file_bytes(calls.pid(), es);
     CHECK(registry_of(calls.pid()).watches.empty());
     for (auto& [a, len] : pages) CHECK(!mapped_at(calls.pid(), a));
-    calls.call("c_add", 5);
+    CHECK(calls.child.request("call c_add 5") == "ok 5");
   }
 }
 
@@ -263,6 +301,74 @@ TEST_CASE("no trampoline where someone else's breakpoint sits: that function is 
   }
   CHECK(other.stop()["c_add"] == 31);
   require_file_bytes(calls.pid(), es);
+}
+
+TEST_CASE("another tool's perf uprobe, on an entry or under the jump, keeps trampolines and patches off it") {
+  require_root();
+  Tramp tramp;
+  auto es = entries(tramp.pid(), {"c_count", "two_step", "rip_first"});
+  const Entry &count = named(es, "c_count"), &two = named(es, "two_step"), &rip = named(es, "rip_first");
+  // What perf and bpftrace make: perf uprobe events, one on c_count's entry, one on two_step's
+  // second instruction (two_step+2, inside the 5 bytes an entry jump covers).
+  std::string path;
+  auto at_count = file_offset(tramp.pid(), count.address, path);
+  auto at_two = file_offset(tramp.pid(), two.address, path);
+  auto on_entry = std::make_unique<ForeignUprobe>(path, at_count);
+  auto under_jump = std::make_unique<ForeignUprobe>(path, at_two + 2);
+  if (on_entry->fd < 0 || under_jump->fd < 0) {
+    WARN("SKIP: cannot create a uprobe perf event: " << std::strerror(errno));
+    return;
+  }
+  auto byte = [&](const Entry& e, size_t at) { return read_memory(tramp.pid(), e.address + at, 1).at(0); };
+  for (int i = 0; i < 200 && (byte(count, 0) != 0xcc || byte(two, 2) != 0xcc); ++i) std::this_thread::sleep_for(10ms);
+  REQUIRE(byte(count, 0) == 0xcc);
+  REQUIRE(byte(two, 2) == 0xcc);
+  {
+    WatchCtl watch(tramp.pid(), {"c_count", "two_step", "rip_first"});
+    INFO(watch.notes << watch.banner);
+    CHECK(watch.notes.find("2 functions counted by uprobe, not by a trampoline") != std::string::npos);
+    CHECK(watch.notes.find("c_count (a breakpoint sits on its entry") != std::string::npos);
+    CHECK(watch.notes.find("two_step (a breakpoint sits at +0x2, among its first bytes") != std::string::npos);
+    CHECK(watch.banner.find("trampolines (1) and uprobe_multi (2)") != std::string::npos);
+    CHECK(is_jump(tramp.pid(), rip));
+    CHECK(byte(count, 0) == 0xcc);  // shared by both uprobes
+    CHECK(byte(two, 0) == 0xcc);    // watch's own uprobe
+    CHECK(byte(two, 2) == 0xcc);    // the other tool's, never written over
+    CHECK(tramp.child.request("call c_count 40") == "ok 40");
+    CHECK(tramp.child.request("call two_step 30") == "ok 30");
+    CHECK(tramp.child.request("call rip_first 20") == "ok 22");
+    auto rows = watch.stop();
+    CHECK(rows["c_count"] == 40);
+    CHECK(rows["two_step"] == 30);
+    CHECK(rows["rip_first"] == 20);
+  }
+  require_file_bytes(tramp.pid(), {rip});
+  CHECK(byte(two, 0) == file_bytes(tramp.pid(), two.address, 1).at(0));
+  CHECK(byte(two, 2) == 0xcc);
+  // patch does not write its jump over the other tool's breakpoint either: one line, nothing changed.
+  auto before = read_memory(tramp.pid(), two.address, 16);
+  auto maps_before = file_mappings(tramp.pid());
+  const std::string pid = std::to_string(tramp.pid());
+  auto refused = run({ctl(), "patch", "--pid", pid, "--lib", fixture("tramp_fix.so"), "two_step", "--observe", "0"});
+  INFO(refused.out << refused.err);
+  CHECK(refused.exit_code == 1);
+  CHECK(lines_of(refused.err).size() == 1);
+  CHECK(refused.err.find("cannot patch two_step: a breakpoint sits at +0x2") != std::string::npos);
+  CHECK(read_memory(tramp.pid(), two.address, 16) == before);
+  CHECK(file_mappings(tramp.pid()) == maps_before);
+  CHECK(status_field(tramp.pid(), "TracerPid") == 0);
+  CHECK(tramp.child.request("call two_step 3") == "ok 3");
+  // The other tool gone, the bytes are the file's, and the same patch goes in and out.
+  on_entry.reset();
+  under_jump.reset();
+  require_file_bytes(tramp.pid(), es);
+  auto applied = run({ctl(), "patch", "--pid", pid, "--lib", fixture("tramp_fix.so"), "two_step", "--observe", "0"});
+  INFO(applied.out << applied.err);
+  REQUIRE(applied.exit_code == 0);
+  CHECK(tramp.child.request("call two_step 3") == "ok 1002");
+  REQUIRE(run({ctl(), "revert", "--pid", pid, "--all"}).exit_code == 0);
+  require_file_bytes(tramp.pid(), es);
+  CHECK(tramp.child.request("call two_step 3") == "ok 3");
 }
 
 namespace {

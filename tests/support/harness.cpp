@@ -1,6 +1,9 @@
 #include "support/harness.hpp"
 
 #include <dirent.h>
+#include <linux/perf_event.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -288,6 +291,35 @@ std::vector<std::string> lines_of(const std::string& text) {
   for (std::string line; std::getline(in, line);)
     if (!line.empty()) out.push_back(line);
   return out;
+}
+
+ForeignUprobe::ForeignUprobe(const std::string& path, unsigned long offset) {
+  int type = std::atoi(read_file("/sys/bus/event_source/devices/uprobe/type").c_str());
+  if (type <= 0) return;
+  perf_event_attr attr{};
+  attr.size = sizeof attr;
+  attr.type = static_cast<uint32_t>(type);
+  attr.config1 = reinterpret_cast<uint64_t>(path.c_str());
+  attr.config2 = offset;
+  fd = static_cast<int>(::syscall(SYS_perf_event_open, &attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC));
+  if (fd >= 0) ::ioctl(fd, PERF_EVENT_IOC_ENABLE, 0);
+}
+
+ForeignUprobe::~ForeignUprobe() {
+  if (fd >= 0) ::close(fd);
+}
+
+unsigned long file_offset(pid_t pid, unsigned long addr, std::string& path) {
+  for (auto& line : lines_of(read_file("/proc/" + std::to_string(pid) + "/maps"))) {
+    unsigned long start, end, off;
+    char p[4096] = "";
+    if (std::sscanf(line.c_str(), "%lx-%lx %*s %lx %*s %*s %4095s", &start, &end, &off, p) == 4 && addr >= start &&
+        addr < end) {
+      path = p;
+      return addr - start + off;
+    }
+  }
+  return 0;
 }
 
 }  // namespace hotfix::test

@@ -88,4 +88,17 @@ std::vector<std::string> lines_of(const std::string& text);
 // How many live processes run this executable (to prove nothing is left behind).
 int count_processes(const std::string& exe_path);
 
+// A uprobe of "another tool" (what bpftrace and perf make): a perf uprobe event on
+// `path`+`offset`, enabled, in every process that maps the file; closed (and so removed) when
+// destroyed, or when the test process dies. fd < 0 (errno set) when the kernel refused it.
+struct ForeignUprobe {
+  int fd = -1;
+  ForeignUprobe(const std::string& path, unsigned long offset);
+  ~ForeignUprobe();
+  ForeignUprobe(const ForeignUprobe&) = delete;
+  ForeignUprobe& operator=(const ForeignUprobe&) = delete;
+};
+// The file and file offset that `addr` of `pid` maps (from /proc/PID/maps); offset 0 if none.
+unsigned long file_offset(pid_t pid, unsigned long addr, std::string& path);
+
 }  // namespace hotfix::test

@@ -221,6 +221,7 @@ int run_watch(const WatchArgs& a) {
     auto installed = WatchStubs::install(a.pid, live, WatchStubOptions{.progress = progress}, refused);
     if (!installed) return report(installed.error());
     stubs.emplace(std::move(*installed));
+    for (auto& n : stubs->notes()) fmt::print(stderr, "note: {}\n", n);
     probed.clear();
     for (auto& r : refused) probed.push_back(r.function);
     if (!refused.empty()) fmt::print(stderr, "note: {}\n", watchstubs__refused_line(refused));

@@ -73,21 +73,39 @@ ObjectTraits traits_of(const std::string& path) {
 
 }  // namespace
 
+std::optional<std::vector<uint8_t>> probe__file_bytes(pid_t pid, const Function& fn, size_t n) {
+  UniqueFd fd(::open(fmt::format("/proc/{}/root{}", pid, fn.object).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return std::nullopt;
+  std::vector<uint8_t> out(n);
+  ssize_t got = ::pread(fd.get(), out.data(), n, static_cast<off_t>(fn.offset));
+  if (got <= 0) return std::nullopt;
+  out.resize(static_cast<size_t>(got));
+  return out;
+}
+
+std::optional<size_t> probe__breakpoint_offset(std::span<const uint8_t> live, std::span<const uint8_t> file) {
+  const uint8_t trap = arch::trap_instruction()[0];
+  std::optional<size_t> first;
+  for (size_t i = 0; i < std::min(live.size(), file.size()); ++i) {
+    if (live[i] == file[i]) continue;
+    if (live[i] != trap) return std::nullopt;  // another change than a breakpoint
+    if (!first) first = i;
+  }
+  return first;
+}
+
 Result<void> probe__check_entries(pid_t pid, const std::vector<Function>& functions) {
   auto mem = HOTFIX_TRY(ProcessMemory::open(pid));
   for (auto& f : functions) {
     size_t n = std::min<uint64_t>(kCompared, std::max<uint64_t>(f.size, 1));
     auto live = mem.read(f.address, n);
-    UniqueFd fd(::open(f.object.c_str(), O_RDONLY | O_CLOEXEC));
-    std::vector<uint8_t> file(n);
-    if (!live || !fd || ::pread(fd.get(), file.data(), n, static_cast<off_t>(f.offset)) != static_cast<ssize_t>(n))
-      continue;  // cannot compare (file replaced on disk): the attach itself will tell
-    // A breakpoint over the first byte, the rest the file's: another uprobe (bpftrace, a second
-    // watch). The kernel shares one breakpoint among the uprobes of an offset and single-steps
-    // the file's instruction: a probe more there is safe.
-    bool breakpoint_only = live->size() == file.size() && (*live)[0] == arch::trap_instruction()[0] &&
-                           std::equal(file.begin() + 1, file.end(), live->begin() + 1);
-    if (*live != file && !breakpoint_only)
+    auto file = probe__file_bytes(pid, f, n);
+    if (!live || !file || file->size() != n) continue;  // cannot compare (file replaced on disk): the attach itself will tell
+    // Breakpoints where the file has other bytes, the rest the file's: other uprobes (bpftrace,
+    // a second watch), on the entry or on a later instruction. The kernel shares one breakpoint
+    // among the uprobes of an offset and single-steps the file's instruction, which ends where
+    // the next (file's or breakpoint) instruction begins: a probe more there is safe.
+    if (*live != *file && !probe__breakpoint_offset(*live, *file))
       return fail(fmt::format("{} in pid {} no longer holds its file's code at its entry (it is patched); a uprobe "
                               "there would execute the file's instruction and crash the process",
                               f.name, pid),

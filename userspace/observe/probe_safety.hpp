@@ -12,6 +12,8 @@
 #pragma once
 #include <sys/types.h>
 
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -20,8 +22,19 @@
 
 namespace hotfix {
 
-// An error naming the first function whose entry in `pid` no longer matches its file.
+// An error naming the first function whose entry in `pid` no longer matches its file (other
+// than by breakpoints: another uprobe on the entry or on an instruction after it is safe).
 Result<void> probe__check_entries(pid_t pid, const std::vector<Function>& functions);
+
+// Up to `n` bytes of `fn`'s file at its entry, read where `pid` sees the file (its mount
+// namespace); nullopt when they cannot be read.
+std::optional<std::vector<uint8_t>> probe__file_bytes(pid_t pid, const Function& fn, size_t n);
+
+// Where the live bytes differ from the file's only by breakpoints (someone else's uprobes,
+// bpftrace, a debugger): the offset of the first one; nullopt when they are equal or differ
+// otherwise (a patch). Writing over such a byte loses that tool's probe, and its removal
+// would later put the file's byte back into what was written there.
+std::optional<size_t> probe__breakpoint_offset(std::span<const uint8_t> live, std::span<const uint8_t> file);
 
 // Objects among `functions` that hold C++ exception tables (.gcc_except_table): an exception
 // may unwind through their frames, so return probes there are unsafe.

@@ -89,6 +89,14 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
     return fail(fmt::format("cannot patch {}: its entry holds a breakpoint (a uprobe of a running `hotfix-ctl watch`, "
                             "bpftrace or a debugger)", fn.name),
                 "stop the tool that probes it and retry; removing that breakpoint later would corrupt the jump");
+  // A breakpoint on a later instruction the jump would cover (a probe at func+N): never write there.
+  if (!oldest_record_at(registry, fn.address))
+    if (auto file = probe__file_bytes(mem.pid(), fn, s.current.size()); file && file->size() == s.current.size())
+      if (auto at = probe__breakpoint_offset(s.current, *file))
+        return fail(fmt::format("cannot patch {}: a breakpoint sits at +{:#x}, in the bytes its entry jump would cover "
+                                "(a uprobe of bpftrace, perf or a debugger)", fn.name, *at),
+                    "stop the tool that probes it and retry; writing the jump there would lose that probe, and its "
+                    "removal would corrupt the jump");
   return s;
 }
 

@@ -56,4 +56,18 @@ void patch__sync_perfmap(pid_t pid, const ProgressFn& progress) {
   if (r && r->authentic) patch__sync_perfmap(pid, *r, progress);
 }
 
+std::vector<PerfMapEntry> watch__trampoline_entries(const Registry& r) {
+  std::vector<PerfMapEntry> out;
+  for (auto& w : r.watches)
+    for (auto& s : w.stubs)
+      out.push_back({s.stub, arch::counting_trampoline_max_size(),
+                     fmt::format("{}: {}", kWatchPerfName, symbol__demangle(s.name))});
+  return out;
+}
+
+void watch__sync_perfmap(pid_t pid, const Registry& r, const std::function<void(const std::string&)>& note) {
+  if (auto ok = perfmap__sync(pid, kWatchPerfName, watch__trampoline_entries(r)); !ok && note)
+    note(ok.error().line());
+}
+
 }  // namespace hotfix

@@ -20,6 +20,7 @@
 #include "patch/consistency.hpp"
 #include "patch/counting.hpp"
 #include "patch/adopt.hpp"
+#include "patch/island_names.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "patch/switch.hpp"
@@ -42,17 +43,6 @@ constexpr size_t kCompareBytes = 32;  // live vs file: more than any jump covers
 uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 JournalRecord jr(uint32_t id, const char* step) { return journal__record("watch", id, step); }
-
-// The file's bytes at `fn`'s entry, read where the target sees the file (its mount namespace).
-std::optional<std::vector<uint8_t>> file_bytes(pid_t pid, const Function& fn, size_t n) {
-  UniqueFd fd(::open(fmt::format("/proc/{}/root{}", pid, fn.object).c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return std::nullopt;
-  std::vector<uint8_t> out(n);
-  ssize_t got = ::pread(fd.get(), out.data(), n, static_cast<off_t>(fn.offset));
-  if (got <= 0) return std::nullopt;
-  out.resize(static_cast<size_t>(got));
-  return out;
-}
 
 Result<std::vector<uint8_t>> function_code(const ProcessMemory& mem, const Function& fn) {
   size_t len = std::max<size_t>(1, std::min<uint64_t>(fn.size, 1 << 16));
@@ -114,6 +104,12 @@ Result<void> update_registry(Tracee& t, const std::function<void(Registry&)>& ch
   auto registry = HOTFIX_TRY(registry__read(t.pid()));
   change(registry);
   return registry__write(t.memory(), *at, registry);
+}
+
+// perf names the trampolines whose entry jumps the registry records (observe/perfmap.hpp).
+void sync_perfmap(pid_t pid, const std::function<void(const std::string&)>& note) {
+  auto r = registry__read(pid);
+  if (r && r->authentic) watch__sync_perfmap(pid, *r, note);
 }
 
 void forget_watch(Registry& r, uint32_t owner) {
@@ -188,6 +184,7 @@ Result<std::vector<std::string>> take_down(Tracee& t, Journal& j, uint32_t id, c
     HOTFIX_CHECK(restored());
   }
   crashpoint("watch: entries restored");
+  sync_perfmap(t.pid(), [&](const std::string& n) { notes.push_back(n); });
   if (foreign) {
     HOTFIX_CHECK(j.append(jr(id, "held")));
     return notes;
@@ -326,12 +323,16 @@ std::string watchstubs__refusal(const ProcessMemory& mem, const Registry& regist
   if (registry.watch_stub_at(fn.address)) return "another hotfix-ctl watch counts it with a trampoline";
   auto code = function_code(mem, fn);
   if (!code) return fmt::format("its code cannot be read: {}", code.error().what);
-  auto file = file_bytes(mem.pid(), fn, std::min(kCompareBytes, code->size()));
+  auto file = probe__file_bytes(mem.pid(), fn, std::min(kCompareBytes, code->size()));
   if (!file) return fmt::format("its bytes in {} cannot be read to compare", fn.object);
-  if (!std::equal(file->begin(), file->end(), code->begin()))
-    return (*code)[0] == arch::trap_instruction()[0]
-               ? "a breakpoint sits on its entry (someone else's uprobe, bpftrace or a debugger)"
-               : "its entry differs from the file (another tool changed it)";
+  std::span<const uint8_t> live(code->data(), file->size());
+  if (!std::equal(file->begin(), file->end(), live.begin())) {
+    auto at = probe__breakpoint_offset(live, *file);
+    if (!at) return "its entry differs from the file (another tool changed it)";
+    return *at == 0 ? "a breakpoint sits on its entry (someone else's uprobe, bpftrace or a debugger)"
+                    : fmt::format("a breakpoint sits at +{:#x}, among its first bytes (someone else's uprobe, bpftrace or "
+                                  "a debugger)", *at);
+  }
   auto trial = arch::encode_counting_trampoline(*code, fn.address, fn.address, fn.address);
   if (!trial) return trial.error().what;
   return "";
@@ -454,12 +455,13 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
   if (auto sw = switch_when_quiet(tracee, *guard, writes, commit, opts.timeout, progress); !sw) return undo(sw.error());
   crashpoint("watch: after the switch");
   out.installed_ = true;
+  sync_perfmap(pid, [&](const std::string& n) { out.notes_.push_back(n); });
   return out;
 }
 
 WatchStubs::WatchStubs(WatchStubs&& o) noexcept
     : pid_(o.pid_), functions_(std::move(o.functions_)), record_(std::move(o.record_)), map_(std::move(o.map_)),
-      view_(o.view_), view_len_(o.view_len_), installed_(o.installed_) {
+      view_(o.view_), view_len_(o.view_len_), installed_(o.installed_), notes_(std::move(o.notes_)) {
   o.view_ = nullptr;
   o.installed_ = false;
 }

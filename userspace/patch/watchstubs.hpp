@@ -74,6 +74,8 @@ class WatchStubs {
                                           const std::function<void(const std::string&)>& progress = nullptr);
   uint64_t stub_of(size_t i) const { return record_.stubs[i].stub; }   // for tests and tools
   const WatchRecord& record() const { return record_; }
+  // Notes for people from the install (a perf map that could not be written).
+  const std::vector<std::string>& notes() const { return notes_; }
 
  private:
   WatchStubs() = default;
@@ -84,6 +86,7 @@ class WatchStubs {
   void* view_ = nullptr;      // the map's values, mapped read-only here
   size_t view_len_ = 0;
   bool installed_ = false;
+  std::vector<std::string> notes_;
 };
 
 // Why `fn` cannot take a trampoline in the process behind `mem` now ("" when it can). `go`: its
