@@ -402,9 +402,7 @@ void phases(bool quick) {
     }
     revert(target->pid());
   }
-  std::printf("### Where `patch --observe 0 bp_trivial` spends its time (HOTFIX_TIMING=1; ms, median of %d)
-
-", reps);
+  std::printf("### Where `patch --observe 0 bp_trivial` spends its time (HOTFIX_TIMING=1; ms, median of %d)\n\n", reps);
   std::printf("| phase | wall | cpu |\n|---|---:|---:|\n");
   double sum_cpu = 0;
   for (auto& name : order) {
