@@ -4,7 +4,9 @@
 //  2. end-to-end wall time of `patch --observe 0` (and of --dry-run, --no-count, revert, and
 //     a bare CLI start) on an idle target;
 //  3. the pause the patch reports (pause_us) against the target's thread count, strict mode;
-//  4. time to patch a function busy most of the time: uprobe-driven quiescence vs --blind-retry.
+//  4. time to patch a function busy most of the time: uprobe-driven quiescence vs --blind-retry;
+//  5. where `patch --observe 0` spends its time, phase by phase (HOTFIX_TIMING=1): symbol
+//     resolution beside the whole patch.
 // Usage: bench_patch [--quick]   (as root; fixtures built: cmake --build B --target hotfix_fixtures)
 #include <fcntl.h>
 #include <signal.h>
@@ -19,6 +21,7 @@
 #include <cstring>
 #include <fmt/core.h>
 #include <fmt/format.h>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -363,6 +366,67 @@ void busy_function(bool quick) {
   std::fflush(stdout);
 }
 
+// 5. Phases of one `patch --observe 0 bp_trivial`, as hotfix-ctl reports them with HOTFIX_TIMING=1
+// (stderr lines "hotfix timing: NAME W ms (cpu C ms)"): wall and CPU, median of `reps`.
+void phases(bool quick) {
+  int reps = quick ? 5 : 9;
+  auto target = start_target();
+  std::vector<std::string> order;
+  std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> seen;
+  std::vector<double> whole;
+  for (int r = 0; r < reps; ++r) {
+    int err[2];
+    if (::pipe2(err, O_CLOEXEC)) throw std::runtime_error("pipe");
+    auto t0 = clk::now();
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      int null = ::open("/dev/null", O_WRONLY);
+      ::dup2(null, 1);
+      ::dup2(err[1], 2);
+      ::setenv("HOTFIX_TIMING", "1", 1);
+      ::execl(kCtl.c_str(), kCtl.c_str(), "patch", "--pid", std::to_string(target->pid()).c_str(), "--lib", kFix.c_str(),
+              "--observe", "0", "bp_trivial", nullptr);
+      ::_exit(127);
+    }
+    ::close(err[1]);
+    std::string text;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(err[0], buf, sizeof buf)) > 0;) text.append(buf, n);
+    ::close(err[0]);
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+    double ms = ms_since(t0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) throw std::runtime_error("patch with HOTFIX_TIMING=1 failed: " + text);
+    whole.push_back(ms);
+    const std::string tag = "hotfix timing: ";
+    for (size_t at = text.find(tag); at != std::string::npos; at = text.find(tag, at + 1)) {
+      std::string line = text.substr(at + tag.size(), text.find('\n', at) - at - tag.size());
+      auto cpu_at = line.rfind(" (cpu ");
+      auto wall_at = line.rfind(' ', cpu_at - 1);
+      if (cpu_at == std::string::npos || wall_at == std::string::npos) continue;
+      std::string name = line.substr(0, wall_at);
+      if (!seen.count(name)) order.push_back(name);
+      seen[name].first.push_back(std::atof(line.c_str() + wall_at + 1));
+      seen[name].second.push_back(std::atof(line.c_str() + cpu_at + 6));
+    }
+    revert(target->pid());
+  }
+  std::printf("### Where `patch --observe 0 bp_trivial` spends its time (HOTFIX_TIMING=1; ms, median of %d)\n\n", reps);
+  std::printf("| phase | wall | cpu |\n|---|---:|---:|\n");
+  double sum_cpu = 0;
+  for (auto& name : order) {
+    auto& [wall, cpu] = seen[name];
+    sum_cpu += median(cpu);
+    std::printf("| %s | %.2f | %.2f |\n", name.c_str(), median(wall), median(cpu));
+  }
+  std::printf("| **the whole `patch --observe 0`** (fork to exit) | %.1f | (phases: %.1f) |\n", median(whole), sum_cpu);
+  if (seen.count("prepare: symbols"))
+    std::printf("\nsymbol resolution (SymbolTable::for_pid, every symbol of every object): %.2f ms wall, %.2f ms cpu, "
+                "of a %.1f ms patch\n\n",
+                median(seen["prepare: symbols"].first), median(seen["prepare: symbols"].second), median(whole));
+  std::fflush(stdout);
+}
+
 double load_average() {
   double l = 0;
   if (FILE* f = std::fopen("/proc/loadavg", "r")) {
@@ -377,13 +441,14 @@ double load_average() {
 int main(int argc, char** argv) {
   bool quick = argc > 1 && !std::strcmp(argv[1], "--quick");
   ::signal(SIGPIPE, SIG_IGN);
-  std::string only = std::getenv("BENCH_PATCH_ONLY") ? std::getenv("BENCH_PATCH_ONLY") : "1234";
+  std::string only = std::getenv("BENCH_PATCH_ONLY") ? std::getenv("BENCH_PATCH_ONLY") : "12345";
   std::printf("## bench_patch (load average at start: %.1f)\n\n", load_average());
   try {
     if (only.find('1') != std::string::npos) per_call(quick);
     if (only.find('2') != std::string::npos) end_to_end(quick);
     if (only.find('3') != std::string::npos) pause_vs_threads(quick);
     if (only.find('4') != std::string::npos) busy_function(quick);
+    if (only.find('5') != std::string::npos) phases(quick);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_patch: %s\n", e.what());
     return 1;

@@ -23,6 +23,7 @@
 #include "patch/provenance.hpp"
 #include "common/crashpoint.hpp"
 #include "patch/adopt.hpp"
+#include "common/timing.hpp"
 #include "patch/journal.hpp"
 #include "patch/recover.hpp"
 #include "observe/liveness.hpp"
@@ -105,6 +106,7 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
 const char* consistency__name(Consistency c) { return c == Consistency::strict ? "strict" : "entry"; }
 
 Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
+  TimedPhase phase("prepare: fix.so read and validated");
   HOTFIX_CHECK(process__check_privileges(false, true));
   HOTFIX_CHECK(process__check_alive(opts.pid));
   (void)patchcount__gc();  // counters and copies of processes that are gone go first (cheap)
@@ -121,7 +123,11 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
                   "refusing it; remove the set with `hotfix-ctl revert --persist --id N` and record the fix again");
   HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
   auto fix = HOTFIX_TRY(fixlib__read(p.fix));
+  phase.end();
+  TimedPhase symbols("prepare: symbols");
   p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+  symbols.end();
+  TimedPhase planning("prepare: plan");
   PlanOptions plan_opts;
   plan_opts.patterns = opts.patterns;
   plan_opts.object = opts.object;
@@ -129,22 +135,34 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   plan_opts.executable = p.executable;
   auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
   HOTFIX_CHECK(golang__check(plan.entries));  // patch/golang.hpp: Go code is not C ABI, its stacks unseen
+  planning.end();
+  TimedPhase preflight("prepare: preflight");
   HOTFIX_CHECK(preflight__check({opts.pid, &p.table, p.executable, opts.library,
                                  fmt::format("{}{}", opts.patch_dir, opts.pid), &p.fix}));
+  preflight.end();
+  TimedPhase binding("prepare: registry and binder");
   p.registry = HOTFIX_TRY(registry__read(opts.pid));
   HOTFIX_CHECK(registry__require_authentic(p.registry, opts.pid));  // stacking trusts its saved bytes
   // The binder's resolution changes nothing, so it runs here too: a --dry-run fails where the
   // apply would (a symbol the target lacks, an ambiguous one, a private copy of a variable).
   HOTFIX_CHECK(binder__bind(p.table, p.executable, p.fix, registry__fix_copies(p.registry, p.table, opts.patch_dir)));
   p.id = p.registry.next_id;
+  binding.end();
+  TimedPhase prologues("prepare: prologues");
   auto mem = HOTFIX_TRY(ProcessMemory::open(opts.pid));
   for (auto& e : plan.entries) p.switches.push_back(HOTFIX_TRY(plan_switch(mem, p.registry, e)));
   std::vector<uint64_t> entries;
   std::vector<std::string> names;
   for (auto& s : p.switches) entries.push_back(s.entry.target.address), names.push_back(s.entry.target.name);
   HOTFIX_CHECK(target__check_unsealed(opts.pid, entries, names));
+  prologues.end();
+  TimedPhase provenance("prepare: provenance");
   HOTFIX_CHECK(provenance__check(p));  // patch/provenance.hpp: built for this binary, same toolchain
+  provenance.end();
+  TimedPhase coverage("prepare: coverage");
   HOTFIX_CHECK(coverage__check(p));    // patch/coverage.hpp: inlined copies, clones, aliases
+  coverage.end();
+  TimedPhase abi("prepare: ABI checks");
   // The ABI checks stay last: they are the most expensive and the least specific, and a fix.so
   // that cannot be loaded or bound at all must hear that first.
   if (opts.abi_check) {
@@ -450,6 +468,7 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   // Bind and load fix.so while every thread runs: its bytes go into a sealed memfd inside the
   // target, which dlopens that (never a path someone could swap, in any mount namespace).
   crashpoint("patch: before binding the copy");
+  TimedPhase delivery("apply: bind, deliver, dlopen, fixups");
   auto bound = HOTFIX_TRY(binder__bind(p.table, p.executable, p.fix,
                                        registry__fix_copies(p.registry, p.table, p.options.patch_dir)));
   crashpoint("patch: after binding the copy");
@@ -476,6 +495,8 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   progress(fmt::format("loaded {} (sha256 {}) at {:#x} (handle {:#x}); bound {} target symbol(s)", p.options.library,
                        sha256, load_base, injection.handle, bound.bindings.size()));
 
+  delivery.end();
+  TimedPhase islands("apply: counters, islands, registry mapping");
   // Islands and the registry need one stopped thread; the others keep running.
   pid_t tid = tracee.threads().front().tid;
   HOTFIX_CHECK(tracee.stop_thread(tid));
@@ -503,6 +524,8 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   HOTFIX_CHECK(tracee.resume_thread(tid));
   uint64_t registry_at = HOTFIX_TRY(prepared);
   HOTFIX_CHECK(register_frames(tracee, undo, journal, p, progress));
+  islands.end();
+  TimedPhase switching("apply: guard, stop, write, record");
 
   std::vector<TextWrite> writes;
   std::vector<AddressRange> overwritten, bodies;
@@ -566,6 +589,8 @@ Result<PatchOutcome> apply_held(Tracee& tracee, PreparedPatch& p, const Progress
   auto sw = HOTFIX_TRY(switch_when_quiet(tracee, guard, writes, commit_record, p.options.timeout, progress));
   undo.commit();
   crashpoint("patch: after the switch");
+  switching.end();
+  TimedPhase old_code("apply: old-code probes");
   if (counters) count_old_code(p, progress);
   (void)journal.append(jr("done"));
   return PatchOutcome{p.id, sw.pause, sw.attempts, record.functions, delivered.mapped, sha256, delivered.sha256};
@@ -577,10 +602,14 @@ Result<PatchOutcome> patch__apply(PreparedPatch& p, const ProgressFn& progress) 
   // The registry written below must be this process's alone: not a fork's inherited one, and
   // not shared with a fork not adopted yet (patch/adopt.hpp).
   for (auto& line : HOTFIX_TRY(adopt__before_write(p.options.pid))) progress(line);
+  TimedPhase seize("apply: seize");
   auto tracee = HOTFIX_TRY(Tracee::seize(p.options.pid));
+  seize.end();
   bool explained = false;
   auto out = apply_held(tracee, p, progress, explained);
+  TimedPhase perfmap("apply: perf map");
   if (out) patch__sync_perfmap(p.options.pid, progress);  // perf names the new islands
+  perfmap.end();
   return explained ? out : or_target_gone(tracee, std::move(out));
 }
 

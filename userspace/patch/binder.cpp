@@ -45,8 +45,6 @@ struct TargetIndex {
   std::vector<Candidate> locals;
 };
 
-// Dynamic symbol names may carry a version ("memcpy@GLIBC_2.14"); the binder compares bare names.
-std::string bare(const std::string& name) { return name.substr(0, name.find('@')); }
 
 std::string without_deleted(std::string path) {
   const std::string tag = " (deleted)";
@@ -68,38 +66,55 @@ bool dynamically_visible(const TargetIndex& index, const Function& f) {
   return f.exported || (f.binding != Binding::local && !index.in_executable(f));
 }
 
-void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool is_function) {
+// Only the names fix.so asks about (`wanted`) go into `exported` and `by_name`: those are the
+// only questions asked, and indexing every name of every object cost more than all the rest
+// of a patch (issue 11 §7).
+void add_symbols(TargetIndex& index, const std::vector<Function>& symbols, bool is_function,
+                 const std::set<std::string>& fix_copies, const std::unordered_set<std::string>& wanted) {
+  auto add_name = [&](const Function& f, const std::string& n) {
+    // Dynamic symbol names may carry a version ("memcpy@GLIBC_2.14"); the binder compares bare names.
+    auto at = n.find('@');
+    auto it = wanted.find(at == std::string::npos ? n : n.substr(0, at));
+    if (it == wanted.end()) return;
+    if (dynamically_visible(index, f)) index.exported.insert(*it);
+    index.by_name.emplace(*it, Candidate{&f, is_function});
+  };
+  std::string_view last_object;  // the table groups by address, objects in runs: skip repeats
+  bool last_is_copy = false;
   for (auto& f : symbols) {
-    std::vector<std::string> names{f.mangled};
-    names.insert(names.end(), f.aliases.begin(), f.aliases.end());
-    for (auto& n : names) {
-      if (dynamically_visible(index, f)) index.exported.insert(bare(n));
-      index.by_name.emplace(bare(n), Candidate{&f, is_function});
+    // The target's own symbols: those of loaded fix copies (recorded ones, and any object
+    // named like one: a delivered memfd or an older build's copy on disk) are left out.
+    if (f.object != last_object) {
+      last_object = f.object;
+      last_is_copy = fix_copies.count(f.object) || path__is_fix_copy(f.object);
     }
+    if (last_is_copy) continue;
+    add_name(f, f.mangled);
+    for (auto& alias : f.aliases) add_name(f, alias);
     if (f.binding == Binding::local) index.locals.push_back({&f, is_function});
   }
 }
 
-// The target's own symbols: those of loaded fix copies (recorded ones, and any object named
-// like one: a delivered memfd or an older build's copy on disk) are left out.
-std::vector<Function> without_copies(const std::vector<Function>& symbols, const std::set<std::string>& fix_copies) {
-  std::vector<Function> out;
-  for (auto& f : symbols)
-    if (!fix_copies.count(f.object) && !path__is_fix_copy(f.object)) out.push_back(f);
+// The names the binder looks up: what fix.so leaves undefined, and the variables it defines
+// that could be private copies of the target's.
+std::unordered_set<std::string> wanted_names(const FixLibrary& fix) {
+  std::unordered_set<std::string> out;
+  for (auto& s : fix.dynsyms)
+    if (!s.defined && s.index != 0 && !s.name.empty()) out.insert(s.name);
+  for (auto& v : fix.variables) out.insert(v.name);
   return out;
 }
 
-struct TargetSymbols {
-  std::vector<Function> functions, variables;  // owned here: TargetIndex points into them
-};
-
-TargetIndex index_target(const SymbolTable& target, const TargetSymbols& own, const std::string& executable) {
+// Points into `target`, which outlives the index.
+TargetIndex index_target(const SymbolTable& target, const std::string& executable, const FixLibrary& fix,
+                         const std::set<std::string>& fix_copies) {
   TargetIndex index;
   std::string exe = canonical_or_same(executable);
   for (auto& o : target.objects())
     if (o.path == executable || canonical_or_same(o.path) == exe) index.executable.insert(o.path);
-  add_symbols(index, own.functions, true);
-  add_symbols(index, own.variables, false);
+  auto wanted = wanted_names(fix);
+  add_symbols(index, target.functions(), true, fix_copies, wanted);
+  add_symbols(index, target.variables(), false, fix_copies, wanted);
   return index;
 }
 
@@ -279,8 +294,7 @@ uint64_t load_u64(const std::vector<uint8_t>& bytes) {
 Result<BoundLibrary> binder__bind(const SymbolTable& target, const std::string& executable, const FixImage& image,
                                   const std::set<std::string>& fix_copies) {
   auto fix = HOTFIX_TRY(fixlib__read(image));
-  TargetSymbols own{without_copies(target.functions(), fix_copies), without_copies(target.variables(), fix_copies)};
-  auto index = index_target(target, own, executable);
+  auto index = index_target(target, executable, fix, fix_copies);
   HOTFIX_CHECK(check_no_private_copies(index, fix));
   std::map<size_t, Function> bound;
   std::vector<std::string> missing;

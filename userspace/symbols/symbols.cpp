@@ -236,8 +236,19 @@ Binding binding_of(unsigned char st_bind) {
   return Binding::global;  // STB_GLOBAL, STB_GNU_UNIQUE
 }
 
-// Symbols the object defines in .dynsym with global or weak binding, as "name@value", and
-// whether that definition has a non-default (hidden) version.
+// The key of elf__exported: the name, a NUL, and the value's bytes (no formatting: it is
+// built for every symbol of every object).
+std::string export_key(std::string_view name, uint64_t value) {
+  std::string key;
+  key.reserve(name.size() + 1 + sizeof value);
+  key.append(name);
+  key.push_back('\0');
+  key.append(reinterpret_cast<const char*>(&value), sizeof value);
+  return key;
+}
+
+// Symbols the object defines in .dynsym with global or weak binding (keyed by export_key),
+// and whether that definition has a non-default (hidden) version.
 std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
   std::unordered_map<std::string, bool> out;
   Elf_Scn* scn = nullptr;
@@ -260,7 +271,7 @@ std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
       GElf_Versym version = 0;
       bool hidden = versym && gelf_getversym(versym, static_cast<int>(i), &version) && (version & 0x8000);
       if (name && *name) {
-        auto [it, added] = out.emplace(fmt::format("{}@{:x}", name, sym.st_value), hidden);
+        auto [it, added] = out.emplace(export_key(name, sym.st_value), hidden);
         if (!added) it->second = it->second && hidden;  // default and old version at one address
       }
     }
@@ -420,7 +431,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
     }
     RawSymbol r{plain, addr - bias, sym.st_size, binding_of(GELF_ST_BIND(sym.st_info)), false, function};
     if (r.binding != Binding::local)
-      if (auto it = exported.find(fmt::format("{}@{:x}", plain, r.value)); it != exported.end()) {
+      if (auto it = exported.find(export_key(plain, r.value)); it != exported.end()) {
         r.exported = true;
         old_version = old_version || it->second;
       }
@@ -533,10 +544,14 @@ bool in_executable_mapping(const Load& load, uint64_t addr) {
 // Point each IFUNC of one load (functions[first, last)) at the implementation the process
 // uses: the value the loader stored in its IRELATIVE slot (IRELATIVE relocations are applied
 // at load time, lazy binding or not). One that has none keeps the resolver's address.
-void resolve_ifuncs(pid_t pid, const ElfSymbols& elf, const Load& load, uint64_t bias, std::vector<Function>& functions,
-                    size_t first, size_t last) {
+void resolve_ifuncs(pid_t pid, const std::vector<GElf_Phdr>& segments, const std::vector<IrelativeSlot>& irelative,
+                    const Load& load, uint64_t bias, std::vector<Function>& functions, size_t first, size_t last) {
+  // The load's own functions (IFUNCs left out), by runtime address: the implementation's size.
+  std::unordered_map<uint64_t, uint64_t> size_at;
+  for (size_t i = first; i < last; i++)
+    if (!functions[i].ifunc) size_at.emplace(functions[i].address, functions[i].size);
   std::map<uint64_t, uint64_t> slot_of;  // resolver -> slot, file-relative
-  for (auto& r : elf.irelative) slot_of.emplace(r.resolver, r.slot);
+  for (auto& r : irelative) slot_of.emplace(r.resolver, r.slot);
   Elf* file_elf = nullptr;
   UniqueFd fd;
   for (size_t i = first; i < last; i++) {
@@ -549,9 +564,8 @@ void resolve_ifuncs(pid_t pid, const ElfSymbols& elf, const Load& load, uint64_t
     if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(sizeof target)) continue;
     if (target == f.address || !in_executable_mapping(load, target)) continue;
     uint64_t file_addr = target - bias;
-    auto known = std::find_if(elf.functions.begin(), elf.functions.end(),
-                              [&](const Function& g) { return g.address == file_addr && !g.ifunc; });
-    uint64_t size = known != elf.functions.end() ? known->size : 0;
+    auto known = size_at.find(target);
+    uint64_t size = known != size_at.end() ? known->second : 0;
     if (!size) {
       if (!fd) {
         fd = open_mapped(pid, load.mappings.front());
@@ -561,7 +575,7 @@ void resolve_ifuncs(pid_t pid, const ElfSymbols& elf, const Load& load, uint64_t
     }
     f.resolver = f.address;
     f.address = target;
-    f.offset = file_offset_of(elf.loads, file_addr);
+    f.offset = file_offset_of(segments, file_addr);
     f.size = size;
   }
   if (file_elf) elf_end(file_elf);
@@ -583,15 +597,23 @@ struct SymbolTableBuilder {
   SymbolTable table;
 
   void add(const ElfSymbols& elf, const std::string& path, uint64_t bias) {
+    ElfSymbols copy = elf;
+    add(std::move(copy), path, bias);
+  }
+
+  // The symbols are moved, not copied: a file loaded once (nearly all) is placed once.
+  void add(ElfSymbols&& elf, const std::string& path, uint64_t bias) {
     ObjectInfo info{path, bias, elf.build_id, elf.debug_file, elf.functions.size()};
     table.objects_.push_back(std::move(info));
-    for (auto [from, to] : {std::pair{&elf.functions, &table.functions_}, std::pair{&elf.variables, &table.variables_}})
-      for (const Function& f : *from) {
-        Function placed = f;
-        placed.object = path;
-        placed.address += bias;
-        to->push_back(std::move(placed));
+    for (auto [from, to] : {std::pair{&elf.functions, &table.functions_}, std::pair{&elf.variables, &table.variables_}}) {
+      to->reserve(to->size() + from->size());
+      for (Function& f : *from) {
+        f.object = path;
+        f.address += bias;
+        to->push_back(std::move(f));
       }
+      from->clear();
+    }
   }
 
   SymbolTable finish() {
@@ -628,7 +650,7 @@ Result<SymbolTable> SymbolTable::for_file(const std::string& path, const SymbolO
   auto elf = HOTFIX_TRY(elf_symbols__load(std::move(fd), path, default_debug_root(opts)));
   SymbolTableBuilder builder;
   builder.table.file_ = path;
-  builder.add(elf, path, 0);
+  builder.add(std::move(elf), path, 0);
   return builder.finish();
 }
 
@@ -646,7 +668,7 @@ Result<SymbolTable> SymbolTable::for_image(std::span<const uint8_t> bytes, const
   auto elf = HOTFIX_TRY(elf_symbols__load(std::move(fd), name, default_debug_root(opts)));
   SymbolTableBuilder builder;
   builder.table.file_ = name;
-  builder.add(elf, name, 0);
+  builder.add(std::move(elf), name, 0);
   return builder.finish();
 }
 
@@ -656,7 +678,10 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
   SymbolTableBuilder builder;
   builder.table.pid_ = pid;
   std::map<std::string, ElfSymbols> parsed;  // each file once, however often it is loaded
-  for (auto& load : group_loads(maps)) {
+  auto loads = group_loads(maps);
+  std::map<std::string, size_t> loads_left;  // the last load of a file takes its symbols, the others copy
+  for (auto& load : loads) loads_left[load.path]++;
+  for (auto& load : loads) {
     auto it = parsed.find(load.path);
     if (it == parsed.end()) {
       UniqueFd fd = open_mapped(pid, load.mappings.front());
@@ -669,9 +694,13 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
     auto bias = load_bias(it->second, load);
     if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
     size_t first = builder.table.functions_.size();
-    builder.add(it->second, load.path, *bias);
-    if (!it->second.irelative.empty())
-      resolve_ifuncs(pid, it->second, load, *bias, builder.table.functions_, first, builder.table.functions_.size());
+    bool last_load = --loads_left[load.path] == 0;
+    std::vector<IrelativeSlot> irelative = it->second.irelative;
+    if (last_load) builder.add(std::move(it->second), load.path, *bias);
+    else builder.add(it->second, load.path, *bias);
+    if (!irelative.empty())
+      resolve_ifuncs(pid, it->second.loads, irelative, load, *bias, builder.table.functions_, first,
+                     builder.table.functions_.size());
   }
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");
