@@ -8,6 +8,9 @@ HOTFIX_DEPS=(cmake g++ clang llvm pkg-config make libbpf-dev bpftool libelf-dev 
              rustc
              # tests/realworld: Debian's own programs, driven by their own clients on loopback
              redis-server redis-tools nginx-light curl python3 libsqlite3-0 zlib1g golang-go procps util-linux
+             memcached libmemcached-tools
+             # tools/bench: bpftrace beside watch in the per-call cost table
+             bpftrace
              # tests/test_fleet: the Ansible role run on localhost, its YAML and the DaemonSet's linted
              ansible-core yamllint)
 
@@ -19,7 +22,7 @@ hotfix_install_deps() {
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # Daemons among them (redis-server, nginx) must not be started by their postinst: the
+    # Daemons among them (redis-server, nginx, memcached) must not be started by their postinst: the
     # tests start their own on loopback. policy-rc.d is Debian's switch for that.
     local policy_added=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
