@@ -26,11 +26,6 @@ using namespace std::chrono;
 
 namespace {
 
-RunResult ctl_run(std::vector<std::string> args) {
-  args.insert(args.begin(), ctl());
-  return run(std::move(args), seconds(120));
-}
-
 std::vector<pid_t> children_of(pid_t pid) {
   std::ifstream in(fmt::format("/proc/{}/task/{}/children", pid, pid));
   std::vector<pid_t> out;
