@@ -231,6 +231,9 @@ std::string liveness__threads_inside(pid_t pid, std::vector<Liveness>& functions
   auto seen = inside__snapshot(pid, fs);
   if (!seen) return fmt::format("threads inside: from the probes only (calls since they attached): {}", seen.error().line());
   for (size_t i = 0; i < functions.size(); ++i) {
+    // A goroutine parked off its thread runs on no stack a look at threads can see: a Go
+    // function's count would read 0 where it is unknown, so it stays unmeasured (n/a).
+    if (probe__is_go_object(functions[i].function.object)) continue;
     functions[i].inflight = seen->functions[i].threads;
     functions[i].inside_unknown = seen->functions[i].unknown;
   }
