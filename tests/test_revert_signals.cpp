@@ -185,15 +185,15 @@ void park_at(pid_t tid, const std::function<bool(uint64_t)>& want) {
   int status = 0;
   REQUIRE(::waitpid(tid, &status, __WALL) == tid);
   bool found = false;
+  // Step first, look after: only a step's stop (a SIGTRAP signal-delivery-stop) turns the
+  // detach's signal into a delivery. The interrupt's own stop is an event stop, where detach
+  // drops the signal: a thread interrupted already in range was left running unparked.
   for (long step = 0; step < 5'000'000 && !found; ++step) {
-    user_regs_struct regs{};
-    REQUIRE(::ptrace(PTRACE_GETREGS, tid, 0, &regs) == 0);
-    if (want(regs.rip)) {
-      found = true;
-      break;
-    }
     REQUIRE(::ptrace(PTRACE_SINGLESTEP, tid, 0, 0) == 0);
     REQUIRE(::waitpid(tid, &status, __WALL) == tid);
+    user_regs_struct regs{};
+    REQUIRE(::ptrace(PTRACE_GETREGS, tid, 0, &regs) == 0);
+    found = want(regs.rip);
   }
   // Detaching from the step's stop with a signal delivers it: the handler starts right there.
   REQUIRE(::ptrace(PTRACE_DETACH, tid, 0, found ? SIGUSR2 : 0) == 0);
