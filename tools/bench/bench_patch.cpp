@@ -402,8 +402,9 @@ void phases(bool quick) {
     for (size_t at = text.find(tag); at != std::string::npos; at = text.find(tag, at + 1)) {
       std::string line = text.substr(at + tag.size(), text.find('\n', at) - at - tag.size());
       auto cpu_at = line.rfind(" (cpu ");
-      auto wall_at = line.rfind(' ', cpu_at - 1);
-      if (cpu_at == std::string::npos || wall_at == std::string::npos) continue;
+      if (cpu_at == std::string::npos || cpu_at < 4 || line.compare(cpu_at - 3, 3, " ms") != 0) continue;
+      auto wall_at = line.rfind(' ', cpu_at - 4);  // "NAME W ms (cpu": the space before W
+      if (wall_at == std::string::npos) continue;
       std::string name = line.substr(0, wall_at);
       if (!seen.count(name)) order.push_back(name);
       seen[name].first.push_back(std::atof(line.c_str() + wall_at + 1));
