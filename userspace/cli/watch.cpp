@@ -17,6 +17,7 @@
 #include "common/unique_fd.hpp"
 #include "observe/budget.hpp"
 #include "observe/inside.hpp"
+#include "observe/liveness.hpp"
 #include "observe/report.hpp"
 #include "observe/probe_safety.hpp"
 #include "observe/watch.hpp"
@@ -343,7 +344,9 @@ int run_watch(const WatchArgs& a) {
           if (watch->functions()[which[m]].address == moved->functions()[k].address) ok[m] = true, moved_slot[which[m]] = k;
       return ok;
     };
-  auto early = budget ? start + std::chrono::milliseconds(100) : clock::time_point::max();
+  // The budget's first look comes early (as in patch's window): until then every hit of a hot
+  // uprobed function traps, and the budget can only cut what it has seen.
+  auto early = budget ? start + ObserveWindow::kEarlyBudgetLook : clock::time_point::max();
   auto keep_budget = [&](const std::vector<CallCounts>& counts, double seconds) {
     if (!budget) return true;
     std::vector<CallCounts> probed_counts(counts.begin() + static_cast<long>(ntramp), counts.end());

@@ -195,6 +195,10 @@ Result<ObserveReport> liveness__observe_window(pid_t pid, const std::vector<Func
   crashpoint("observe: in the window");  // a killed patch here leaves trampolines for the next hotfix-ctl
   auto began = steady_clock::now();
   auto step = how.adaptive ? how.first : std::min(how.window, how.first);  // the budget looks early too
+  if (counters.uprobes() > 0 && ObserveWindow::kEarlyBudgetLook < step) {
+    std::this_thread::sleep_until(std::min(began + ObserveWindow::kEarlyBudgetLook, began + how.window));
+    HOTFIX_CHECK(counters.sample(duration<double>(steady_clock::now() - began).count(), report.notes));
+  }
   std::string extended_for;  // the last function the window went on for
   for (auto next = began + step;; next += step) {
     std::this_thread::sleep_until(std::min(next, began + how.window));

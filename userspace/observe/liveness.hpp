@@ -55,6 +55,10 @@ struct ObserveWindow {
   std::chrono::milliseconds window{1000};  // fixed length, or the adaptive bound
   bool adaptive = true;
   std::chrono::milliseconds first{100};
+  // With uprobes in the window, the budget takes one extra look this soon after they attach:
+  // until its first look, every hit of a hot uprobed function traps (~15 us each), and the
+  // budget can only cut what it has seen. The window's length does not change.
+  static constexpr std::chrono::milliseconds kEarlyBudgetLook{20};
   double max_overhead_pct = 2.0;
   bool trampolines = true;
   // The stop that writes the trampolines' jumps waits this long for no thread to be inside the
