@@ -211,6 +211,9 @@ struct ConsistencyChecker::State {
   Walk walk(pid_t tid);
   uint64_t reached(const Walk& w) const;
   Result<std::vector<StackView>> survey(const std::vector<StoppedThread>& threads);
+  Result<void> begin_pass(const std::vector<StoppedThread>& list);
+  template <class Skip, class Use>
+  void in_batches(const std::vector<StoppedThread>& list, Skip skip, Use use);
   StackView survey_one(const Segment& g);
   const AddressRange* function_at_return_address(uint64_t ra) const;
 };
@@ -521,7 +524,9 @@ ConsistencyChecker::StackView ConsistencyChecker::State::survey_one(const Segmen
   return view;
 }
 
-Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::State::survey(const std::vector<StoppedThread>& list) {
+// The start of a pass over stopped threads: fresh stats, the maps read again if a thread is
+// new (its stack may be new too).
+Result<void> ConsistencyChecker::State::begin_pass(const std::vector<StoppedThread>& list) {
   auto t0 = Clock::now();
   stats = ConsistencyStats{};
   stats.threads = list.size();
@@ -530,13 +535,20 @@ Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::State::su
     stats.maps_reread = true;
   }
   stats.maps_us = micros_since(t0);
+  return {};
+}
+
+// Reads the stacks of `list` in batches (at most kBatchThreads threads and kBatchBytes of
+// stacks each) and hands each segment read to `use`. `skip(t)` true leaves thread t out.
+template <class Skip, class Use>
+void ConsistencyChecker::State::in_batches(const std::vector<StoppedThread>& list, Skip skip, Use use) {
   threads = &list;
-  std::vector<StackView> out;
   size_t next = 0;
   while (next < list.size()) {
     segments.clear();
     size_t words = 0;
     for (; next < list.size() && segments.size() < kBatchThreads; ++next) {
+      if (skip(list[next])) continue;
       Segment g = plan_segment(list[next]);
       if (words + g.wanted > kBatchBytes / 8 && !segments.empty()) break;
       g.offset = words;
@@ -545,47 +557,32 @@ Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::State::su
     }
     reserve_buffer(words);
     read_segments();
-    for (const Segment& g : segments) out.push_back(survey_one(g));
+    for (const Segment& g : segments) use(g);
   }
   threads = nullptr;
+}
+
+Result<std::vector<ConsistencyChecker::StackView>> ConsistencyChecker::State::survey(const std::vector<StoppedThread>& list) {
+  auto t0 = Clock::now();
+  HOTFIX_CHECK(begin_pass(list));
+  std::vector<StackView> out;
+  in_batches(list, [](const StoppedThread&) { return false; }, [&](const Segment& g) { out.push_back(survey_one(g)); });
   stats.total_us = micros_since(t0);
   return out;
 }
 
 Result<std::vector<Blocker>> ConsistencyChecker::State::check(const std::vector<StoppedThread>& list) {
   auto t0 = Clock::now();
-  stats = ConsistencyStats{};
-  stats.threads = list.size();
-  if (!maps_cover(list)) {  // a new thread: its stack may be new too
-    HOTFIX_CHECK(read_maps());
-    stats.maps_reread = true;
-  }
-  stats.maps_us = micros_since(t0);
-  threads = &list;
+  HOTFIX_CHECK(begin_pass(list));
   std::vector<Blocker> out;
-  size_t next = 0;
-  while (next < list.size()) {
-    // A batch: at most kBatchThreads threads and kBatchBytes of stacks.
-    segments.clear();
-    size_t words = 0;
-    for (; next < list.size() && segments.size() < kBatchThreads; ++next) {
-      const StoppedThread& t = list[next];
-      uint64_t pc = arch::regs__pc(t.regs);
-      if (const AddressRange* f = find_range(functions, pc)) {
-        out.push_back(Blocker{t.tid, {}, 0, pc, f->name, false});
-        continue;
-      }
-      Segment g = plan_segment(t);
-      if (words + g.wanted > kBatchBytes / 8 && !segments.empty()) break;
-      g.offset = words;
-      words += g.wanted;
-      segments.push_back(g);
-    }
-    reserve_buffer(words);
-    read_segments();
-    for (const Segment& g : segments) scan(g, out);
-  }
-  threads = nullptr;
+  // A thread whose pc is inside a function blocks without a stack read.
+  auto inside = [&](const StoppedThread& t) {
+    uint64_t pc = arch::regs__pc(t.regs);
+    const AddressRange* f = find_range(functions, pc);
+    if (f) out.push_back(Blocker{t.tid, {}, 0, pc, f->name, false});
+    return f != nullptr;
+  };
+  in_batches(list, inside, [&](const Segment& g) { scan(g, out); });
   stats.total_us = micros_since(t0);
   return out;
 }
