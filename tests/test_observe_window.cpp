@@ -183,9 +183,10 @@ TEST_CASE("a patch killed at any crash point of its observe window's trampolines
     argv.insert(argv.end(), p.begin(), p.end());
     return run(argv, 60s);
   };
-  // One window first: it creates the target's registry, so that every later run reaches the
-  // same crash points in the same order.
+  // A window leaves no registry behind (it made one and nothing else recorded anything), so
+  // every run reaches the same crash points in the same order.
   REQUIRE(run(patch_argv(t.pid(), {"--dry-run", "--observe", "0.2"})).exit_code == 0);
+  REQUIRE(!registry__locate(t.pid()));
   auto listed = with_env("HOTFIX_CRASH_LIST=1");
   INFO(listed.out << listed.err);
   REQUIRE(listed.exit_code == 0);
@@ -212,6 +213,7 @@ TEST_CASE("a patch killed at any crash point of its observe window's trampolines
     CHECK(file_bytes_at(t.pid(), work.address));
     CHECK(watches_empty(t.pid()));
     CHECK(stub_memory(t.pid()) == memory_before);
+    CHECK(!registry__locate(t.pid()));
     REQUIRE(t.child.request("call 2").rfind("ok", 0) == 0);
   }
   CHECK(saw_window);

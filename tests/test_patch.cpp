@@ -415,11 +415,8 @@ TEST_CASE("every refusal exits 1 with one line and leaves the target exactly as 
   }
 }
 
-// KNOWN FAILURE (found 2026-12-03, when failures stopped exiting 4 = ctest's SKIP): a strict
-// refusal after the default observe window leaves the window's registry mapping (an empty
-// /memfd:hotfix-registry) in the target. [!mayfail] reports it on every run without failing
-// the suite; remove the tag with the fix (docs/limits.md, issue 11's note).
-TEST_CASE("a strict timeout on a thread parked inside leaves the target exactly as it was", "[patch][refuse][!mayfail]") {
+// The default observe window runs first: the registry its trampolines made must go too.
+TEST_CASE("a strict timeout on a thread parked inside leaves the target exactly as it was", "[patch][refuse]") {
   require_root();
   Patchee p;
   auto before = snapshot(p);
@@ -454,8 +451,7 @@ TEST_CASE("a target that exits in the middle of a patch gives a clean error", "[
   }
 }
 
-// KNOWN FAILURE, the same residue as above (the strict refusal's expect_untouched). [!mayfail].
-TEST_CASE("strict waits for a thread inside the function; entry mode lets it finish in the old code", "[patch][!mayfail]") {
+TEST_CASE("strict waits for a thread inside the function; entry mode lets it finish in the old code", "[patch]") {
   require_root();
   Patchee p;
   auto before = snapshot(p);

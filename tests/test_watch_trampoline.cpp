@@ -410,6 +410,7 @@ TEST_CASE("a watch killed at any crash point is undone by the next hotfix-ctl: t
   REQUIRE(listed.exit_code == 0);
   size_t points = crash_points(listed.err);
   INFO(listed.err);
+  CHECK(!registry__locate(calls.pid()));  // a watch that ends leaves no registry it made
   REQUIRE(points >= 8);
   for (size_t k = 1; k <= points; ++k) {
     auto r = with_env("HOTFIX_CRASH_AT=" + std::to_string(k));
@@ -420,6 +421,7 @@ TEST_CASE("a watch killed at any crash point is undone by the next hotfix-ctl: t
     require_file_bytes(calls.pid(), es);
     CHECK(registry_of(calls.pid()).watches.empty());
     CHECK(stub_memory(calls.pid()) == before);
+    CHECK(!registry__locate(calls.pid()));  // the registry the watch made went with it
     calls.call("c_add", 2);
     calls.call("callee_work", 2);
   }

@@ -96,6 +96,7 @@ struct TakeDown {
   std::vector<std::pair<uint64_t, uint64_t>> pages;
   std::pair<uint64_t, uint64_t> counters{0, 0};
   HandoffLeftovers handoff;  // fds and scratch page a killed counters' handoff left
+  uint64_t registry = 0;     // the registry this watch mapped, unmapped again once it records nothing
 };
 
 Result<void> update_registry(Tracee& t, const std::function<void(Registry&)>& change) {
@@ -139,6 +140,20 @@ Result<std::string> still_inside(Tracee& t, const std::vector<AddressRange>& cod
     }
     std::this_thread::sleep_for(backoff);
   }
+}
+
+// A registry the watch mapped goes with it once it records nothing: a patch whose observe
+// window made it, refused afterwards, must leave the target's mappings as they were. Only the
+// mapping at the address we made is touched, and only while it holds no patch and no watch.
+Result<void> unmap_made_registry(Tracee& t, pid_t tid, Journal& j, uint32_t id, uint64_t made) {
+  if (!made || registry__locate(t.pid()) != made) return {};
+  auto r = registry__read(t.pid());
+  if (r && (!r->patches.empty() || !r->watches.empty() || r->pruned.count || r->next_id != 1)) return {};
+  HOTFIX_CHECK(j.append(jr(id, "registry-removing").set("address", made)));
+  crashpoint("watch: before registry munmap");
+  HOTFIX_CHECK(remote__munmap(t, tid, made, kRegistrySize));
+  crashpoint("watch: registry unmapped");
+  return j.append(jr(id, "registry-removed"));
 }
 
 // Entries back in one stop, then the memory once no thread can be inside it. Shared by removal,
@@ -210,6 +225,7 @@ Result<std::vector<std::string>> take_down(Tracee& t, Journal& j, uint32_t id, c
     crashpoint("watch: trampolines freed");
     HOTFIX_CHECK(j.append(jr(id, "released")));
     HOTFIX_CHECK(update_registry(t, [&](Registry& r) { forget_watch(r, id); }));
+    HOTFIX_CHECK(unmap_made_registry(t, tid, j, id, d.registry));
     return j.append(jr(id, "done"));
   }();
   HOTFIX_CHECK(t.resume_thread(tid));
@@ -217,11 +233,15 @@ Result<std::vector<std::string>> take_down(Tracee& t, Journal& j, uint32_t id, c
   return notes;
 }
 
-// The registry mapping of the target, created if missing (as a patch does).
-Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Journal& j, uint32_t id) {
+// The registry mapping of the target, created if missing (as a patch does); `made` says where
+// when this watch created it.
+Result<uint64_t> ensure_registry(Tracee& t, pid_t tid, Journal& j, uint32_t id, uint64_t& made) {
   if (auto at = registry__locate(t.pid())) return *at;
+  HOTFIX_CHECK(j.append(jr(id, "registry-creating")));
   crashpoint("watch: before registry mmap");
   auto memfd = HOTFIX_TRY(remote__map_memfd(t, tid, kRegistryName, kRegistrySize, PROT_READ | PROT_WRITE));
+  made = memfd.address;
+  crashpoint("watch: after registry mmap");
   HOTFIX_CHECK(j.append(jr(id, "registry-created").set("address", memfd.address).set("length", memfd.size)));
   HOTFIX_CHECK(remote__close(t, tid, memfd.fd));
   return memfd.address;
@@ -370,7 +390,7 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
   HOTFIX_CHECK(journal.append(jr(id, "begin").set("owner_start", rec.owner_start)));
   auto tracee = HOTFIX_TRY(Tracee::seize(pid));
   auto undo = [&](Error e) -> Result<WatchStubs> {
-    TakeDown d{rec.stubs, rec.pages, {rec.counters, rec.counters_len}};
+    TakeDown d{rec.stubs, rec.pages, {rec.counters, rec.counters_len}, {}, out.made_registry_};
     if (auto r = take_down(tracee, journal, id, d, seconds(3), nullptr); !r)
       e.what += fmt::format("; undoing it failed too: {} (the next hotfix-ctl on pid {} retries)", r.error().what, pid);
     return std::unexpected(std::move(e));
@@ -426,7 +446,7 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
       overwritten.push_back(overwritten_range(c.fn.address, tramp->covered, c.fn.name));
     }
     crashpoint("watch: trampolines written");
-    return ensure_registry(tracee, tid, journal, id);
+    return ensure_registry(tracee, tid, journal, id, out.made_registry_);
   }();
   HOTFIX_CHECK(tracee.resume_thread(tid));
   if (!prepared) return undo(prepared.error());
@@ -461,7 +481,8 @@ Result<WatchStubs> WatchStubs::install(pid_t pid, const std::vector<Function>& f
 
 WatchStubs::WatchStubs(WatchStubs&& o) noexcept
     : pid_(o.pid_), functions_(std::move(o.functions_)), record_(std::move(o.record_)), map_(std::move(o.map_)),
-      view_(o.view_), view_len_(o.view_len_), installed_(o.installed_), notes_(std::move(o.notes_)) {
+      view_(o.view_), view_len_(o.view_len_), installed_(o.installed_), made_registry_(o.made_registry_),
+      notes_(std::move(o.notes_)) {
   o.view_ = nullptr;
   o.installed_ = false;
 }
@@ -496,7 +517,7 @@ Result<std::vector<std::string>> WatchStubs::remove(milliseconds wait,
     if (progress) progress(line);
   auto journal = HOTFIX_TRY(Journal::open(pid_));
   auto tracee = HOTFIX_TRY(Tracee::seize(pid_));
-  TakeDown d{record_.stubs, record_.pages, {record_.counters, record_.counters_len}};
+  TakeDown d{record_.stubs, record_.pages, {record_.counters, record_.counters_len}, {}, made_registry_};
   auto r = take_down(tracee, journal, static_cast<uint32_t>(record_.owner), d, wait, progress);
   return or_target_gone(tracee, std::move(r));
 }
@@ -560,6 +581,10 @@ Result<std::string> watchstubs__recover(Tracee& t, Journal& j, uint32_t id, cons
       d.counters = {r.number("address"), r.number("length")};
     } else if (r.step == "counters-handoff") {
       d.handoff = recover__handoff_leftovers(t, r);  // the last snapshot counts
+    } else if (r.step == "registry-created") {
+      d.registry = r.number("address");
+    } else if (r.step == "registry-creating") {  // killed right after the mmap: the one there is ours
+      d.registry = registry__locate(t.pid()).value_or(0);
     }
   }
   // Killed right after a mmap, before its record: the one new mapping of that kind, still empty.

@@ -86,6 +86,7 @@ class WatchStubs {
   void* view_ = nullptr;      // the map's values, mapped read-only here
   size_t view_len_ = 0;
   bool installed_ = false;
+  uint64_t made_registry_ = 0;  // the registry mapping install() created (0: it was there)
   std::vector<std::string> notes_;
 };
 
