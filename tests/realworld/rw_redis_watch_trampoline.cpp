@@ -5,8 +5,10 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <fstream>
 #include <regex>
 
+#include "patch/registry.hpp"
 #include "realworld.hpp"
 #include "symbols/pattern.hpp"
 
@@ -61,5 +63,10 @@ TEST_CASE("redis: default watch counts hot functions with trampolines under load
     REQUIRE(file.size() == 16);
     CHECK(read_memory(redis.pid(), f.address, 16) == file);
   }
+  // Nothing of the watch stays mapped: not the counters, not the registry it had to create.
+  std::ifstream maps("/proc/" + std::to_string(redis.pid()) + "/maps");
+  std::string all((std::istreambuf_iterator<char>(maps)), std::istreambuf_iterator<char>());
+  CHECK(all.find("bpf-map") == std::string::npos);
+  CHECK(!registry__locate(redis.pid()));
   load.signal(SIGTERM);
 }
