@@ -63,6 +63,18 @@ int requeue_at_signal_stop(pid_t pid, pid_t tid, int sig) {
   return status;
 }
 
+// A thread in a ptrace stop answers any request; one that a SIGKILL has woken (a group exit
+// or kill -9: nothing else ends a ptrace stop) answers ESRCH from the moment the SIGKILL is
+// pending, and reports its exit to us later.
+bool still_held(pid_t tid) {
+  unsigned long msg = 0;
+  return ptrace_req(PTRACE_GETEVENTMSG, tid, 0, reinterpret_cast<unsigned long>(&msg)) == 0 || errno != ESRCH;
+}
+
+// How long the wait for the leader blocks before looking whether the threads we hold were
+// killed (its exit is reported only after theirs, which only we can collect).
+constexpr auto kLeaderSlice = std::chrono::milliseconds(1);
+
 StopKind classify_stop(int status) {
   int event = stop_event(status);
   if (event == 0) return StopKind::signal;
@@ -263,6 +275,7 @@ Tracee::Tracee(Tracee&& o) noexcept
       comm_(std::move(o.comm_)),
       we_are_parent_(o.we_are_parent_),
       gone_(o.gone_),
+      killed_while_held_(o.killed_while_held_),
       exec_seen_(o.exec_seen_),
       gone_how_(std::move(o.gone_how_)),
       detached_(o.detached_),
@@ -293,13 +306,35 @@ bool Tracee::all_stopped() const {
 
 // A dead process's other threads stay zombies traced by us until we wait for them, and its
 // leader cannot be reported to its parent before they are gone: a long-lived tracer (a test,
-// a library user) must collect them. Already collected ones just answer ECHILD.
+// a library user) must collect them. Already collected ones just answer ECHILD. A zombie
+// leader we trace is visible only to us: collecting it (when we are not its parent) hands
+// its exit status on to its parent.
 void Tracee::reap_dead_threads() {
+  bool leader_traced = false;
   for (auto& th : threads_) {
-    if (th.tid == pid_) continue;
+    if (th.tid == pid_) {
+      leader_traced = !th.exited;
+      continue;
+    }
     int status;
     for (int i = 0; i < 50 && ::waitpid(th.tid, &status, __WALL | WNOHANG) == 0; ++i) ::usleep(1000);
   }
+  if (!leader_traced || we_are_parent_) return;
+  int status;
+  for (int i = 0; i < 50 && ::waitpid(pid_, &status, __WALL | WNOHANG) == 0; ++i) ::usleep(1000);
+}
+
+size_t Tracee::take_back_killed(std::vector<size_t>& pending) {
+  size_t n = 0;
+  for (size_t i = 0; i < threads_.size(); ++i) {
+    auto& th = threads_[i];
+    if (th.exited || !th.stopped() || still_held(th.tid)) continue;
+    th.stop = StopKind::running;
+    pending.push_back(i);
+    killed_while_held_ = true;
+    ++n;
+  }
+  return n;
 }
 
 bool Tracee::leader_is_zombie() const {
@@ -403,7 +438,8 @@ void Tracee::pass_through(TracedThread& th, int status) {
   if (!WIFSTOPPED(status) || stop_event(status) == PTRACE_EVENT_EXEC) return;  // held until detach
   int sig = stop_event(status) == 0 ? WSTOPSIG(status) : 0;
   int request = th.stop == StopKind::group ? PTRACE_LISTEN : PTRACE_CONT;
-  if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(sig)) != 0 && errno == ESRCH) th.exited = true;
+  // ESRCH: a SIGKILL woke it (a group exit); it is running to its exit, which we collect.
+  if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(sig)) != 0 && errno == ESRCH) killed_while_held_ = true;
   th.stop = StopKind::running;
   th.stop_began = {};
 }
@@ -515,23 +551,44 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
   WaitAlarm alarm(deadline);
   Backoff backoff;
   size_t done = 0;
-  while (done < pending.size() && !gone_) {
+  // A group exit (a signal we let through just before, exit_group, kill -9) can begin while we
+  // collect: threads already collected are then woken by its SIGKILL and die while we count
+  // them as held. Only we can collect their exits, and the leader's exit (the process's, for
+  // its parent) waits for theirs. So after a thread's exit, and while the leader does not
+  // answer, look whether the threads we hold still are, and collect the ones that are not.
+  bool exit_seen = false;
+  while (!gone_) {
+    if (done == pending.size()) {
+      if (!exit_seen || take_back_killed(pending) == 0) break;
+      exit_seen = false;
+      continue;
+    }
     size_t i = pending[done];
-    if (threads_[i].tid == pid_ && done + 1 < pending.size()) {
+    const bool leader = threads_[i].tid == pid_;
+    if (leader && done + 1 < pending.size()) {
       // The leader's exit is reported only once every other thread is reaped: collect it last.
       std::rotate(pending.begin() + static_cast<std::ptrdiff_t>(done), pending.begin() + static_cast<std::ptrdiff_t>(done) + 1,
                   pending.end());
       continue;
     }
     int status = 0;
-    pid_t r = poll(threads_[i].tid, status, alarm.armed());
+    pid_t r;
+    if (leader && alarm.armed()) {
+      WaitAlarm slice(std::min(deadline, TraceClock::now() + kLeaderSlice));
+      r = poll(pid_, status, slice.armed());
+      if (!slice.armed() && r == 0) backoff.pause();
+    } else {
+      r = poll(threads_[i].tid, status, alarm.armed());
+    }
     if (r == 0 || (r < 0 && errno == EINTR)) {
       if (TraceClock::now() >= deadline) break;
+      if (leader && take_back_killed(pending) > 0) continue;  // collected before the leader, as above
       if (!alarm.armed()) backoff.pause();
       continue;
     }
     if (r < 0) {
       threads_[i].exited = true;
+      exit_seen = true;
       ++done;
       continue;
     }
@@ -541,6 +598,7 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
     auto& th = threads_[i];
     if (th.exited || !th.stopped()) {
       done += th.exited;
+      exit_seen = exit_seen || th.exited;
       continue;
     }
     // A signal stop becomes an interrupt stop with the signal pending again (or, if that cannot
@@ -554,7 +612,13 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
       if (again < 0) th.exited = true;
       else note_status(th, status = again);
     }
-    if (auto rr = arch::regs__read(th.tid, th.regs); !rr && errno == ESRCH) th.exited = true;
+    exit_seen = exit_seen || th.exited;
+    if (auto rr = arch::regs__read(th.tid, th.regs); !rr && errno == ESRCH && !th.exited) {
+      // Killed since its stop (see above): it reports its exit next.
+      th.stop = StopKind::running;
+      killed_while_held_ = true;
+      pending.push_back(i);
+    }
     ++done;
     backoff = {};
   }
@@ -580,6 +644,7 @@ Result<void> Tracee::stop_all_impl(std::chrono::milliseconds timeout, bool resum
       if (!th.stopped()) stuck += fmt::format("{}{} (state {})", stuck.empty() ? "" : ", ", th.tid, status_field(th.tid, "State"));
     if (resume_on_failure) (void)resume_all();
     boost_.lower();
+    if (gone_) return std::unexpected(gone_error());  // it was dying: resume_all collected it
     return fail(fmt::format("could not stop every thread of process {} ({}) within {} ms: {} did not stop", pid_, comm_,
                             timeout.count(), stuck),
                 "a thread in uninterruptible sleep (state D: disk, NFS, vfork) cannot be stopped; retry later");
@@ -599,7 +664,9 @@ Result<void> Tracee::resume_one(TracedThread& th, bool detach) {
   int request = detach ? PTRACE_DETACH : th.stop == StopKind::group ? PTRACE_LISTEN : PTRACE_CONT;
   if (ptrace_req(request, th.tid, 0, static_cast<unsigned long>(th.resume_signal)) != 0) {
     int err = errno;
-    if (err == ESRCH) th.exited = true;
+    // ESRCH: a SIGKILL woke it while we held it (kill -9, or a group exit). It is not gone: it
+    // reports its exit to us, and the leader's exit waits for that report.
+    if (err == ESRCH) killed_while_held_ = true;
     else if (result) result = fail(fmt::format("cannot resume thread {} of process {}: {}", th.tid, pid_, errno_text(err)));
   }
   for (int sig : th.late_signals) ::syscall(SYS_tgkill, pid_, th.tid, sig);
@@ -623,6 +690,11 @@ Result<void> Tracee::resume_all() {
   pause_.window = TraceClock::now() - window_began_;
   boost_.lower();
   forget_exited();
+  if (std::exchange(killed_while_held_, false)) {
+    // Killed while we held it: collect the exits now (the process's is last), and say so --
+    // not whatever an inspection of the dying process failed with meanwhile.
+    HOTFIX_CHECK(pump(std::chrono::seconds(2)));
+  }
   return first_error;
 }
 
@@ -716,7 +788,12 @@ Result<void> Tracee::detach() {
   Result<void> result;
   if (!all_stopped()) {
     result = stop_all_impl(std::chrono::seconds(5), false);
-    if (!result && gone_) return exec_seen_ ? detach_after_exec() : Result<void>{};
+    if (!result && gone_) {
+      if (exec_seen_) return detach_after_exec();
+      reap_dead_threads();
+      threads_.clear();
+      return {};
+    }
     if (!result && status_field(pid_, "State").rfind("Z", 0) == 0) {
       // It died meanwhile (a signal we let through on resume): collect its threads so that the
       // leader's exit reaches its parent, and there is nothing left to detach.
@@ -729,11 +806,14 @@ Result<void> Tracee::detach() {
     // stopped ones are let go below; the kernel releases the others when we exit.
     if (!result) result = {};
   }
+  killed_while_held_ = false;
   for (auto& th : threads_) {
     if (!th.stopped()) continue;
     auto r = resume_one(th, true);
     if (!r && result) result = r;
   }
+  // A thread the detach could not let go (killed meanwhile) stays ours until collected.
+  if (killed_while_held_) reap_dead_threads();
   boost_.lower();
   threads_.clear();
   return result;

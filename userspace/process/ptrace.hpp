@@ -178,12 +178,17 @@ class Tracee {
   Error gone_error() const;
   bool leader_is_zombie() const;       // only the leader is left, and it is a zombie
   void reap_dead_threads();
+  // Threads we hold that a SIGKILL (a group exit: a fatal signal, exit_group, kill -9) has
+  // woken from their stop: they no longer answer ptrace as stopped, and will report their
+  // exit. Marks them running again and appends their indices to `pending`; returns how many.
+  size_t take_back_killed(std::vector<size_t>& pending);
   std::string zombie_exit_how() const;
 
   pid_t pid_ = 0;
   std::string comm_;
   bool we_are_parent_ = false;  // then its final exit status is not ours to reap
   bool gone_ = false;
+  bool killed_while_held_ = false;  // a thread we held was woken by SIGKILL: the process is exiting
   bool exec_seen_ = false;  // PTRACE_EVENT_EXEC: the process runs a new program (gone_ is set too)
   std::string gone_how_;
   bool detached_ = false;
