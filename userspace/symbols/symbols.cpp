@@ -119,7 +119,10 @@ namespace {
 
 // A symbol as the file defines it, before it is placed in a process.
 struct RawSymbol {
-  std::string name;  // without a version suffix ("memcpy", not "memcpy@@GLIBC_2.14")
+  // Without a version suffix ("memcpy", not "memcpy@@GLIBC_2.14"). Points into the ELF
+  // file's string table, which libelf keeps mapped while the symbols are grouped: no copy
+  // per symbol (issue 11 §7: copies and sorts of strings were most of the resolution time).
+  std::string_view name;
   uint64_t value = 0;
   uint64_t size = 0;
   Binding binding = Binding::global;
@@ -236,21 +239,23 @@ Binding binding_of(unsigned char st_bind) {
   return Binding::global;  // STB_GLOBAL, STB_GNU_UNIQUE
 }
 
-// The key of elf__exported: the name, a NUL, and the value's bytes (no formatting: it is
-// built for every symbol of every object).
-std::string export_key(std::string_view name, uint64_t value) {
-  std::string key;
-  key.reserve(name.size() + 1 + sizeof value);
-  key.append(name);
-  key.push_back('\0');
-  key.append(reinterpret_cast<const char*>(&value), sizeof value);
-  return key;
-}
+// A .dynsym definition, keyed by name and value (one name may have several versions at
+// different addresses). The names point into the ELF file's string table.
+struct ExportKey {
+  std::string_view name;
+  uint64_t value = 0;
+  bool operator==(const ExportKey&) const = default;
+};
+struct ExportKeyHash {
+  size_t operator()(const ExportKey& k) const {
+    return std::hash<std::string_view>{}(k.name) ^ (std::hash<uint64_t>{}(k.value) * 0x9e3779b97f4a7c15ull);
+  }
+};
 
-// Symbols the object defines in .dynsym with global or weak binding (keyed by export_key),
-// and whether that definition has a non-default (hidden) version.
-std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
-  std::unordered_map<std::string, bool> out;
+// Symbols the object defines in .dynsym with global or weak binding, and whether that
+// definition has a non-default (hidden) version.
+std::unordered_map<ExportKey, bool, ExportKeyHash> elf__exported(Elf* elf) {
+  std::unordered_map<ExportKey, bool, ExportKeyHash> out;
   Elf_Scn* scn = nullptr;
   Elf_Data* versym = nullptr;
   while ((scn = elf_nextscn(elf, scn))) {
@@ -263,6 +268,7 @@ std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
     Elf_Data* data = elf_getdata(scn, nullptr);
     if (!data) continue;
     size_t count = shdr.sh_size / shdr.sh_entsize;
+    out.reserve(count);
     for (size_t i = 1; i < count; i++) {
       GElf_Sym sym;
       if (!gelf_getsym(data, static_cast<int>(i), &sym) || sym.st_shndx == SHN_UNDEF) continue;
@@ -271,7 +277,7 @@ std::unordered_map<std::string, bool> elf__exported(Elf* elf) {
       GElf_Versym version = 0;
       bool hidden = versym && gelf_getversym(versym, static_cast<int>(i), &version) && (version & 0x8000);
       if (name && *name) {
-        auto [it, added] = out.emplace(export_key(name, sym.st_value), hidden);
+        auto [it, added] = out.emplace(ExportKey{name, sym.st_value}, hidden);
         if (!added) it->second = it->second && hidden;  // default and old version at one address
       }
     }
@@ -306,7 +312,7 @@ uint64_t file_offset_of(const std::vector<GElf_Phdr>& loads, uint64_t value) {
 
 int binding_rank(Binding b) { return b == Binding::global ? 0 : b == Binding::weak ? 1 : 2; }
 
-size_t underscores(const std::string& name) { return name.find_first_not_of('_'); }
+size_t underscores(std::string_view name) { return name.find_first_not_of('_'); }
 
 // One Function per address: several names there are aliases of one function. The primary
 // name is the one a user calls: global, then a default version (`free`, not the compat
@@ -327,27 +333,33 @@ std::vector<Function> group_by_address(std::vector<RawSymbol> raw, const std::ve
     return primary_first(a, b);
   });
   std::vector<Function> out;
+  out.reserve(raw.size());
   uint64_t sized_end = 0;  // end of the last sized symbol: zero-size ones inside it are labels
   for (size_t i = 0; i < raw.size();) {
     size_t j = i;
-    Function f;
+    uint64_t size = 0;
+    bool exported = false;
+    for (; j < raw.size() && raw[j].value == raw[i].value; j++) size = std::max(size, raw[j].size), exported |= raw[j].exported;
+    if (raw[i].size) size = raw[i].size;
+    if (size == 0 && raw[i].value < sized_end) {
+      i = j;
+      continue;
+    }
+    sized_end = std::max(sized_end, raw[i].value + size);
+    Function& f = out.emplace_back();
     f.mangled = raw[i].name;
-    f.name = symbols__demangle(raw[i].name);
+    f.name = symbols__demangle(f.mangled);
     f.address = raw[i].value;
     f.offset = file_offset_of(loads, raw[i].value);
+    f.size = size;
     f.binding = raw[i].binding;
     f.ifunc = raw[i].ifunc;
-    for (; j < raw.size() && raw[j].value == raw[i].value; j++) {
-      f.size = std::max(f.size, raw[j].size);
-      f.exported = f.exported || raw[j].exported;
-      if (raw[j].name != f.mangled && std::find(f.aliases.begin(), f.aliases.end(), raw[j].name) == f.aliases.end())
-        f.aliases.push_back(raw[j].name);
-    }
-    if (raw[i].size) f.size = raw[i].size;
+    f.exported = exported;
+    for (size_t k = i + 1; k < j; k++)
+      if (raw[k].name != raw[i].name &&
+          std::find(f.aliases.begin(), f.aliases.end(), raw[k].name) == f.aliases.end())
+        f.aliases.emplace_back(raw[k].name);
     i = j;
-    if (f.size == 0 && f.address < sized_end) continue;
-    sized_end = std::max(sized_end, f.address + f.size);
-    out.push_back(std::move(f));
   }
   return out;
 }
@@ -422,23 +434,23 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
     if (!function && type != STT_OBJECT) continue;
     // Undefined, absolute and non-allocated symbols have no address in the loaded object.
     if (shndx == SHN_UNDEF || shndx == SHN_ABS || shndx == static_cast<GElf_Word>(-1)) continue;
-    std::string plain = name;
+    std::string_view plain = name;
     if (plain.ends_with("@plt")) continue;
     bool old_version = false;  // "name@VERSION" in .symtab; "name@@VERSION" is the default
-    if (auto at = plain.find('@'); at != std::string::npos) {
-      old_version = plain.compare(at, 2, "@@") != 0;
-      plain.resize(at);
+    if (auto at = plain.find('@'); at != std::string_view::npos) {
+      old_version = plain.substr(at, 2) != "@@";
+      plain = plain.substr(0, at);
     }
     RawSymbol r{plain, addr - bias, sym.st_size, binding_of(GELF_ST_BIND(sym.st_info)), false, function};
     if (r.binding != Binding::local)
-      if (auto it = exported.find(export_key(plain, r.value)); it != exported.end()) {
+      if (auto it = exported.find(ExportKey{plain, r.value}); it != exported.end()) {
         r.exported = true;
         old_version = old_version || it->second;
       }
     r.old_version = old_version;
     r.ifunc = ifunc;
     any_ifunc = any_ifunc || ifunc;
-    (function ? functions : variables).push_back(std::move(r));
+    (function ? functions : variables).push_back(r);
   }
   if (any_ifunc) out.irelative = elf__irelative(elf);
   dwfl_file__set_lookup(file, nullptr);
@@ -595,32 +607,73 @@ std::string symbols__find_debug_file(const std::string& object_path, const std::
 
 struct SymbolTableBuilder {
   SymbolTable table;
+  // One chunk per load, each in address order once its IFUNCs are resolved: `finish` joins
+  // them, moving each record once.
+  std::vector<std::vector<Function>> function_chunks, variable_chunks;
 
-  void add(const ElfSymbols& elf, const std::string& path, uint64_t bias) {
+  std::vector<Function>& add(const ElfSymbols& elf, const std::string& path, uint64_t bias) {
     ElfSymbols copy = elf;
-    add(std::move(copy), path, bias);
+    return add(std::move(copy), path, bias);
   }
 
   // The symbols are moved, not copied: a file loaded once (nearly all) is placed once.
-  void add(ElfSymbols&& elf, const std::string& path, uint64_t bias) {
+  // Returns the load's functions, for resolve_ifuncs.
+  std::vector<Function>& add(ElfSymbols&& elf, const std::string& path, uint64_t bias) {
     ObjectInfo info{path, bias, elf.build_id, elf.debug_file, elf.functions.size()};
     table.objects_.push_back(std::move(info));
-    for (auto [from, to] : {std::pair{&elf.functions, &table.functions_}, std::pair{&elf.variables, &table.variables_}}) {
-      to->reserve(to->size() + from->size());
-      for (Function& f : *from) {
+    for (auto* list : {&elf.functions, &elf.variables})
+      for (Function& f : *list) {
         f.object = path;
         f.address += bias;
-        to->push_back(std::move(f));
       }
-      from->clear();
-    }
+    variable_chunks.push_back(std::move(elf.variables));
+    function_chunks.push_back(std::move(elf.functions));
+    return function_chunks.back();
   }
 
   SymbolTable finish() {
-    auto by_address = [](const Function& a, const Function& b) { return a.address < b.address; };
-    std::stable_sort(table.functions_.begin(), table.functions_.end(), by_address);
-    std::stable_sort(table.variables_.begin(), table.variables_.end(), by_address);
+    function_chunks.push_back(std::move(table.functions_));  // from_records' (sorted below)
+    variable_chunks.push_back(std::move(table.variables_));
+    table.functions_ = join_by_address(std::move(function_chunks));
+    table.variables_ = join_by_address(std::move(variable_chunks));
     return std::move(table);
+  }
+
+  static bool by_address(const Function& a, const Function& b) { return a.address < b.address; }
+
+  // A stable sort by address that moves each record once: sorting the records themselves
+  // (three strings and a vector each) cost more than reading them.
+  static void sort_by_address(std::vector<Function>& records) {
+    if (std::is_sorted(records.begin(), records.end(), by_address)) return;
+    std::vector<std::pair<uint64_t, uint32_t>> order(records.size());
+    for (uint32_t i = 0; i < records.size(); i++) order[i] = {records[i].address, i};
+    std::sort(order.begin(), order.end());  // the index breaks ties: stable
+    std::vector<Function> sorted;
+    sorted.reserve(records.size());
+    for (auto& [address, i] : order) sorted.push_back(std::move(records[i]));
+    records = std::move(sorted);
+  }
+
+  // Loads do not overlap, so sorted chunks in order of their first address are the sorted
+  // whole; anything else (a test's records) falls back to one sort.
+  static std::vector<Function> join_by_address(std::vector<std::vector<Function>> chunks) {
+    std::erase_if(chunks, [](auto& c) { return c.empty(); });
+    for (auto& c : chunks) sort_by_address(c);
+    std::stable_sort(chunks.begin(), chunks.end(), [](auto& a, auto& b) { return a.front().address < b.front().address; });
+    size_t total = 0;
+    bool disjoint = true;
+    for (size_t i = 0; i < chunks.size(); i++) {
+      total += chunks[i].size();
+      if (i && chunks[i].front().address < chunks[i - 1].back().address) disjoint = false;
+    }
+    std::vector<Function> out;
+    if (chunks.size() == 1) out = std::move(chunks.front());
+    else {
+      out.reserve(total);
+      for (auto& c : chunks) std::move(c.begin(), c.end(), std::back_inserter(out));
+    }
+    if (!disjoint) sort_by_address(out);
+    return out;
   }
 };
 
@@ -693,14 +746,11 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
     }
     auto bias = load_bias(it->second, load);
     if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
-    size_t first = builder.table.functions_.size();
     bool last_load = --loads_left[load.path] == 0;
     std::vector<IrelativeSlot> irelative = it->second.irelative;
-    if (last_load) builder.add(std::move(it->second), load.path, *bias);
-    else builder.add(it->second, load.path, *bias);
-    if (!irelative.empty())
-      resolve_ifuncs(pid, it->second.loads, irelative, load, *bias, builder.table.functions_, first,
-                     builder.table.functions_.size());
+    std::vector<GElf_Phdr> segments = it->second.loads;
+    auto& placed = last_load ? builder.add(std::move(it->second), load.path, *bias) : builder.add(it->second, load.path, *bias);
+    if (!irelative.empty()) resolve_ifuncs(pid, segments, irelative, load, *bias, placed, 0, placed.size());
   }
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");
