@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <optional>
 #include <set>
 
 namespace hotfix {
@@ -174,6 +175,26 @@ std::vector<NameKeys> keys_of(const Function& f) {
   return keys;
 }
 
+// Text that the ELF spelling (mangled name or alias) of every function an exact pattern
+// selects contains: the pattern's last identifier ("discount" for "pricing::discount(double)").
+// Manglings spell identifiers as they are (C++ once per name, Rust legacy and v0 too), except
+// operators, std's abbreviations (St, Sa, Ss, ...) and Rust v0's Punycode for non-ASCII ones:
+// those patterns, and globs, get none (every name is compared).
+std::string needle_of(std::string_view text) {
+  if (text.find_first_of("*?") != std::string_view::npos || text.find("operator") != std::string_view::npos)
+    return {};
+  if (std::any_of(text.begin(), text.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; })) return {};
+  std::string_view head = text.substr(0, text.find_first_of("(<"));
+  size_t begin = head.size();
+  while (begin > 0 && is_ident(head[begin - 1]) && head[begin - 1] != '$') --begin;
+  std::string_view id = head.substr(begin);
+  static const std::set<std::string_view> abbreviated = {
+      "std", "allocator", "basic_string", "string", "char_traits", "istream", "ostream", "iostream",
+      "basic_istream", "basic_ostream", "basic_iostream"};
+  if (id.empty() || abbreviated.count(id)) return {};
+  return std::string(id);
+}
+
 // A pattern, prepared once for many comparisons.
 struct Compiled {
   std::string text;
@@ -205,6 +226,17 @@ struct Compiled {
   bool matches(const std::vector<NameKeys>& keys) const {
     return std::any_of(keys.begin(), keys.end(), [&](const NameKeys& k) { return matches(k); });
   }
+
+  // Can `f` match at all? Cheap, on the ELF spellings alone, so that the keys (demangling,
+  // splitting) are built only for the few functions that can (issue 11 §7).
+  bool could_match(const Function& f) const {
+    if (needle.empty()) return true;
+    if (f.mangled.find(needle) != std::string::npos) return true;
+    return std::any_of(f.aliases.begin(), f.aliases.end(),
+                       [&](const std::string& a) { return a.find(needle) != std::string::npos; });
+  }
+
+  std::string needle = needle_of(text);
 };
 
 std::string basename_of(std::string_view path) {
@@ -352,18 +384,20 @@ Result<std::vector<Function>> symbols__select(const SymbolTable& table, const st
                                               const SelectOptions& opts) {
   HOTFIX_CHECK(check_object_exists(table, opts));
   const auto& functions = table.functions();
-  std::vector<std::vector<NameKeys>> keys(functions.size());  // built once, shared by all patterns
-  std::vector<bool> chosen(functions.size(), false);
+  // Built when a pattern could match, once, shared by all patterns.
+  std::vector<std::optional<std::vector<NameKeys>>> keys(functions.size());
+  std::vector<bool> chosen(functions.size(), false), scope(functions.size());
   size_t searched = 0;
-  for (size_t i = 0; i < functions.size(); i++)
-    if (in_scope(functions[i], opts)) keys[i] = keys_of(functions[i]), searched++;
+  for (size_t i = 0; i < functions.size(); i++) searched += (scope[i] = in_scope(functions[i], opts));
 
   for (auto& text : patterns) {
     if (text.empty()) return usage_error("an empty pattern matches nothing", "give a function name or a glob like 'pricing::*'");
     Compiled pattern(text);
     bool any = false;
     for (size_t i = 0; i < functions.size(); i++) {
-      if (keys[i].empty() || !pattern.matches(keys[i])) continue;
+      if (!scope[i] || !pattern.could_match(functions[i])) continue;
+      if (!keys[i]) keys[i] = keys_of(functions[i]);
+      if (!pattern.matches(*keys[i])) continue;
       chosen[i] = true;
       any = true;
     }
