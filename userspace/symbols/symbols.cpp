@@ -641,17 +641,27 @@ struct SymbolTableBuilder {
 
   static bool by_address(const Function& a, const Function& b) { return a.address < b.address; }
 
-  // A stable sort by address that moves each record once: sorting the records themselves
-  // (three strings and a vector each) cost more than reading them.
+  // A stable sort by address that moves each record about once, in place: sorting the
+  // records themselves (three strings and a vector each), or into a new vector (fresh pages
+  // to fault in), cost more than reading them.
   static void sort_by_address(std::vector<Function>& records) {
     if (std::is_sorted(records.begin(), records.end(), by_address)) return;
     std::vector<std::pair<uint64_t, uint32_t>> order(records.size());
     for (uint32_t i = 0; i < records.size(); i++) order[i] = {records[i].address, i};
     std::sort(order.begin(), order.end());  // the index breaks ties: stable
-    std::vector<Function> sorted;
-    sorted.reserve(records.size());
-    for (auto& [address, i] : order) sorted.push_back(std::move(records[i]));
-    records = std::move(sorted);
+    // records[k] becomes the old records[order[k].second]: follow each cycle once.
+    std::vector<bool> done(records.size());
+    for (size_t start = 0; start < records.size(); start++) {
+      if (done[start] || order[start].second == start) continue;
+      Function held = std::move(records[start]);
+      size_t k = start;
+      for (size_t from = order[k].second; from != start; k = from, from = order[k].second) {
+        records[k] = std::move(records[from]);
+        done[k] = true;
+      }
+      records[k] = std::move(held);
+      done[k] = true;
+    }
   }
 
   // Loads do not overlap, so sorted chunks in order of their first address are the sorted
