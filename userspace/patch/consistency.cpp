@@ -300,9 +300,9 @@ void ConsistencyChecker::State::find_restorers() {
     std::vector<uint8_t> text(m.end - m.start);
     if (pread(mem.get(), text.data(), text.size(), static_cast<off_t>(m.start)) != static_cast<ssize_t>(text.size()))
       continue;
-    for (auto it = text.begin();
-         (it = std::search(it, text.end(), needle.begin(), needle.end())) != text.end(); ++it)
-      restorers.push_back(m.start + uint64_t(it - text.begin()));
+    for (const uint8_t* at = text.data(), *end = text.data() + text.size();
+         (at = static_cast<const uint8_t*>(::memmem(at, size_t(end - at), needle.data(), needle.size()))); ++at)
+      restorers.push_back(m.start + uint64_t(at - text.data()));
   }
 }
 

@@ -50,18 +50,24 @@ Result<void> ensure_gadgets(Tracee& t) {
   std::stable_sort(maps.begin(), maps.end(), [](const Mapping& a, const Mapping& b) {
     return is_libc(a.path) > is_libc(b.path);
   });
+  // In slices, overlapping by a needle's length: both are usually found early, and most of
+  // libc's text is then never copied (each patch and watch starts here).
+  constexpr uint64_t kSlice = 256u << 10, kOverlap = 32;
   for (auto& m : maps) {
     if (!m.executable() || m.path == "[vsyscall]" || m.end - m.start > (64u << 20)) continue;
-    auto bytes = t.memory().read(m.start, m.end - m.start);
-    if (!bytes) continue;
-    auto find = [&](std::span<const uint8_t> needle, uint64_t& slot) {
-      if (slot) return;
-      auto it = std::search(bytes->begin(), bytes->end(), needle.begin(), needle.end());
-      if (it != bytes->end()) slot = m.start + static_cast<uint64_t>(it - bytes->begin());
-    };
-    find(arch::syscall_return_gadget(), cache.syscall_gadget);
-    find(arch::sigreturn_code(), cache.sigreturn_gadget);
-    if (cache.syscall_gadget && cache.sigreturn_gadget) return {};
+    for (uint64_t at = m.start; at < m.end; at += kSlice) {
+      uint64_t len = std::min(m.end - at, kSlice + kOverlap);
+      auto bytes = t.memory().read(at, len);
+      if (!bytes) break;
+      auto find = [&](std::span<const uint8_t> needle, uint64_t& slot) {
+        if (slot) return;
+        if (const void* hit = ::memmem(bytes->data(), bytes->size(), needle.data(), needle.size()))
+          slot = at + static_cast<uint64_t>(static_cast<const uint8_t*>(hit) - bytes->data());
+      };
+      find(arch::syscall_return_gadget(), cache.syscall_gadget);
+      find(arch::sigreturn_code(), cache.sigreturn_gadget);
+      if (cache.syscall_gadget && cache.sigreturn_gadget) return {};
+    }
   }
   return fail(fmt::format("found no {} in the executable memory of process {}",
                           cache.syscall_gadget ? "rt_sigreturn restorer (glibc's __restore_rt)" : "`syscall; ret` sequence",
