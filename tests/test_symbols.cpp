@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <set>
 
 #include "process/maps.hpp"
 #include "support/harness.hpp"
@@ -442,4 +443,79 @@ TEST_CASE("hotfix-ctl symbols cuts long names in the table, --wide and --json ke
   CHECK(wide.out.find(name) != std::string::npos);
   auto json = run({ctl(), "symbols", "--pid", pid, name, "--json"});
   CHECK(json.out.find(name) != std::string::npos);
+}
+
+// A partial table (issue 11 section 7) holds exactly what a full one holds for the objects it
+// reads, lists every object, and still answers function_at for the others by reading them then.
+TEST_CASE("a partial table reads the objects its needs name, the others when function_at reaches them") {
+  require_root();
+  Running app("sym_app");
+  auto full = SymbolTable::for_pid(app.child.pid());
+  REQUIRE(full);
+  const std::string lib = fixture("libsym_shapes.so");
+  auto partial_with = [&](SymbolNeeds needs) {
+    auto t = SymbolTable::for_pid_needing(app.child.pid(), needs);
+    REQUIRE(t);
+    REQUIRE(t->objects().size() == full->objects().size());
+    std::set<std::string> read;
+    for (size_t i = 0; i < t->objects().size(); i++) {
+      CHECK(t->objects()[i].path == full->objects()[i].path);
+      CHECK(t->objects()[i].load_bias == full->objects()[i].load_bias);
+      CHECK(t->objects()[i].build_id == full->objects()[i].build_id);
+      if (t->objects()[i].symbols_read) read.insert(t->objects()[i].path);
+    }
+    // The functions of the objects read, exactly as the full table has them, in order.
+    std::vector<const Function*> expected;
+    for (auto& f : full->functions())
+      if (read.count(f.object)) expected.push_back(&f);
+    REQUIRE(t->functions().size() == expected.size());
+    for (size_t i = 0; i < expected.size(); i++) {
+      INFO(expected[i]->mangled);
+      CHECK(t->functions()[i].mangled == expected[i]->mangled);
+      CHECK(t->functions()[i].address == expected[i]->address);
+      CHECK(t->functions()[i].size == expected[i]->size);
+      CHECK(t->functions()[i].aliases == expected[i]->aliases);
+    }
+    return std::make_pair(std::move(*t), read);
+  };
+
+  SECTION("a name: its object and the executable") {
+    auto [t, read] = partial_with(SymbolNeeds{.names = {"_ZN6shapes4areaEdd"}});
+    CHECK(read == std::set<std::string>{fixture("sym_app"), lib});
+    CHECK(t.partial());
+    // A function of libstdc++, left out: function_at reads libstdc++ and finds it.
+    const Function* far = nullptr;
+    for (auto& f : full->functions())
+      if (f.object.find("libstdc++") != std::string::npos && f.size > 16) far = &f;
+    REQUIRE(far);
+    CHECK(t.objects_read_later() == 0);
+    const Function* found = t.function_at(far->address + 8);
+    REQUIRE(found);
+    CHECK(found->mangled == far->mangled);
+    CHECK(found->address == far->address);
+    CHECK(found->size == far->size);
+    CHECK(t.objects_read_later() == 1);
+    CHECK(t.function_at(far->address + 8) == found);  // read once
+    CHECK(t.functions().size() < full->functions().size());  // functions() never lists it
+  }
+  SECTION("an identifier inside a local's mangled name") {
+    auto [t, read] = partial_with(SymbolNeeds{.pieces = {"scale_factor"}});
+    CHECK(read.count(lib));
+    CHECK(symbols__select(t, {"shapes::scale_factor"}, {"libsym_shapes.so"}));
+  }
+  SECTION("a fallback's piece counts only where nothing defines the name") {
+    auto [defined, read1] = partial_with(SymbolNeeds{.fallbacks = {{"_ZN6shapes4areaEdd", "no_such_piece"}}});
+    CHECK(read1 == std::set<std::string>{fixture("sym_app")});
+    auto [undefined, read2] = partial_with(SymbolNeeds{.fallbacks = {{"_ZN6shapes12no_such_nameEv", "scale_factor"}}});
+    CHECK(read2.count(lib));
+  }
+  SECTION("nothing needed: only the executable") {
+    auto [t, read] = partial_with(SymbolNeeds{.names = {"no_such_symbol_anywhere"}});
+    CHECK(read == std::set<std::string>{fixture("sym_app")});
+  }
+  SECTION("everything: a full table") {
+    auto [t, read] = partial_with(SymbolNeeds{.everything = true});
+    CHECK_FALSE(t.partial());
+    CHECK(t.functions().size() == full->functions().size());
+  }
 }

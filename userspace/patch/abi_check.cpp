@@ -10,6 +10,7 @@
 #include <cstring>
 #include <map>
 #include <set>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -187,6 +188,15 @@ class CallSiteCheck {
   std::map<std::string, uint64_t> bias_;
   std::set<uint64_t> patched_;
   std::map<std::pair<int, uint64_t>, uint64_t> clobbers_;
+  // A function's decoded effects, the same for both sides: decoding (Capstone) was most of
+  // the check's time on redis when each side decoded every function again.
+  std::unordered_map<uint64_t, std::optional<arch::ClobberScan>> scans_;
+  const arch::ClobberScan* scan_of(const Function& f) {
+    auto [it, added] = scans_.try_emplace(f.address);
+    if (added)
+      if (auto code = code_of(f)) it->second = arch::scan_clobbers(code->bytes, code->address);
+    return it->second ? &*it->second : nullptr;
+  }
   std::set<std::pair<int, uint64_t>> in_progress_;
   std::unordered_map<uint64_t, arch::FunctionBranches> branches_;
   std::map<std::pair<uint64_t, uint64_t>, arch::CallEffect> effects_;
@@ -254,10 +264,10 @@ uint64_t CallSiteCheck::clobbers(uint64_t entry, Side side, int depth) {
     auto real = resolve_stub(entry);
     return real ? clobbers(*real, side, depth - 1) : all;
   }
-  auto code = code_of(*f);
-  if (!code) return unseen;
+  const arch::ClobberScan* found = scan_of(*f);
+  if (!found) return unseen;
+  const arch::ClobberScan scan = *found;  // a copy: the recursion below may grow scans_
   in_progress_.insert(key);
-  auto scan = arch::scan_clobbers(code->bytes, code->address);
   uint64_t bits = scan.written;
   for (uint64_t t : scan.calls) bits |= clobbers(t, side, depth - 1);
   if (scan.indirect_calls) bits = all;  // the compiler, too, assumes an indirect callee changes all

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -105,35 +106,32 @@ Result<PlannedSwitch> plan_switch(const ProcessMemory& mem, const Registry& regi
 
 const char* consistency__name(Consistency c) { return c == Consistency::strict ? "strict" : "entry"; }
 
-Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
-  TimedPhase phase("prepare: fix.so read and validated");
-  HOTFIX_CHECK(process__check_privileges(false, true));
-  HOTFIX_CHECK(process__check_alive(opts.pid));
-  (void)patchcount__gc();  // counters and copies of processes that are gone go first (cheap)
-  PreparedPatch p;
-  p.options = opts;
-  p.executable = executable_of(opts.pid);
-  auto trusted = HOTFIX_TRY(trust__read_fix(opts.library, opts.allow_untrusted_lib));
-  p.fix = std::move(trusted.image);
-  p.untrusted = std::move(trusted.untrusted);
-  if (!opts.expected_sha256.empty())
-    if (auto digest = sha256__hex(p.fix.bytes); digest != opts.expected_sha256)
-      return fail(fmt::format("{} was changed since it was persisted (sha256 {}, recorded {})", opts.library,
-                              digest.substr(0, 16), opts.expected_sha256.substr(0, 16)),
-                  "refusing it; remove the set with `hotfix-ctl revert --persist --id N` and record the fix again");
-  HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
-  auto fix = HOTFIX_TRY(fixlib__read(p.fix));
-  phase.end();
-  TimedPhase symbols("prepare: symbols");
-  p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
-  symbols.end();
-  TimedPhase planning("prepare: plan");
+namespace {
+
+PlanOptions plan_options(const PreparedPatch& p) {
   PlanOptions plan_opts;
-  plan_opts.patterns = opts.patterns;
-  plan_opts.object = opts.object;
-  plan_opts.patch_dir = opts.patch_dir;
+  plan_opts.patterns = p.options.patterns;
+  plan_opts.object = p.options.object;
+  plan_opts.patch_dir = p.options.patch_dir;
   plan_opts.executable = p.executable;
-  auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_opts));
+  return plan_opts;
+}
+
+// The objects whose symbols the plan and the checks can concern (issue 11 section 7): those
+// that may define a function to replace or a name fix.so needs, the executable, fix copies.
+SymbolNeeds symbol_needs(const PreparedPatch& p, const FixLibrary& fix) {
+  SymbolNeeds needs;
+  plan__add_needs(fix, plan_options(p), needs);
+  binder__add_needs(fix, needs);
+  needs.names.push_back("_r_debug");  // deliver__into reads the loader's list of objects
+  return needs;
+}
+
+// Everything of patch__prepare that reads the symbol table.
+Result<void> prepare_against_table(PreparedPatch& p, const FixLibrary& fix) {
+  const PatchOptions& opts = p.options;
+  TimedPhase planning("prepare: plan");
+  auto plan = HOTFIX_TRY(plan__build(p.table, fix, plan_options(p)));
   HOTFIX_CHECK(golang__check(plan.entries));  // patch/golang.hpp: Go code is not C ABI, its stacks unseen
   planning.end();
   TimedPhase preflight("prepare: preflight");
@@ -171,6 +169,59 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   } else {
     p.notes.push_back({"abi", "not checked: --no-abi-check was given"});
   }
+  return {};
+}
+
+// "read 3 of 18 objects (...)": what a partial table held, for the plan.
+std::string symbols_note(const SymbolTable& table) {
+  size_t read = 0;
+  for (auto& o : table.objects()) read += o.symbols_read;
+  size_t later = table.objects_read_later();
+  return fmt::format("read {} of {} objects up front (the executable and those defining what fix.so names or needs){}",
+                     read, table.objects().size(),
+                     later ? fmt::format("; {} more when a check reached their code", later) : "");
+}
+
+}  // namespace
+
+Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
+  TimedPhase phase("prepare: fix.so read and validated");
+  HOTFIX_CHECK(process__check_privileges(false, true));
+  HOTFIX_CHECK(process__check_alive(opts.pid));
+  (void)patchcount__gc();  // counters and copies of processes that are gone go first (cheap)
+  PreparedPatch p;
+  p.options = opts;
+  p.executable = executable_of(opts.pid);
+  auto trusted = HOTFIX_TRY(trust__read_fix(opts.library, opts.allow_untrusted_lib));
+  p.fix = std::move(trusted.image);
+  p.untrusted = std::move(trusted.untrusted);
+  if (!opts.expected_sha256.empty())
+    if (auto digest = sha256__hex(p.fix.bytes); digest != opts.expected_sha256)
+      return fail(fmt::format("{} was changed since it was persisted (sha256 {}, recorded {})", opts.library,
+                              digest.substr(0, 16), opts.expected_sha256.substr(0, 16)),
+                  "refusing it; remove the set with `hotfix-ctl revert --persist --id N` and record the fix again");
+  HOTFIX_CHECK(fixlib__validate(p.fix, p.executable));
+  auto fix = HOTFIX_TRY(fixlib__read(p.fix));
+  phase.end();
+  // Only the objects the fix can concern are read (and any other whose code a check reaches,
+  // when it reaches it: SymbolTable::partial). If the plan or a check then fails, all of it
+  // runs again on every object, so that refusals and hints speak of the whole process.
+  // HOTFIX_READ_ALL_SYMBOLS=1 reads every object up front (docs/troubleshooting.md).
+  const PreparedPatch before_table = p;
+  const bool read_all = std::getenv("HOTFIX_READ_ALL_SYMBOLS") && *std::getenv("HOTFIX_READ_ALL_SYMBOLS") == '1';
+  TimedPhase symbols("prepare: symbols");
+  p.table = HOTFIX_TRY(read_all ? SymbolTable::for_pid(opts.pid) : SymbolTable::for_pid_needing(opts.pid, symbol_needs(p, fix)));
+  symbols.end();
+  auto checked = prepare_against_table(p, fix);
+  if (p.table.partial() && !checked) {
+    p = before_table;
+    TimedPhase again("prepare: symbols of every object (again)");
+    p.table = HOTFIX_TRY(SymbolTable::for_pid(opts.pid));
+    again.end();
+    checked = prepare_against_table(p, fix);
+  }
+  HOTFIX_CHECK(checked);
+  if (p.table.partial()) p.notes.push_back({"symbols", symbols_note(p.table)});
   return p;
 }
 

@@ -323,6 +323,24 @@ Result<BoundLibrary> binder__bind(const SymbolTable& target, const std::string& 
   return out;
 }
 
+void binder__add_needs(const FixLibrary& fix, SymbolNeeds& needs) {
+  for (auto& s : fix.dynsyms) {
+    if (s.defined || s.index == 0 || s.name.empty()) continue;
+    std::string bare = s.name.substr(0, s.name.find('@'));
+    needs.names.push_back(bare);
+    // resolve(): a LOCAL symbol of the same demangled name, only when nothing has the name itself.
+    needs.fallbacks.push_back({bare, symbols__pattern_needle(symbol__demangle(bare))});
+  }
+  // check_no_private_copies: the variable by name, or a local of the same demangled name.
+  for (auto& v : fix.variables) {
+    if (!is_user_variable(v)) continue;
+    auto piece = symbols__pattern_needle(symbol__demangle(v.name));
+    if (piece.empty()) needs.everything = true;
+    needs.names.push_back(v.name);
+    needs.pieces.push_back(piece);
+  }
+}
+
 Result<BoundLibrary> binder__prepare(const SymbolTable& target, const std::string& executable,
                                      const std::string& fix_path, const std::string& out_path,
                                      const std::set<std::string>& fix_copies) {

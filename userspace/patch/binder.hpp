@@ -59,6 +59,11 @@ struct MemoryWrite {
   uint64_t expected = 0;  // Fixup::loader_value: what must be there before the store
 };
 
+// What binder__bind needs of a partial symbol table (SymbolTable::for_pid_needing): the
+// objects defining a name fix.so leaves undefined (else holding a local of that demangled
+// name), and those that may hold a variable fix.so would privately copy.
+void binder__add_needs(const FixLibrary& fix, SymbolNeeds& needs);
+
 // Resolve fix.so's undefined symbols against `target` (the main executable is preferred) and
 // return the rewritten copy's bytes and the fixups. `fix` must have passed fixlib__validate.
 // `fix_copies` are objects of `target` (paths as the table spells them) that are loaded fix

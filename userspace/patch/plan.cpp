@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 #include <set>
+#include <string_view>
 
 #include "common/unique_fd.hpp"
 #include "symbols/pattern.hpp"
@@ -40,12 +41,14 @@ bool in_patch_dir(const Function& f, const PlanOptions& opts) {
   return !opts.patch_dir.empty() && f.object.rfind(opts.patch_dir, 0) == 0;
 }
 
-NameIndex index_by_mangled(const std::vector<const Function*>& pool) {
+// The pool's functions by mangled name and alias, of the names in `wanted` only (indexing
+// every name of a process like redis was most of the plan's time).
+NameIndex index_by_mangled(const std::vector<const Function*>& pool, const std::set<std::string_view>& wanted) {
   NameIndex index;
   for (const Function* f : pool) {
-    index[f->mangled].push_back(f);
+    if (wanted.count(f->mangled)) index[f->mangled].push_back(f);
     for (auto& alias : f->aliases)
-      if (alias != f->mangled) index[alias].push_back(f);
+      if (alias != f->mangled && wanted.count(alias)) index[alias].push_back(f);
   }
   return index;
 }
@@ -91,7 +94,10 @@ std::string defined_list(const FixLibrary& fix) {
 Result<std::vector<const Function*>> default_targets(const SymbolTable& target, const FixLibrary& fix,
                                                      const PlanOptions& opts) {
   auto pool = HOTFIX_TRY(candidate_pool(target, opts));
-  auto index = index_by_mangled(pool);
+  std::set<std::string_view> wanted;
+  for (auto& s : fix.functions)
+    if (replaces_by_default(s)) wanted.insert(s.name);
+  auto index = index_by_mangled(pool, wanted);
   auto exe_objects = executable_objects(target, opts.executable);
   std::vector<const Function*> out;
   for (auto& s : fix.functions) {
@@ -132,6 +138,26 @@ Result<std::vector<const Function*>> selected_targets(const SymbolTable& target,
                 "name the original functions; hotfix replaces them again in place");
   return out;
 }
+
+}  // namespace
+
+void plan__add_needs(const FixLibrary& fix, const PlanOptions& opts, SymbolNeeds& needs) {
+  // --object selects with '*' inside the object: every name of it is a candidate.
+  if (!opts.object.empty()) needs.everything = true;
+  for (auto& text : opts.patterns) {
+    auto needle = symbols__pattern_needle(text);
+    if (needle.empty()) needs.everything = true;
+    needs.names.push_back(text);  // a C name or a mangled one, as the ELF file spells it
+    needs.pieces.push_back(needle);
+  }
+  if (!opts.patterns.empty()) return;
+  // default_targets: fix.so's names exactly; a `static` of the same demangled name only in
+  // the executable, which a partial table always holds.
+  for (auto& s : fix.functions)
+    if (replaces_by_default(s)) needs.names.push_back(s.name);
+}
+
+namespace {
 
 std::string object_list(const std::vector<const Function*>& fs) {
   std::set<std::string> objects;

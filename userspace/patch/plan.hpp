@@ -42,6 +42,10 @@ struct PlanOptions {
 // fix.so that replaces nothing.
 Result<PatchPlan> plan__build(const SymbolTable& target, const FixLibrary& fix, const PlanOptions& opts = {});
 
+// What plan__build needs of a partial symbol table (SymbolTable::for_pid_needing): the
+// objects that may hold a function the patterns select, or one fix.so replaces by default.
+void plan__add_needs(const FixLibrary& fix, const PlanOptions& opts, SymbolNeeds& needs);
+
 // "helper(int) in /path/exe at 0x1139 (bind_twins_a.cpp:7)": a candidate in an ambiguity error.
 std::string plan__describe(const SymbolTable& table, const Function& f);
 

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <string_view>
 #include <unordered_set>
 
 #include "patch/binder.hpp"
@@ -39,7 +40,8 @@ std::vector<std::string> split_path_list(const std::string& list) {
   return out;
 }
 
-Result<DynamicInfo> read_dynamic(const std::string& file) {
+// `only`: the .dynsym definitions worth keeping (the names fix.so needs); null: all.
+Result<DynamicInfo> read_dynamic(const std::string& file, const std::unordered_set<std::string_view>* only = nullptr) {
   auto elf = HOTFIX_TRY(ElfHandle::open(file));
   DynamicInfo out;
   GElf_Ehdr eh;
@@ -70,7 +72,8 @@ Result<DynamicInfo> read_dynamic(const std::string& file) {
         if (!gelf_getsym(data, static_cast<int>(i), &sym) || sym.st_shndx == SHN_UNDEF) continue;
         if (GELF_ST_BIND(sym.st_info) == STB_LOCAL) continue;
         const char* name = elf_strptr(elf.get(), sh.sh_link, sym.st_name);
-        if (name && *name) out.defined.push_back(name);
+        if (name && *name && (!only || only->count(std::string_view(name).substr(0, std::string_view(name).find('@')))))
+          out.defined.push_back(name);
       }
     }
   }
@@ -123,6 +126,11 @@ class Preflight {
   Result<void> run() {
     auto fix = HOTFIX_TRY(read_dynamic(in_.library));
     fix_class_ = fix.elf_class, fix_machine_ = fix.machine;
+    // Only the names fix.so needs are looked up in what the loaded objects define: keeping
+    // every export of every object (libcrypto alone has thousands) was most of the check.
+    for (auto& s : HOTFIX_TRY(fixlib__read(*in_.image)).dynsyms)
+      if (!s.defined && !s.name.empty()) needed_names_.insert(s.name.substr(0, s.name.find('@')));
+    for (auto& n : needed_names_) needed_.insert(n);
     HOTFIX_CHECK(read_loaded());
     HOTFIX_CHECK(resolve_needed(fix, in_.loaded_from_dir, "fix.so"));
     return check_symbols();
@@ -134,7 +142,7 @@ class Preflight {
     std::set<std::string> seen;
     for (auto& m : maps) {
       if (!m.file_backed() || !seen.insert(m.path).second) continue;
-      auto info = read_dynamic(in_root(in_.pid, m.path));
+      auto info = read_dynamic(in_root(in_.pid, m.path), &needed_);
       if (!info) continue;  // a data file, a font: not an object the loader knows
       loaded_names_.insert(fs::path(m.path).filename().string());
       if (!info->soname.empty()) loaded_names_.insert(info->soname);
@@ -185,7 +193,7 @@ class Preflight {
                                 who, name, in_.pid, who, in_.pid),
                     "install that library where the service can load it, or link fix.so only against libraries the "
                     "service already uses (`ldd` on fix.so, `cat /proc/PID/maps`)");
-      auto info = HOTFIX_TRY(read_dynamic(in_root(in_.pid, *path)));
+      auto info = HOTFIX_TRY(read_dynamic(in_root(in_.pid, *path), &needed_));
       add_defined(info);
       HOTFIX_CHECK(resolve_needed(info, fs::path(*path).parent_path().string(), name));
     }
@@ -215,6 +223,8 @@ class Preflight {
   int fix_class_ = 0, fix_machine_ = 0;
   std::set<std::string> loaded_names_, visited_;
   std::unordered_set<std::string> defined_;
+  std::unordered_set<std::string> needed_names_;  // what fix.so leaves undefined (bare names)
+  std::unordered_set<std::string_view> needed_;   // views of needed_names_
   std::vector<std::pair<std::string, std::string>> cache_;
   bool cache_read_ = false;
 };

@@ -175,12 +175,14 @@ std::vector<NameKeys> keys_of(const Function& f) {
   return keys;
 }
 
+}  // namespace
+
 // Text that the ELF spelling (mangled name or alias) of every function an exact pattern
 // selects contains: the pattern's last identifier ("discount" for "pricing::discount(double)").
 // Manglings spell identifiers as they are (C++ once per name, Rust legacy and v0 too), except
 // operators, std's abbreviations (St, Sa, Ss, ...) and Rust v0's Punycode for non-ASCII ones:
 // those patterns, and globs, get none (every name is compared).
-std::string needle_of(std::string_view text) {
+std::string symbols__pattern_needle(std::string_view text) {
   if (text.find_first_of("*?") != std::string_view::npos || text.find("operator") != std::string_view::npos)
     return {};
   if (std::any_of(text.begin(), text.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; })) return {};
@@ -194,6 +196,8 @@ std::string needle_of(std::string_view text) {
   if (id.empty() || abbreviated.count(id)) return {};
   return std::string(id);
 }
+
+namespace {
 
 // A pattern, prepared once for many comparisons.
 struct Compiled {
@@ -236,7 +240,7 @@ struct Compiled {
                        [&](const std::string& a) { return a.find(needle) != std::string::npos; });
   }
 
-  std::string needle = needle_of(text);
+  std::string needle = symbols__pattern_needle(text);
 };
 
 std::string basename_of(std::string_view path) {

@@ -47,6 +47,12 @@ struct NameParts {
 NameParts symbols__split_name(std::string_view demangled);
 inline std::string symbols__base_name(std::string_view demangled) { return symbols__split_name(demangled).base; }
 
+// An identifier that the ELF spelling (mangled name or alias) of every function the exact
+// pattern `pattern` selects holds, as a C name or a <length><identifier> part of a mangled
+// one: its last identifier ("discount" for "pricing::discount(double)"). Empty when there is
+// none to rely on: globs, operators, std's abbreviated names, non-ASCII names.
+std::string symbols__pattern_needle(std::string_view pattern);
+
 // Does the object at `path` answer to `wanted` (see SelectOptions::object)?
 bool symbols__object_matches(const std::string& path, const std::string& wanted);
 

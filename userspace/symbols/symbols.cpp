@@ -18,15 +18,22 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bitset>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
+#include <tuple>
+#include <mutex>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "arch/arch.hpp"
 #include "common/unique_fd.hpp"
+#include "common/paths.hpp"
 #include "process/maps.hpp"
 
 // libiberty's demangler knows both Rust manglings (legacy and v0); __cxa_demangle knows
@@ -374,6 +381,17 @@ struct DwflFile {
   Dwfl_Module* mod = nullptr;
 };
 
+std::vector<GElf_Phdr> elf__load_segments(Elf* elf) {
+  std::vector<GElf_Phdr> out;
+  size_t phnum = 0;
+  elf_getphdrnum(elf, &phnum);
+  for (size_t i = 0; i < phnum; i++) {
+    GElf_Phdr ph;
+    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) out.push_back(ph);
+  }
+  return out;
+}
+
 // `fd` is consumed; `path` is the file's real path (for debuglinks and messages).
 Result<DwflFile> dwfl_file__open(UniqueFd fd, const std::string& path) {
   DwflFile out;
@@ -407,12 +425,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
 
   ElfSymbols out;
   out.position_independent = ehdr.e_type == ET_DYN;
-  size_t phnum = 0;
-  elf_getphdrnum(elf, &phnum);
-  for (size_t i = 0; i < phnum; i++) {
-    GElf_Phdr ph;
-    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) out.loads.push_back(ph);
-  }
+  out.loads = elf__load_segments(elf);
   out.build_id = elf__build_id(elf);
 
   DebugLookup lookup{debug_root, path, out.build_id, {}};
@@ -522,15 +535,155 @@ UniqueFd open_mapped(pid_t pid, const Mapping& m) {
 
 // Load bias of an ET_DYN load: (mapping start - its file offset) - (p_vaddr - p_offset) of
 // the PT_LOAD segment that mapping comes from.
-std::optional<uint64_t> load_bias(const ElfSymbols& elf, const Load& load) {
-  if (!elf.position_independent) return 0;
+std::optional<uint64_t> load_bias(bool position_independent, const std::vector<GElf_Phdr>& segments, const Load& load) {
+  if (!position_independent) return 0;
   for (auto& m : load.mappings)
-    for (auto& p : elf.loads) {
+    for (auto& p : segments) {
       uint64_t page_start = p.p_offset & ~uint64_t{0xfff};
       if (m.offset >= page_start && m.offset < p.p_offset + std::max<uint64_t>(p.p_filesz, 1))
         return (m.start - m.offset) - (p.p_vaddr - p.p_offset);
     }
   return std::nullopt;
+}
+
+// ---------------------------------------------------------------- which objects a partial table reads
+
+// The needs, as one map from each wanted spelling to what it stands for, and the lengths
+// that occur: most of the ~10,000 names of libc are turned away by their length alone.
+struct NeedSets {
+  struct Roles {
+    bool name = false, piece = false;
+    std::vector<size_t> fallback_names, fallback_pieces;
+  };
+  std::unordered_map<std::string_view, Roles> wanted;
+  std::bitset<256> lengths;  // wanted.size() of each key below 256
+  bool any_piece = false;
+
+  explicit NeedSets(const SymbolNeeds& n) {
+    for (auto& x : n.names) add(x).name = true;
+    for (auto& x : n.pieces)
+      if (!x.empty()) add(x).piece = any_piece = true;
+    for (size_t i = 0; i < n.fallbacks.size(); i++) {
+      add(n.fallbacks[i].name).fallback_names.push_back(i);
+      if (!n.fallbacks[i].piece.empty()) add(n.fallbacks[i].piece).fallback_pieces.push_back(i), any_piece = true;
+    }
+  }
+  Roles& add(std::string_view key) {
+    if (key.size() < lengths.size()) lengths.set(key.size());
+    return wanted[key];
+  }
+  const Roles* find(std::string_view key) const {
+    if (key.size() < lengths.size() && !lengths.test(key.size())) return nullptr;
+    auto it = wanted.find(key);
+    return it == wanted.end() ? nullptr : &it->second;
+  }
+};
+
+// What one cheap pass over an ELF file's string tables learns: enough to place the object
+// (ObjectInfo) and whether its names pass the needs.
+struct ElfGlance {
+  bool position_independent = false;
+  std::vector<GElf_Phdr> loads;
+  std::string build_id;
+  bool needed = false;
+  std::set<size_t> defines;          // fallbacks whose name the file defines
+  std::set<size_t> fallback_pieces;  // fallbacks whose piece one of its names holds
+};
+
+bool is_mangled(std::string_view n) { return n.starts_with("_Z") || n.starts_with("_R"); }
+
+// Calls `use` with every <length><identifier> part of a mangled name. Any decimal run is
+// tried as a length: a template argument (Li42E) yields a wrong part, never a missed one.
+// Rust v0 puts '_' between the length and an identifier that starts with a digit or '_'.
+template <class Use>
+void for_each_source_name(std::string_view n, Use use) {
+  for (size_t i = 2; i < n.size(); i++) {
+    if (!std::isdigit(static_cast<unsigned char>(n[i])) || std::isdigit(static_cast<unsigned char>(n[i - 1]))) continue;
+    size_t len = 0, j = i;
+    while (j < n.size() && std::isdigit(static_cast<unsigned char>(n[j])) && len < n.size()) len = len * 10 + size_t(n[j++] - '0');
+    if (n[1] == 'R' && j < n.size() && n[j] == '_') j++;
+    if (len && j + len <= n.size()) use(n.substr(j, len));
+  }
+}
+
+void glance__name(std::string_view raw, const NeedSets& sets, ElfGlance& g) {
+  std::string_view n = raw.substr(0, raw.find('@'));
+  auto as_piece = [&](const NeedSets::Roles& r) {
+    if (r.piece) g.needed = true;
+    g.fallback_pieces.insert(r.fallback_pieces.begin(), r.fallback_pieces.end());
+  };
+  if (const auto* r = sets.find(n)) {
+    if (r->name) g.needed = true;
+    g.defines.insert(r->fallback_names.begin(), r->fallback_names.end());
+    if (!is_mangled(n)) as_piece(*r);  // a C name is its own identifier
+  }
+  if (sets.any_piece && is_mangled(n))
+    for_each_source_name(n, [&](std::string_view id) {
+      if (const auto* r = sets.find(id)) as_piece(*r);
+    });
+}
+
+// The defined symbols of every SHT_SYMTAB (and SHT_DYNSYM, if `dynsym`) section of `elf`;
+// true if it has a .symtab.
+bool glance__symbols(Elf* elf, bool dynsym, const NeedSets& sets, ElfGlance& g) {
+  bool has_symtab = false;
+  for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf, scn));) {
+    GElf_Shdr shdr;
+    if (!gelf_getshdr(scn, &shdr) || shdr.sh_entsize == 0) continue;
+    if (shdr.sh_type != SHT_SYMTAB && !(dynsym && shdr.sh_type == SHT_DYNSYM)) continue;
+    has_symtab = has_symtab || shdr.sh_type == SHT_SYMTAB;
+    Elf_Data* data = elf_getdata(scn, nullptr);
+    Elf_Scn* strscn = elf_getscn(elf, shdr.sh_link);
+    Elf_Data* strings = strscn ? elf_getdata(strscn, nullptr) : nullptr;
+    if (!data || !strings || !strings->d_buf) continue;
+    const char* base = static_cast<const char*>(strings->d_buf);
+    size_t count = shdr.sh_size / shdr.sh_entsize;
+    for (size_t i = 1; i < count; i++) {
+      GElf_Sym sym;
+      if (!gelf_getsym(data, static_cast<int>(i), &sym) || sym.st_shndx == SHN_UNDEF || sym.st_name >= strings->d_size) continue;
+      std::string_view name(base + sym.st_name, ::strnlen(base + sym.st_name, strings->d_size - sym.st_name));
+      if (!name.empty()) glance__name(name, sets, g);
+    }
+  }
+  return has_symtab;
+}
+
+bool has_section(Elf* elf, std::string_view wanted) {
+  size_t names = 0;
+  if (elf_getshdrstrndx(elf, &names) != 0) return false;
+  for (Elf_Scn* scn = nullptr; (scn = elf_nextscn(elf, scn));) {
+    GElf_Shdr shdr;
+    const char* name = gelf_getshdr(scn, &shdr) ? elf_strptr(elf, names, shdr.sh_name) : nullptr;
+    if (name && wanted == name) return true;
+  }
+  return false;
+}
+
+// The names dwfl would read for this file (elf_symbols__load), or more: .dynsym, .symtab,
+// else the debug file's .symtab. MiniDebugInfo (.gnu_debugdata) is compressed: such a file
+// is read in full rather than unpacked twice.
+Result<ElfGlance> elf__glance(UniqueFd fd, const std::string& path, const std::string& debug_root, const NeedSets& sets) {
+  Elf* elf = elf_begin(fd.get(), ELF_C_READ_MMAP, nullptr);
+  if (!elf) return fail(fmt::format("cannot read {} as ELF: {}", path, elf_errmsg(-1)));
+  ElfGlance g;
+  GElf_Ehdr ehdr;
+  if (gelf_getehdr(elf, &ehdr)) g.position_independent = ehdr.e_type == ET_DYN;
+  g.loads = elf__load_segments(elf);
+  g.build_id = elf__build_id(elf);
+  if (has_section(elf, ".gnu_debugdata")) g.needed = true;
+  else if (!glance__symbols(elf, true, sets, g)) {
+    GElf_Word crc = 0;
+    const char* debuglink = dwelf_elf_gnu_debuglink(elf, &crc);
+    DebugLookup lookup{debug_root, path, g.build_id, {}};
+    std::string found;
+    UniqueFd debug(debug_file__open(lookup, debuglink, found));
+    if (Elf* d = debug ? elf_begin(debug.get(), ELF_C_READ_MMAP, nullptr) : nullptr) {
+      glance__symbols(d, false, sets, g);
+      elf_end(d);
+    }
+  }
+  elf_end(elf);
+  return g;
 }
 
 // ---------------------------------------------------------------- IFUNCs in a process
@@ -735,16 +888,131 @@ Result<SymbolTable> SymbolTable::for_image(std::span<const uint8_t> bytes, const
   return builder.finish();
 }
 
-Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
+// ---------------------------------------------------------------- objects a partial table left out
+
+struct SymbolTable::Lazy {
+  struct Object {
+    std::string path;
+    std::vector<Mapping> mappings;
+    std::once_flag once;
+    std::atomic<bool> read{false};
+    std::vector<Function> functions;  // read on first use
+  };
+  pid_t pid = 0;
+  std::string debug_root;
+  std::vector<std::unique_ptr<Object>> objects;
+  std::vector<std::tuple<uint64_t, uint64_t, Object*>> ranges;  // [start, end) of each mapping, sorted
+};
+
+struct LazyAccess {
+
+static void add(SymbolTable& table, pid_t pid, const std::string& debug_root, const Load& load) {
+  if (!table.lazy_) {
+    table.lazy_ = std::make_shared<SymbolTable::Lazy>();
+    table.lazy_->pid = pid;
+    table.lazy_->debug_root = debug_root;
+  }
+  auto& object = *table.lazy_->objects.emplace_back(std::make_unique<SymbolTable::Lazy::Object>());
+  object.path = load.path;
+  object.mappings = load.mappings;
+  for (auto& m : load.mappings) table.lazy_->ranges.emplace_back(m.start, m.end, &object);
+}
+
+static void sort(SymbolTable& table) {
+  auto& lazy = *table.lazy_; std::sort(lazy.ranges.begin(), lazy.ranges.end()); }
+
+static SymbolTable::Lazy::Object* object_at(const SymbolTable::Lazy& lazy, uint64_t addr) {
+  auto r = std::upper_bound(lazy.ranges.begin(), lazy.ranges.end(), addr,
+                            [](uint64_t a, const auto& range) { return a < std::get<0>(range); });
+  if (r == lazy.ranges.begin() || addr >= std::get<1>(*std::prev(r))) return nullptr;
+  return std::get<2>(*std::prev(r));
+}
+
+// The object's functions, read (as for_pid reads them) the first time they are asked for.
+static const std::vector<Function>& functions(const SymbolTable::Lazy& lazy, SymbolTable::Lazy::Object& object) {
+  std::call_once(object.once, [&] {
+    object.read = true;
+    UniqueFd fd = open_mapped(lazy.pid, object.mappings.front());
+    if (!fd || !is_elf(fd.get())) return;
+    auto elf = elf_symbols__load(std::move(fd), without_deleted(object.path), lazy.debug_root);
+    Load load{object.path, object.mappings};
+    auto bias = elf ? load_bias(elf->position_independent, elf->loads, load) : std::nullopt;
+    if (!bias) return;
+    SymbolTableBuilder builder;
+    auto irelative = elf->irelative;
+    auto segments = elf->loads;
+    auto& placed = builder.add(std::move(*elf), object.path, *bias);
+    if (!irelative.empty()) resolve_ifuncs(lazy.pid, segments, irelative, load, *bias, placed, 0, placed.size());
+    object.functions = builder.finish().functions_;
+  });
+  return object.functions;
+}
+
+};
+
+namespace {
+
+std::string executable_path(pid_t pid) {
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink(fmt::format("/proc/{}/exe", pid), ec);
+  return ec ? std::string() : without_deleted(exe.string());
+}
+
+// The paths of `loads` whose symbols a partial table reads: the executable, fix copies,
+// `needs.always`, and every object whose names pass (elf__glance).
+std::set<std::string> paths_needed(pid_t pid, const std::vector<Load>& loads, const SymbolNeeds& needs,
+                                   const std::string& debug_root, std::map<std::string, ElfGlance>& glances) {
+  NeedSets sets(needs);
+  std::set<std::string> out;
+  std::string exe = executable_path(pid);
+  for (auto& load : loads) {
+    if (glances.count(load.path)) continue;
+    UniqueFd fd = open_mapped(pid, load.mappings.front());
+    if (!fd || !is_elf(fd.get())) continue;
+    auto g = elf__glance(std::move(fd), without_deleted(load.path), debug_root, sets);
+    if (!g) continue;
+    bool always = without_deleted(load.path) == exe || path__is_fix_copy(load.path) ||
+                  std::find(needs.always.begin(), needs.always.end(), load.path) != needs.always.end();
+    if (g->needed || always) out.insert(load.path);
+    glances.emplace(load.path, std::move(*g));
+  }
+  // A fallback's piece counts only if no object defines its name; without a piece, every
+  // object may hold the local it stands for.
+  std::set<size_t> defined;
+  for (auto& [path, g] : glances) defined.insert(g.defines.begin(), g.defines.end());
+  for (size_t i = 0; i < needs.fallbacks.size(); i++)
+    if (needs.fallbacks[i].piece.empty() && !defined.count(i))
+      for (auto& [path, g] : glances) out.insert(path);
+  for (auto& [path, g] : glances)
+    for (size_t i : g.fallback_pieces)
+      if (!defined.count(i)) out.insert(path);
+  return out;
+}
+
+}  // namespace
+
+// `needs` null: every object.
+Result<SymbolTable> symbols__for_pid(pid_t pid, const SymbolOptions& opts, const SymbolNeeds* needs) {
   auto maps = HOTFIX_TRY(process__read_maps(pid));
   std::string debug_root = default_debug_root(opts);
   SymbolTableBuilder builder;
   builder.table.pid_ = pid;
   std::map<std::string, ElfSymbols> parsed;  // each file once, however often it is loaded
   auto loads = group_loads(maps);
+  std::map<std::string, ElfGlance> glances;
+  std::optional<std::set<std::string>> wanted;
+  if (needs && !needs->everything) wanted = paths_needed(pid, loads, *needs, debug_root, glances);
   std::map<std::string, size_t> loads_left;  // the last load of a file takes its symbols, the others copy
   for (auto& load : loads) loads_left[load.path]++;
   for (auto& load : loads) {
+    if (wanted && !wanted->count(load.path)) {
+      auto g = glances.find(load.path);
+      auto bias = g == glances.end() ? std::nullopt : load_bias(g->second.position_independent, g->second.loads, load);
+      if (!bias) continue;
+      builder.table.objects_.push_back(ObjectInfo{load.path, *bias, g->second.build_id, {}, 0, false});
+      LazyAccess::add(builder.table, pid, debug_root, load);
+      continue;
+    }
     auto it = parsed.find(load.path);
     if (it == parsed.end()) {
       UniqueFd fd = open_mapped(pid, load.mappings.front());
@@ -754,7 +1022,7 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
       if (!elf) continue;
       it = parsed.emplace(load.path, std::move(*elf)).first;
     }
-    auto bias = load_bias(it->second, load);
+    auto bias = load_bias(it->second.position_independent, it->second.loads, load);
     if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
     bool last_load = --loads_left[load.path] == 0;
     std::vector<IrelativeSlot> irelative = it->second.irelative;
@@ -764,7 +1032,14 @@ Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) {
   }
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");
+  if (builder.table.lazy_) LazyAccess::sort(builder.table);
   return builder.finish();
+}
+
+Result<SymbolTable> SymbolTable::for_pid(pid_t pid, const SymbolOptions& opts) { return symbols__for_pid(pid, opts, nullptr); }
+
+Result<SymbolTable> SymbolTable::for_pid_needing(pid_t pid, const SymbolNeeds& needs, const SymbolOptions& opts) {
+  return symbols__for_pid(pid, opts, &needs);
 }
 
 // ---------------------------------------------------------------- DWARF of one object
@@ -801,15 +1076,31 @@ Result<ObjectDwarf> ObjectDwarf::open(pid_t pid, const ObjectInfo& object, const
   return out;
 }
 
-const Function* SymbolTable::function_at(uint64_t addr) const {
-  auto it = std::upper_bound(functions_.begin(), functions_.end(), addr,
+namespace {
+
+// The function of `functions` (in address order) containing `addr`, or nullptr.
+const Function* function_in(const std::vector<Function>& functions, uint64_t addr) {
+  auto it = std::upper_bound(functions.begin(), functions.end(), addr,
                              [](uint64_t a, const Function& f) { return a < f.address; });
   // Walk back a little: a zero-size symbol may sit between a function's entry and `addr`.
-  for (int steps = 0; it != functions_.begin() && steps < 8; steps++) {
+  for (int steps = 0; it != functions.begin() && steps < 8; steps++) {
     --it;
     if (addr < it->address + std::max<uint64_t>(it->size, 1)) return &*it;
   }
   return nullptr;
+}
+
+}  // namespace
+
+size_t SymbolTable::objects_read_later() const {
+  if (!lazy_) return 0;
+  return static_cast<size_t>(std::count_if(lazy_->objects.begin(), lazy_->objects.end(), [](auto& o) { return o->read.load(); }));
+}
+
+const Function* SymbolTable::function_at(uint64_t addr) const {
+  if (lazy_)
+    if (auto* object = LazyAccess::object_at(*lazy_, addr)) return function_in(LazyAccess::functions(*lazy_, *object), addr);
+  return function_in(functions_, addr);
 }
 
 }  // namespace hotfix

@@ -62,8 +62,27 @@ struct ObjectInfo {
   std::string path;        // as in /proc/PID/maps
   uint64_t load_bias = 0;  // runtime address = st_value + load_bias
   std::string build_id;    // hex, may be empty
-  std::string debug_file;  // separate debug file used, if any
+  std::string debug_file;  // separate debug file used, if any (only known once its symbols are read)
   size_t function_count = 0;
+  bool symbols_read = true;  // false: left out of a partial table (SymbolTable::for_pid_needing)
+};
+
+// Which objects of a process a partial table reads (SymbolTable::for_pid_needing). An object
+// is read when one of its symbol names (.dynsym, .symtab or its debug file's, version cut)
+// passes; the test reads only the string tables: no record, no demangling.
+struct SymbolNeeds {
+  std::vector<std::string> names;   // defines a symbol of exactly this name
+  // Has a name holding this identifier: the whole name of a C symbol, or a <length><identifier>
+  // part of a mangled one (C++, Rust legacy and v0 spell identifiers that way).
+  std::vector<std::string> pieces;
+  // `piece` counts only when no object defines `name` itself (the binder looks for a local
+  // symbol of the same demangled name only then).
+  struct Fallback {
+    std::string name, piece;
+  };
+  std::vector<Fallback> fallbacks;
+  std::vector<std::string> always;  // objects (paths as mapped) read whatever their names
+  bool everything = false;          // a need no name test expresses: read every object
 };
 
 struct SymbolOptions {
@@ -84,6 +103,10 @@ class SymbolTable {
   // non-ELF or never-executable mappings are skipped). A library loaded twice (dlmopen)
   // appears once per load.
   static Result<SymbolTable> for_pid(pid_t pid, const SymbolOptions& opts = {});
+  // Like for_pid, but only the objects `needs` asks for are read (the executable always); the
+  // others are listed in objects() with symbols_read false, and their functions are not in
+  // the table. See missed().
+  static Result<SymbolTable> for_pid_needing(pid_t pid, const SymbolNeeds& needs, const SymbolOptions& opts = {});
   // One ELF file on disk, not loaded anywhere (addresses are st_value, load_bias 0).
   static Result<SymbolTable> for_file(const std::string& path, const SymbolOptions& opts = {});
   // ELF bytes held in memory (a fix library read once), named `name` (objects' path).
@@ -105,13 +128,24 @@ class SymbolTable {
   // The function containing `addr` (runtime address), or nullptr.
   const Function* function_at(uint64_t addr) const;
 
+  // Objects were left out (for_pid_needing). function_at still answers for their code: it
+  // reads such an object the first time an address of it is asked about (functions() and
+  // variables() never list them).
+  bool partial() const { return lazy_ != nullptr; }
+  // How many of the objects left out function_at has read since.
+  size_t objects_read_later() const;
+
  private:
+  struct Lazy;
+  std::shared_ptr<Lazy> lazy_;  // the objects left out, shared by copies (one process snapshot)
   std::vector<Function> functions_;  // sorted by address
   std::vector<Function> variables_;  // sorted by address
   std::vector<ObjectInfo> objects_;
   pid_t pid_ = 0;
   std::string file_;
   friend struct SymbolTableBuilder;
+  friend Result<SymbolTable> symbols__for_pid(pid_t, const SymbolOptions&, const SymbolNeeds*);
+  friend struct LazyAccess;
 };
 
 // The DWARF of one mapped object of a process, found where the symbol tables find debug
