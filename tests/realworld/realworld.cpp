@@ -80,4 +80,23 @@ bool wait_for_port(int port, int timeout_ms) {
   return false;
 }
 
+namespace {
+int redis_port() {
+  require_program("/usr/bin/redis-server", "redis-server");
+  require_program("/usr/bin/redis-cli", "redis-tools");
+  require_program("/usr/bin/redis-benchmark", "redis-tools");
+  int port = free_port();
+  REQUIRE(port > 0);
+  return port;
+}
+}  // namespace
+
+RedisServer::RedisServer(const std::string& prefix)
+    : dir(prefix),
+      port(redis_port()),
+      server({"/usr/bin/redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
+              "--appendonly", "no", "--dir", dir.path()}) {
+  REQUIRE(wait_for_port(port));
+}
+
 }  // namespace hotfix::test::realworld

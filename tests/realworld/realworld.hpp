@@ -36,4 +36,15 @@ std::string build_fix(const std::string& source, const std::string& out, const s
 // Wait until something accepts TCP connections on 127.0.0.1:port (true) or the timeout passes.
 bool wait_for_port(int port, int timeout_ms = 10000);
 
+// Debian's redis-server on a free loopback port, without persistence, its files in a scratch
+// directory: accepting connections once constructed. SKIPs without redis-server, redis-cli or
+// redis-benchmark (redis-tools).
+struct RedisServer {
+  explicit RedisServer(const std::string& prefix);
+  ScratchDir dir;
+  int port = 0;
+  Child server;
+  std::string pid() const { return std::to_string(server.pid()); }
+};
+
 }  // namespace hotfix::test::realworld

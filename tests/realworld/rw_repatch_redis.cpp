@@ -40,18 +40,11 @@ std::string ping(int port) {
 
 TEST_CASE("redis-server: a fix with a file-static counter, applied, reverted and applied again", "[realworld][repatch]") {
   require_root();
-  require_program("/usr/bin/redis-server", "redis-server");
-  require_program("/usr/bin/redis-cli", "redis-tools");
-  require_program("/usr/bin/redis-benchmark", "redis-tools");
-  ScratchDir dir("hotfix-rw-repatch");
-  auto fix = build_fix(dir.write("ping_fix.c", kFix), dir.file("ping_fix.so"));
-  int port = free_port();
-  REQUIRE(port > 0);
-  Child server({"/usr/bin/redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", dir.path()});
-  REQUIRE(wait_for_port(port));
+  RedisServer redis("hotfix-rw-repatch");
+  auto fix = build_fix(redis.dir.write("ping_fix.c", kFix), redis.dir.file("ping_fix.so"));
+  const int port = redis.port;
   REQUIRE(ping(port) == "PONG\n");
-  const std::string pid = std::to_string(server.pid());
+  const std::string pid = redis.pid();
   // Load the whole time: GET/SET from 4 clients (redis-benchmark's own PINGs would race the checks).
   Child load({"/usr/bin/redis-benchmark", "-p", std::to_string(port), "-c", "4", "-n", "100000000", "-t", "set,get",
               "-q", "-l"});
@@ -73,7 +66,7 @@ TEST_CASE("redis-server: a fix with a file-static counter, applied, reverted and
   auto all = ctl_run({"list", "--pid", pid, "--all"});
   CHECK(std::regex_search(all.out, std::regex("patch 3  reverted  ")));
   CHECK(load.running());
-  CHECK(server.running());
-  server.signal(SIGTERM);
-  CHECK(server.wait(seconds(20)));
+  CHECK(redis.server.running());
+  redis.server.signal(SIGTERM);
+  CHECK(redis.server.wait(seconds(20)));
 }

@@ -49,17 +49,10 @@ std::string ping(int port) {
 TEST_CASE("redis-server: a patch reads the symbols of the objects it concerns, and plans as if it had read all",
           "[realworld][symbols]") {
   require_root();
-  require_program("/usr/bin/redis-server", "redis-server");
-  require_program("/usr/bin/redis-cli", "redis-tools");
-  require_program("/usr/bin/redis-benchmark", "redis-tools");
-  ScratchDir dir("hotfix-rw-symbols");
-  auto fix = build_fix(dir.write("ping_fix.c", kFix), dir.file("ping_fix.so"));
-  int port = free_port();
-  REQUIRE(port > 0);
-  Child server({"/usr/bin/redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", dir.path()});
-  REQUIRE(wait_for_port(port));
-  const std::string pid = std::to_string(server.pid());
+  RedisServer redis("hotfix-rw-symbols");
+  auto fix = build_fix(redis.dir.write("ping_fix.c", kFix), redis.dir.file("ping_fix.so"));
+  const int port = redis.port;
+  const std::string pid = redis.pid();
 
   auto partial = ctl_run({"patch", "--pid", pid, "--lib", fix, "--observe", "0", "--dry-run"});
   INFO(partial.out << partial.err);
@@ -90,7 +83,7 @@ TEST_CASE("redis-server: a patch reads the symbols of the objects it concerns, a
   REQUIRE(reverted.exit_code == 0);
   CHECK(ping(port) == "PONG\n");
   CHECK(load.running());
-  CHECK(server.running());
-  server.signal(SIGTERM);
-  CHECK(server.wait(seconds(20)));
+  CHECK(redis.server.running());
+  redis.server.signal(SIGTERM);
+  CHECK(redis.server.wait(seconds(20)));
 }
