@@ -422,7 +422,7 @@ void phases(bool quick) {
   }
   std::printf("| **the whole `patch --observe 0`** (fork to exit) | %.1f | (phases: %.1f) |\n", median(whole), sum_cpu);
   if (seen.count("prepare: symbols"))
-    std::printf("\nsymbol resolution (SymbolTable::for_pid, every symbol of every object): %.2f ms wall, %.2f ms cpu, "
+    std::printf("\nsymbol resolution (SymbolTable::for_pid_needing: the objects the patch concerns): %.2f ms wall, %.2f ms cpu, "
                 "of a %.1f ms patch\n\n",
                 median(seen["prepare: symbols"].first), median(seen["prepare: symbols"].second), median(whole));
   std::fflush(stdout);
