@@ -480,7 +480,7 @@ TEST_CASE("a partial table reads the objects its needs name, the others when fun
   };
 
   SECTION("a name: its object and the executable") {
-    auto [t, read] = partial_with(SymbolNeeds{.names = {"_ZN6shapes4areaEdd"}});
+    auto [t, read] = partial_with(SymbolNeeds{{"_ZN6shapes4areaEdd"}, {}, {}, false});
     CHECK(read == std::set<std::string>{fixture("sym_app"), lib});
     CHECK(t.partial());
     // A function of libstdc++, left out: function_at reads libstdc++ and finds it.
@@ -499,22 +499,22 @@ TEST_CASE("a partial table reads the objects its needs name, the others when fun
     CHECK(t.functions().size() < full->functions().size());  // functions() never lists it
   }
   SECTION("an identifier inside a local's mangled name") {
-    auto [t, read] = partial_with(SymbolNeeds{.pieces = {"scale_factor"}});
+    auto [t, read] = partial_with(SymbolNeeds{{}, {"scale_factor"}, {}, false});
     CHECK(read.count(lib));
     CHECK(symbols__select(t, {"shapes::scale_factor"}, {"libsym_shapes.so"}));
   }
   SECTION("a fallback's piece counts only where nothing defines the name") {
-    auto [defined, read1] = partial_with(SymbolNeeds{.fallbacks = {{"_ZN6shapes4areaEdd", "no_such_piece"}}});
+    auto [defined, read1] = partial_with(SymbolNeeds{{}, {}, {{"_ZN6shapes4areaEdd", "no_such_piece"}}, false});
     CHECK(read1 == std::set<std::string>{fixture("sym_app")});
-    auto [undefined, read2] = partial_with(SymbolNeeds{.fallbacks = {{"_ZN6shapes12no_such_nameEv", "scale_factor"}}});
+    auto [undefined, read2] = partial_with(SymbolNeeds{{}, {}, {{"_ZN6shapes12no_such_nameEv", "scale_factor"}}, false});
     CHECK(read2.count(lib));
   }
   SECTION("nothing needed: only the executable") {
-    auto [t, read] = partial_with(SymbolNeeds{.names = {"no_such_symbol_anywhere"}});
+    auto [t, read] = partial_with(SymbolNeeds{{"no_such_symbol_anywhere"}, {}, {}, false});
     CHECK(read == std::set<std::string>{fixture("sym_app")});
   }
   SECTION("everything: a full table") {
-    auto [t, read] = partial_with(SymbolNeeds{.everything = true});
+    auto [t, read] = partial_with(SymbolNeeds{{}, {}, {}, true});
     CHECK_FALSE(t.partial());
     CHECK(t.functions().size() == full->functions().size());
   }

@@ -208,7 +208,8 @@ Result<PreparedPatch> patch__prepare(const PatchOptions& opts) {
   // runs again on every object, so that refusals and hints speak of the whole process.
   // HOTFIX_READ_ALL_SYMBOLS=1 reads every object up front (docs/troubleshooting.md).
   const PreparedPatch before_table = p;
-  const bool read_all = std::getenv("HOTFIX_READ_ALL_SYMBOLS") && *std::getenv("HOTFIX_READ_ALL_SYMBOLS") == '1';
+  const char* read_all_env = std::getenv("HOTFIX_READ_ALL_SYMBOLS");
+  const bool read_all = read_all_env && std::string_view(read_all_env) == "1";
   TimedPhase symbols("prepare: symbols");
   p.table = HOTFIX_TRY(read_all ? SymbolTable::for_pid(opts.pid) : SymbolTable::for_pid_needing(opts.pid, symbol_needs(p, fix)));
   symbols.end();

@@ -25,9 +25,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <tuple>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -149,10 +149,14 @@ struct IrelativeSlot {
 };
 
 // The symbols of one ELF file with file-relative addresses (st_value) and file offsets.
-struct ElfSymbols {
+// Where an ELF file's code goes when loaded, and which file it is.
+struct ElfPlacement {
   bool position_independent = false;  // ET_DYN: loaded at a bias
   std::vector<GElf_Phdr> loads;       // PT_LOAD segments
   std::string build_id;
+};
+
+struct ElfSymbols : ElfPlacement {
   std::string debug_file;
   std::vector<Function> functions;  // address = st_value, object empty
   std::vector<Function> variables;
@@ -381,14 +385,16 @@ struct DwflFile {
   Dwfl_Module* mod = nullptr;
 };
 
-std::vector<GElf_Phdr> elf__load_segments(Elf* elf) {
-  std::vector<GElf_Phdr> out;
+ElfPlacement elf__placement(Elf* elf, const GElf_Ehdr& ehdr) {
+  ElfPlacement out;
+  out.position_independent = ehdr.e_type == ET_DYN;
   size_t phnum = 0;
   elf_getphdrnum(elf, &phnum);
   for (size_t i = 0; i < phnum; i++) {
     GElf_Phdr ph;
-    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) out.push_back(ph);
+    if (gelf_getphdr(elf, static_cast<int>(i), &ph) && ph.p_type == PT_LOAD) out.loads.push_back(ph);
   }
+  out.build_id = elf__build_id(elf);
   return out;
 }
 
@@ -424,9 +430,7 @@ Result<ElfSymbols> elf_symbols__load(UniqueFd fd, const std::string& path, const
   if (!elf || !gelf_getehdr(elf, &ehdr)) return fail(fmt::format("cannot read the ELF header of {}", path));
 
   ElfSymbols out;
-  out.position_independent = ehdr.e_type == ET_DYN;
-  out.loads = elf__load_segments(elf);
-  out.build_id = elf__build_id(elf);
+  static_cast<ElfPlacement&>(out) = elf__placement(elf, ehdr);
 
   DebugLookup lookup{debug_root, path, out.build_id, {}};
   dwfl_file__set_lookup(file, &lookup);
@@ -535,10 +539,10 @@ UniqueFd open_mapped(pid_t pid, const Mapping& m) {
 
 // Load bias of an ET_DYN load: (mapping start - its file offset) - (p_vaddr - p_offset) of
 // the PT_LOAD segment that mapping comes from.
-std::optional<uint64_t> load_bias(bool position_independent, const std::vector<GElf_Phdr>& segments, const Load& load) {
-  if (!position_independent) return 0;
+std::optional<uint64_t> load_bias(const ElfPlacement& elf, const Load& load) {
+  if (!elf.position_independent) return 0;
   for (auto& m : load.mappings)
-    for (auto& p : segments) {
+    for (auto& p : elf.loads) {
       uint64_t page_start = p.p_offset & ~uint64_t{0xfff};
       if (m.offset >= page_start && m.offset < p.p_offset + std::max<uint64_t>(p.p_filesz, 1))
         return (m.start - m.offset) - (p.p_vaddr - p.p_offset);
@@ -581,10 +585,7 @@ struct NeedSets {
 
 // What one cheap pass over an ELF file's string tables learns: enough to place the object
 // (ObjectInfo) and whether its names pass the needs.
-struct ElfGlance {
-  bool position_independent = false;
-  std::vector<GElf_Phdr> loads;
-  std::string build_id;
+struct ElfGlance : ElfPlacement {
   bool needed = false;
   std::set<size_t> defines;          // fallbacks whose name the file defines
   std::set<size_t> fallback_pieces;  // fallbacks whose piece one of its names holds
@@ -667,9 +668,11 @@ Result<ElfGlance> elf__glance(UniqueFd fd, const std::string& path, const std::s
   if (!elf) return fail(fmt::format("cannot read {} as ELF: {}", path, elf_errmsg(-1)));
   ElfGlance g;
   GElf_Ehdr ehdr;
-  if (gelf_getehdr(elf, &ehdr)) g.position_independent = ehdr.e_type == ET_DYN;
-  g.loads = elf__load_segments(elf);
-  g.build_id = elf__build_id(elf);
+  if (!gelf_getehdr(elf, &ehdr)) {
+    elf_end(elf);
+    return fail(fmt::format("cannot read the ELF header of {}", path));
+  }
+  static_cast<ElfPlacement&>(g) = elf__placement(elf, ehdr);
   if (has_section(elf, ".gnu_debugdata")) g.needed = true;
   else if (!glance__symbols(elf, true, sets, g)) {
     GElf_Word crc = 0;
@@ -888,6 +891,34 @@ Result<SymbolTable> SymbolTable::for_image(std::span<const uint8_t> bytes, const
   return builder.finish();
 }
 
+// ---------------------------------------------------------------- one load of a process
+
+namespace {
+
+// The symbols of the file behind `load`; nullopt for files we cannot open or that are not ELF
+// (a mapped data file): they contribute no symbols.
+std::optional<ElfSymbols> load__read(pid_t pid, const Load& load, const std::string& debug_root) {
+  UniqueFd fd = open_mapped(pid, load.mappings.front());
+  if (!fd || !is_elf(fd.get())) return std::nullopt;
+  auto elf = elf_symbols__load(std::move(fd), without_deleted(load.path), debug_root);
+  return elf ? std::optional(std::move(*elf)) : std::nullopt;
+}
+
+// `elf` placed at `load` in `builder`, its IFUNCs pointed at what this process uses; moved from
+// when `last` (the file's last load), copied otherwise. False if the loader did not map it
+// (no segment matches): no code of it runs.
+bool load__place(SymbolTableBuilder& builder, pid_t pid, const Load& load, ElfSymbols& elf, bool last) {
+  auto bias = load_bias(elf, load);
+  if (!bias) return false;
+  std::vector<IrelativeSlot> irelative = elf.irelative;
+  std::vector<GElf_Phdr> segments = elf.loads;
+  auto& placed = last ? builder.add(std::move(elf), load.path, *bias) : builder.add(elf, load.path, *bias);
+  if (!irelative.empty()) resolve_ifuncs(pid, segments, irelative, load, *bias, placed, 0, placed.size());
+  return true;
+}
+
+}  // namespace
+
 // ---------------------------------------------------------------- objects a partial table left out
 
 struct SymbolTable::Lazy {
@@ -905,7 +936,6 @@ struct SymbolTable::Lazy {
 };
 
 struct LazyAccess {
-
 static void add(SymbolTable& table, pid_t pid, const std::string& debug_root, const Load& load) {
   if (!table.lazy_) {
     table.lazy_ = std::make_shared<SymbolTable::Lazy>();
@@ -918,8 +948,7 @@ static void add(SymbolTable& table, pid_t pid, const std::string& debug_root, co
   for (auto& m : load.mappings) table.lazy_->ranges.emplace_back(m.start, m.end, &object);
 }
 
-static void sort(SymbolTable& table) {
-  auto& lazy = *table.lazy_; std::sort(lazy.ranges.begin(), lazy.ranges.end()); }
+static void sort(SymbolTable& table) { std::sort(table.lazy_->ranges.begin(), table.lazy_->ranges.end()); }
 
 static SymbolTable::Lazy::Object* object_at(const SymbolTable::Lazy& lazy, uint64_t addr) {
   auto r = std::upper_bound(lazy.ranges.begin(), lazy.ranges.end(), addr,
@@ -928,26 +957,18 @@ static SymbolTable::Lazy::Object* object_at(const SymbolTable::Lazy& lazy, uint6
   return std::get<2>(*std::prev(r));
 }
 
-// The object's functions, read (as for_pid reads them) the first time they are asked for.
+// The object's functions, read as for_pid reads them the first time they are asked for.
 static const std::vector<Function>& functions(const SymbolTable::Lazy& lazy, SymbolTable::Lazy::Object& object) {
   std::call_once(object.once, [&] {
     object.read = true;
-    UniqueFd fd = open_mapped(lazy.pid, object.mappings.front());
-    if (!fd || !is_elf(fd.get())) return;
-    auto elf = elf_symbols__load(std::move(fd), without_deleted(object.path), lazy.debug_root);
     Load load{object.path, object.mappings};
-    auto bias = elf ? load_bias(elf->position_independent, elf->loads, load) : std::nullopt;
-    if (!bias) return;
+    auto elf = load__read(lazy.pid, load, lazy.debug_root);
+    if (!elf) return;
     SymbolTableBuilder builder;
-    auto irelative = elf->irelative;
-    auto segments = elf->loads;
-    auto& placed = builder.add(std::move(*elf), object.path, *bias);
-    if (!irelative.empty()) resolve_ifuncs(lazy.pid, segments, irelative, load, *bias, placed, 0, placed.size());
-    object.functions = builder.finish().functions_;
+    if (load__place(builder, lazy.pid, load, *elf, true)) object.functions = builder.finish().functions_;
   });
   return object.functions;
 }
-
 };
 
 namespace {
@@ -958,8 +979,8 @@ std::string executable_path(pid_t pid) {
   return ec ? std::string() : without_deleted(exe.string());
 }
 
-// The paths of `loads` whose symbols a partial table reads: the executable, fix copies,
-// `needs.always`, and every object whose names pass (elf__glance).
+// The paths of `loads` whose symbols a partial table reads: the executable, fix copies, and
+// every object whose names pass (elf__glance).
 std::set<std::string> paths_needed(pid_t pid, const std::vector<Load>& loads, const SymbolNeeds& needs,
                                    const std::string& debug_root, std::map<std::string, ElfGlance>& glances) {
   NeedSets sets(needs);
@@ -971,9 +992,7 @@ std::set<std::string> paths_needed(pid_t pid, const std::vector<Load>& loads, co
     if (!fd || !is_elf(fd.get())) continue;
     auto g = elf__glance(std::move(fd), without_deleted(load.path), debug_root, sets);
     if (!g) continue;
-    bool always = without_deleted(load.path) == exe || path__is_fix_copy(load.path) ||
-                  std::find(needs.always.begin(), needs.always.end(), load.path) != needs.always.end();
-    if (g->needed || always) out.insert(load.path);
+    if (g->needed || without_deleted(load.path) == exe || path__is_fix_copy(load.path)) out.insert(load.path);
     glances.emplace(load.path, std::move(*g));
   }
   // A fallback's piece counts only if no object defines its name; without a piece, every
@@ -1007,7 +1026,7 @@ Result<SymbolTable> symbols__for_pid(pid_t pid, const SymbolOptions& opts, const
   for (auto& load : loads) {
     if (wanted && !wanted->count(load.path)) {
       auto g = glances.find(load.path);
-      auto bias = g == glances.end() ? std::nullopt : load_bias(g->second.position_independent, g->second.loads, load);
+      auto bias = g == glances.end() ? std::nullopt : load_bias(g->second, load);
       if (!bias) continue;
       builder.table.objects_.push_back(ObjectInfo{load.path, *bias, g->second.build_id, {}, 0, false});
       LazyAccess::add(builder.table, pid, debug_root, load);
@@ -1015,20 +1034,11 @@ Result<SymbolTable> symbols__for_pid(pid_t pid, const SymbolOptions& opts, const
     }
     auto it = parsed.find(load.path);
     if (it == parsed.end()) {
-      UniqueFd fd = open_mapped(pid, load.mappings.front());
-      // Files we cannot open or that are not ELF (a mapped data file) contribute no symbols.
-      if (!fd || !is_elf(fd.get())) continue;
-      auto elf = elf_symbols__load(std::move(fd), without_deleted(load.path), debug_root);
+      auto elf = load__read(pid, load, debug_root);
       if (!elf) continue;
       it = parsed.emplace(load.path, std::move(*elf)).first;
     }
-    auto bias = load_bias(it->second.position_independent, it->second.loads, load);
-    if (!bias) continue;  // mapped, but not by the loader (no segment matches): no code of it runs
-    bool last_load = --loads_left[load.path] == 0;
-    std::vector<IrelativeSlot> irelative = it->second.irelative;
-    std::vector<GElf_Phdr> segments = it->second.loads;
-    auto& placed = last_load ? builder.add(std::move(it->second), load.path, *bias) : builder.add(it->second, load.path, *bias);
-    if (!irelative.empty()) resolve_ifuncs(pid, segments, irelative, load, *bias, placed, 0, placed.size());
+    load__place(builder, pid, load, it->second, --loads_left[load.path] == 0);
   }
   if (builder.table.objects_.empty())
     return fail(fmt::format("found no ELF objects in pid {}", pid), "is it still starting up? try again");

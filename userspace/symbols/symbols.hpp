@@ -81,8 +81,7 @@ struct SymbolNeeds {
     std::string name, piece;
   };
   std::vector<Fallback> fallbacks;
-  std::vector<std::string> always;  // objects (paths as mapped) read whatever their names
-  bool everything = false;          // a need no name test expresses: read every object
+  bool everything = false;  // a need no name test expresses: read every object
 };
 
 struct SymbolOptions {
@@ -103,9 +102,9 @@ class SymbolTable {
   // non-ELF or never-executable mappings are skipped). A library loaded twice (dlmopen)
   // appears once per load.
   static Result<SymbolTable> for_pid(pid_t pid, const SymbolOptions& opts = {});
-  // Like for_pid, but only the objects `needs` asks for are read (the executable always); the
-  // others are listed in objects() with symbols_read false, and their functions are not in
-  // the table. See missed().
+  // Like for_pid, but only the objects `needs` asks for are read (the executable and loaded
+  // fix copies always); the others are listed in objects() with symbols_read false, their
+  // functions not in functions(). See partial().
   static Result<SymbolTable> for_pid_needing(pid_t pid, const SymbolNeeds& needs, const SymbolOptions& opts = {});
   // One ELF file on disk, not loaded anywhere (addresses are st_value, load_bias 0).
   static Result<SymbolTable> for_file(const std::string& path, const SymbolOptions& opts = {});
